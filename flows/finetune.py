@@ -1,0 +1,47 @@
+"""The finetune flow: one config in, one evaluated, gated and (maybe) promoted model out.
+
+Composition only: every stage is a cached task in ``tasks/``; see docs/architecture.md.
+"""
+
+from __future__ import annotations
+
+from prefect import flow
+from prefect.runtime import flow_run
+
+from tasks.data import DATA, pull_data_task
+from tasks.evaluate import EVAL, evaluate_task
+from tasks.gate import gate, promote
+from tasks.models import FETCH, fetch_model_task
+from tasks.spec import RunSpec, load_spec
+from tasks.summary import RunSummary, summarize_task
+from tasks.train import TRAIN, train
+from tasks.tracking import flatten_params, parent_run, tracking_uri
+
+
+def run_pipeline(spec: RunSpec) -> RunSummary:
+    uri = tracking_uri(spec.tracking.tracking_uri)
+    tags = {"prefect.flow_run_id": str(flow_run.id), "gauntlet.config_hash": spec.config_hash(),
+            "gauntlet.config_name": spec.name}
+    with parent_run(uri, spec.tracking.experiment, f"{spec.name}-{flow_run.name}", tags,
+                    flatten_params("", spec.model_dump(mode="json"))) as run:
+        data = DATA.run(pull_data_task, spec=spec.data, run=run)
+        base = FETCH.run(fetch_model_task, spec=spec.model, run=run)
+        trained = TRAIN.run(train, spec=spec.train, model=base, data=data, run=run)
+        base_report = (EVAL.run(evaluate_task, spec=spec.eval, model=base, data=data, variant="base", run=run)
+                       if spec.eval.compare_with_base else None)
+        report = EVAL.run(evaluate_task, spec=spec.eval, model=trained.merged, data=data, variant="finetuned",
+                          run=run)
+        decision = gate(spec.gate, spec.registry, report, base_report, run)
+        promotion = promote(spec.registry, spec.gate, decision, trained, report, base_report, data,
+                            spec.config_hash(), run)
+        return summarize_task(spec.name, data, base, trained, base_report, report, decision, promotion, run)
+
+
+@flow(name="finetune", log_prints=True)
+def finetune(config: str = "configs/demo.yaml", overrides: list[str] | None = None) -> RunSummary:
+    """Fine-tune, evaluate, gate and promote the model a config describes.
+
+    config: path of a run config (YAML), relative to the project root.
+    overrides: dotted-key overrides, e.g. ["train.learning_rate=1e-4"].
+    """
+    return run_pipeline(load_spec(config, overrides or []))

@@ -1,0 +1,192 @@
+"""Stage 2, model fetch: a base model from a hub, an object store, a local path, or the demo builder.
+
+``fetch_model`` always returns a :class:`ModelRef` pointing at a local directory with a content hash,
+so the rest of the pipeline never cares where a model came from. Hub downloads are pinned to a
+revision and resumable (``snapshot_download`` resumes partial files); tokens come from the
+environment (``HF_TOKEN``, ``MODELSCOPE_API_TOKEN``) and are never logged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from prefect import get_run_logger, task
+
+from tasks.caching import Stage
+from tasks.refs import ModelRef
+from tasks.spec import ModelSpec
+from tasks.state import PROJECT_ROOT, is_complete, mark_complete, models_cache, sha256_dir
+from tasks.tracking import RunContext, stage_run
+
+log = logging.getLogger(__name__)
+
+DEMO_MODELS = {"tiny-llama"}
+
+
+class ModelFetchError(RuntimeError):
+    pass
+
+
+def split_source(source: str, revision: str | None) -> tuple[str, str, str | None]:
+    """``hf://org/name@rev`` → ("hf", "org/name", "rev"); an explicit ``revision`` wins."""
+    scheme, _, rest = source.partition("://") if "://" in source else ("local", "", source)
+    name, _, at_rev = rest.partition("@") if scheme != "local" else (rest, "", "")
+    return scheme, name, revision or at_rev or None
+
+
+def looks_like_model_dir(path: Path) -> bool:
+    has_weights = any(path.glob("*.safetensors")) or any(path.glob("*.bin"))
+    return ((path / "config.json").exists() and has_weights) or (path / "adapter_config.json").exists()
+
+
+def fetch_model(spec: ModelSpec) -> ModelRef:
+    """Bring the model to local disk and hash it."""
+    scheme, name, revision = split_source(spec.source, spec.revision)
+    if scheme == "demo":
+        path = build_demo_model(name)
+    elif scheme == "hf":
+        path = _from_hf(name, revision)
+    elif scheme == "modelscope":
+        path = _from_modelscope(name, revision)
+    elif scheme in ("s3", "gs"):
+        path = _from_object_store(spec.source)
+    else:  # local directory or file://
+        path = Path(name if scheme == "local" else spec.source.removeprefix("file://"))
+        if not path.is_absolute():
+            path = PROJECT_ROOT / path
+        path = path.resolve()
+    if not path.is_dir() or not looks_like_model_dir(path):
+        raise ModelFetchError(
+            f"{spec.source}: {path} is not a model directory (no config.json with *.safetensors/*.bin); "
+            "point model.source at a folder saved with save_pretrained()"
+        )
+    sha = sha256_dir(path)
+    log.info("model %s at %s (sha %s)", spec.source, path, sha[:12])
+    return ModelRef(name=name.replace("/", "--"), path=str(path), source=spec.source, revision=revision, sha=sha)
+
+
+def _from_hf(repo_id: str, revision: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+
+    if revision is None:
+        log.warning("hf://%s has no pinned revision: results are not reproducible; pin one with @<sha>", repo_id)
+    try:
+        # snapshot_download resumes partial files and skips complete ones; the token is read from HF_TOKEN.
+        return Path(snapshot_download(repo_id=repo_id, revision=revision,
+                                      cache_dir=str(models_cache() / "hf"),
+                                      allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.py"]))
+    except Exception as e:  # network, auth or missing repo: say which and what to check
+        raise ModelFetchError(
+            f"could not download hf://{repo_id}@{revision or 'main'}: {type(e).__name__}: {e}. "
+            "Check the repo id and revision, network access to the Hub, and HF_TOKEN for gated models."
+        ) from e
+
+
+def _from_modelscope(model_id: str, revision: str | None) -> Path:
+    try:
+        from modelscope import snapshot_download  # optional dependency
+    except ImportError as e:
+        raise ModelFetchError("modelscope:// sources need `pip install modelscope`") from e
+    return Path(snapshot_download(model_id, revision=revision or "master", cache_dir=str(models_cache() / "ms")))
+
+
+def _from_object_store(uri: str) -> Path:
+    import fsspec
+
+    target = models_cache() / "objects" / uri.replace("://", "/").rstrip("/")
+    if is_complete(target):
+        return target
+    fs, _, (root,) = fsspec.get_fs_token_paths(uri)
+    target.mkdir(parents=True, exist_ok=True)
+    for remote in fs.find(root):
+        local = target / os.path.relpath(remote, root)
+        local.parent.mkdir(parents=True, exist_ok=True)
+        if not local.exists() or local.stat().st_size != fs.size(remote):
+            fs.get(remote, str(local))  # per-file: an interrupted copy resumes at the next file
+    mark_complete(target)
+    return target
+
+
+# ---------------------------------------------------------------------------------------------
+# the demo's tiny model: random-init Llama + a byte-level BPE tokenizer trained here
+# ---------------------------------------------------------------------------------------------
+
+DEMO_CONFIG = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=4, max_position_embeddings=256, tie_word_embeddings=False,
+                   # a wider init than 0.02 lets a frozen random lm_head reach confident logits
+                   initializer_range=0.1)
+
+
+def _tokenizer_corpus() -> list[str]:
+    from tasks import demo_data
+
+    rng_names = demo_data.SYLLABLES
+    text = [
+        "### Instruction:\n", "### Response:\n", "### Input:\n",
+        " ".join(demo_data.COLOURS), " ".join(rng_names),
+        "The quick brown fox jumps over the lazy dog. What is the answer? Tell me which one it is.",
+    ]
+    text += [t.format(name="".join(rng_names[i:i + 3]).capitalize()) for t in
+             demo_data.TRAIN_TEMPLATES + [demo_data.HELD_OUT_TEMPLATE] for i in range(len(rng_names) - 2)]
+    return text * 4
+
+
+def build_demo_model(name: str, out: Path | None = None, seed: int = 0) -> Path:
+    """Build (once) the demo base model deterministically and return its folder."""
+    if name not in DEMO_MODELS:
+        raise ModelFetchError(f"demo://{name}: unknown demo model; available: {sorted(DEMO_MODELS)}")
+    out = out or models_cache() / "demo" / name
+    if is_complete(out):
+        return out
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(_tokenizer_corpus(), trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **DEMO_CONFIG)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "README.md").write_text(
+        f"# demo://{name}\n\nRandom-init Llama ({sum(p.numel() for p in model.parameters()):,} parameters) "
+        "with a byte-level BPE tokenizer trained locally. Built by Gauntlet for the demo; it knows nothing.\n")
+    (tmp / "gauntlet-build.json").write_text(json.dumps({"builder": "demo", "name": name, "seed": seed}))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    mark_complete(out)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the Prefect task
+# ---------------------------------------------------------------------------------------------
+
+FETCH = Stage("fetch_model", modules=("models",),
+              key_parts=lambda p: p["spec"].model_dump(mode="json"))
+
+
+@task(name="fetch_model", cache_key_fn=FETCH.cache_key_fn, persist_result=True, retries=2, retry_delay_seconds=10)
+def fetch_model_task(spec: ModelSpec, run: RunContext) -> ModelRef:
+    logger = get_run_logger()
+    with stage_run(run, "fetch_model", {"model.source": spec.source, "model.revision": spec.revision}) as (c, rid):
+        ref = fetch_model(spec)
+        c.set_tag(rid, "model.sha", ref.sha)
+        c.set_tag(rid, "model.path", ref.path)
+    logger.info(f"model {spec.source} ready at {ref.path} (sha {ref.sha[:12]})")
+    FETCH.write_receipt({"spec": spec}, [ref.path])
+    return ref.model_copy(update={"mlflow_run_id": rid})

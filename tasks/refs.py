@@ -1,0 +1,110 @@
+"""What stages hand to each other: small typed references that carry content hashes.
+
+A downstream cache key is built from these hashes, so a change anywhere upstream re-runs
+exactly what depends on it (DESIGN.md, "Refs carry content hashes").
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+
+class Ref(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+class DatasetRef(Ref):
+    """A pulled, schema-checked dataset version."""
+
+    repo: str                      # DVC repo root
+    train_path: str                # absolute paths of the pulled files
+    validation_path: str
+    eval_path: str | None = None
+    md5: str                       # combined DVC md5 of the files (the data version)
+    file_md5: dict[str, str]       # per file (path as in dvc.lock), as DVC records it
+    eval_md5: str | None = None    # md5 of the eval file alone: evaluation results depend on it only
+    rows: dict[str, int]
+    duplicate_rate: float = 0.0
+
+
+class ModelRef(Ref):
+    """A model (or adapter-merged model) on local disk."""
+
+    name: str
+    path: str
+    source: str
+    revision: str | None = None
+    sha: str                       # content hash of the files
+    mlflow_run_id: str | None = None
+
+
+class TrainedModel(Ref):
+    base: ModelRef
+    merged: ModelRef               # the merged full model; evaluation and registry use it
+    adapter_path: str | None = None
+    output_dir: str
+    metrics: dict[str, float]
+    steps: int
+    mlflow_run_id: str | None = None
+
+
+class TaskScore(Ref):
+    task: str
+    metric: str
+    value: float
+    stderr: float | None = None
+
+
+class PerfProbe(Ref):
+    backend: str
+    device: str
+    tokens_per_s: float
+    first_token_latency_ms: float
+    peak_memory_gb: float
+    size_on_disk_gb: float
+
+
+class EvalReport(Ref):
+    model: str
+    model_sha: str
+    variant: str = "base"
+    scores: list[TaskScore]
+    perf: PerfProbe | None = None
+    protocol: dict
+    versions: dict
+    timestamp: str
+    report_path: str
+    mlflow_run_id: str | None = None
+
+    def score(self, task: str, metric: str) -> float | None:
+        for s in self.scores:
+            if s.task == task and s.metric == metric:
+                return s.value
+        return None
+
+
+class GateRule(Ref):
+    rule: str
+    measured: float | None
+    limit: float | None
+    passed: bool
+    detail: str = ""
+
+
+class GateDecision(Ref):
+    passed: bool
+    rules: list[GateRule]
+    compared_to: str | None = None          # champion version compared against
+    champion_scores: dict[str, float] = {}
+
+    @property
+    def reasons(self) -> list[str]:
+        return [f"{r.rule}: {r.detail}" for r in self.rules if not r.passed]
+
+
+class PromotionResult(Ref):
+    registered: bool
+    model_name: str
+    version: str | None = None
+    alias: str | None = None
+    message: str

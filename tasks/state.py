@@ -1,0 +1,96 @@
+"""Where Gauntlet keeps its state, and the environment that points Prefect and MLflow there.
+
+Everything lives under ``$GAUNTLET_HOME`` (default ``./.gauntlet``): MLflow's sqlite store and
+artifacts, Prefect's home and persisted results, model caches and stage outputs. This module
+imports neither Prefect nor MLflow: :func:`configure_environment` must run before they load,
+because both read their settings at import time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def gauntlet_home() -> Path:
+    return Path(os.environ.get("GAUNTLET_HOME", Path.cwd() / ".gauntlet")).resolve()
+
+
+def stage_dir(stage: str, key: str) -> Path:
+    """Durable output folder of one stage execution, addressed by its cache key."""
+    return gauntlet_home() / "stages" / stage / key[:16]
+
+
+def models_cache() -> Path:
+    return gauntlet_home() / "models"
+
+
+def default_tracking_uri() -> str:
+    return f"sqlite:///{gauntlet_home() / 'mlflow.db'}"
+
+
+def configure_environment() -> Path:
+    """Point Prefect and MLflow at ``$GAUNTLET_HOME`` unless the user already pointed them elsewhere."""
+    home = gauntlet_home()
+    home.mkdir(parents=True, exist_ok=True)
+    os.environ["GAUNTLET_HOME"] = str(home)
+    defaults = {
+        "PREFECT_HOME": str(home / "prefect"),
+        "PREFECT_LOCAL_STORAGE_PATH": str(home / "prefect" / "results"),
+        # Results must persist so the cache works across processes.
+        "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_LOGGING_LOG_PRINTS": "true",
+        "MLFLOW_TRACKING_URI": default_tracking_uri(),
+        # MLflow's sqlite registry is the default; nothing here needs the file store.
+        "GIT_PYTHON_REFRESH": "quiet",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    for key, value in defaults.items():
+        os.environ.setdefault(key, value)
+    return home
+
+
+def sha256_json(obj: object) -> str:
+    """Stable hash of a JSON-able object (sorted keys)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def sha256_files(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for path in sorted(paths):
+        h.update(path.name.encode())
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def sha256_dir(root: Path, ignore: tuple[str, ...] = ("README.md", ".gauntlet-complete")) -> str:
+    """Content hash of a directory tree: relative names and bytes of every file."""
+    h = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.name not in ignore):
+        h.update(str(path.relative_to(root)).encode())
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def source_version(*modules: str) -> str:
+    """Hash of the source files of the given ``tasks`` modules: a stage's code version."""
+    files = [PROJECT_ROOT / "tasks" / f"{m}.py" for m in modules]
+    return sha256_files([f for f in files if f.exists()])[:16]
+
+
+def mark_complete(path: Path) -> None:
+    (path / ".gauntlet-complete").write_text("ok\n")
+
+
+def is_complete(path: Path) -> bool:
+    return (path / ".gauntlet-complete").exists()

@@ -1,0 +1,136 @@
+"""Evaluation stage: real lm-eval, a real (tiny, random-init) model, real files. Nothing mocked."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tasks import demo_data
+from tasks.evaluate import (
+    EvalError,
+    evaluate_model,
+    load_report,
+    protocol_of,
+    scores_from_results,
+    task_config,
+)
+from tasks.prompting import format_prompt
+from tasks.refs import ModelRef
+from tasks.spec import EvalSpec, SpeedProbeSpec
+from tasks.state import PROJECT_ROOT
+
+EVALS = PROJECT_ROOT / "evals"
+
+ROWS = [
+    {"instruction": "What is the favourite colour of Kaloter?", "input": "",
+     "choices": ["red", "blue", "green", "white"], "answer": 2},
+    {"instruction": "Summarise the text.", "input": "Line one.\nLine two: {braces} & <tags>.",
+     "choices": ["a", "b", "c", "d"], "answer": 0},
+]
+
+
+def test_demo_facts_prompt_matches_format_prompt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The YAML's Jinja template, rendered by lm-eval itself, is exactly the training prompt."""
+    monkeypatch.setenv("GAUNTLET_HOME", str(tmp_path / "home"))  # the datasets cache goes there
+    from lm_eval.api.task import ConfigurableTask
+    from lm_eval.utils import apply_template
+
+    raw = yaml.safe_load((EVALS / "demo_facts.yaml").read_text())
+    assert raw["target_delimiter"] == ""
+    for row in ROWS:
+        assert apply_template(raw["doc_to_text"], row) == format_prompt(row["instruction"], row["input"])
+    # a row without the input field at all renders like an empty input
+    only = {"instruction": "Name a colour.", "choices": ["red"], "answer": 0}
+    assert apply_template(raw["doc_to_text"], only) == format_prompt("Name a colour.")
+
+    # and through the task lm-eval builds from the config evaluate.py hands it (data path substituted)
+    data = tmp_path / "eval.jsonl"
+    demo_data.write_jsonl(data, ROWS)
+    task = ConfigurableTask(config=task_config("demo_facts", EVALS, str(data)))
+    docs = list(task.test_docs())
+    assert len(docs) == len(ROWS)
+    for doc, row in zip(docs, ROWS):
+        assert task.fewshot_context(doc, 0) == format_prompt(row["instruction"], row["input"])
+        assert task.doc_to_choice(doc) == row["choices"]
+        assert task.doc_to_target(doc) == row["answer"]
+
+
+def test_missing_task_yaml_names_task_and_folder(tmp_path: Path) -> None:
+    suite = tmp_path / "suite"
+    suite.mkdir()
+    shutil.copy(EVALS / "demo_facts.yaml", suite / "demo_facts.yaml")
+    spec = EvalSpec(tasks_dir=str(suite), tasks=["demo_facts"])  # valid when loaded …
+    (suite / "demo_facts.yaml").unlink()                          # … gone when it runs
+    model = ModelRef(name="m", path=str(tmp_path / "no-model"), source="demo://tiny-llama", sha="x")
+    with pytest.raises(EvalError) as err:
+        evaluate_model(spec, model, None, tmp_path / "out")
+    assert "demo_facts" in str(err.value) and str(suite) in str(err.value)
+    assert isinstance(err.value, ValueError)
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_eval_data_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(EvalError, match="demo_facts.*not found"):
+        task_config("demo_facts", EVALS, str(tmp_path / "missing.jsonl"))
+
+
+def test_scores_from_results_reads_metrics_filters_and_na_stderr() -> None:
+    results = {"results": {"t": {
+        "alias": "t", "acc,none": 0.5, "acc_stderr,none": "N/A",
+        "exact_match,strict-match": 0.25, "exact_match_stderr,strict-match": 0.1,
+    }}}
+    scores = {(s.task, s.metric): s for s in scores_from_results(results)}
+    assert scores[("t", "acc")].value == 0.5 and scores[("t", "acc")].stderr is None
+    assert scores[("t", "exact_match,strict-match")].stderr == 0.1
+    assert len(scores) == 2
+
+
+def test_evaluate_tiny_model_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tasks.models import build_demo_model
+
+    monkeypatch.setenv("GAUNTLET_HOME", str(tmp_path / "home"))
+    splits = demo_data.build(48, 7)
+    data = tmp_path / "data" / "eval.jsonl"
+    demo_data.write_jsonl(data, splits["eval"])
+    path = build_demo_model("tiny-llama", out=tmp_path / "m")
+    model = ModelRef(name="tiny-llama", path=str(path), source="demo://tiny-llama", sha="x")
+    spec = EvalSpec(tasks=["demo_facts"], limit=16, batch_size=16,
+                    speed_probe=SpeedProbeSpec(prompts=2, max_new_tokens=8))
+    out = tmp_path / "out"
+
+    report = evaluate_model(spec, model, str(data), out, variant="base")
+
+    acc = report.score("demo_facts", "acc")
+    assert acc is not None and 0.0 <= acc <= 1.0
+    by_metric = {s.metric: s for s in report.scores if s.task == "demo_facts"}
+    assert {"acc", "acc_norm"} <= set(by_metric)
+    assert by_metric["acc"].stderr is not None and by_metric["acc"].stderr >= 0
+    assert report.perf is not None
+    assert report.perf.backend == "hf" and report.perf.device in ("cpu", "cuda")
+    assert report.perf.tokens_per_s > 0 and report.perf.first_token_latency_ms > 0
+    assert report.perf.peak_memory_gb > 0 and report.perf.size_on_disk_gb > 0
+    assert report.protocol == protocol_of(spec)
+    assert report.protocol["limit"] == 16 and report.protocol["decoding"] == "greedy"
+    assert report.versions["tasks"] == {"demo_facts": "1.0"}
+    assert {"lm_eval", "transformers", "torch"} <= set(report.versions)
+    assert report.model == "tiny-llama" and report.model_sha == "x" and report.variant == "base"
+
+    saved = json.loads((out / "report.json").read_text())
+    for key in ("model", "model_sha", "variant", "scores", "perf", "protocol", "versions", "timestamp"):
+        assert key in saved
+    assert saved["timestamp"].endswith("+00:00")
+    assert Path(report.report_path) == out / "report.json"
+    assert load_report(out / "report.json") == report
+    raw = json.loads((out / "lm_eval_results.json").read_text())
+    assert raw["n-samples"]["demo_facts"]["effective"] == 16
+    samples = (out / "lm_eval_samples.jsonl").read_text().splitlines()
+    assert len(samples) == 16
+    # the model saw exactly the training prompt, answer appended with no delimiter
+    first = json.loads(samples[0])
+    context, continuation = first["arguments"][0]
+    assert context == format_prompt(first["doc"]["instruction"], first["doc"]["input"])
+    assert continuation == first["doc"]["choices"][0]
