@@ -1,0 +1,28 @@
+# Two commands do all set-up on a fresh machine with Python 3.11:
+#   make demo   - create .venv, install, run the demo pipeline end to end (no servers)
+#   make test   - create .venv, install, run the test suite (what .ci/run calls)
+PYTHON ?= python3
+VENV   ?= .venv
+# The CPU build of torch, installed before the project where no torch is present (CI, laptops).
+# On a GPU box install the torch build you want first; this step then does nothing.
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test clean
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $@
+
+demo: setup
+	$(BIN)/gauntlet demo
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf .gauntlet data/demo
