@@ -49,3 +49,18 @@ class Stage:
         if not self.receipt_ok(params):
             task = task.with_options(refresh_cache=True)
         return task(**params)
+
+
+def retry_unless(*permanent: type[BaseException]):
+    """A Prefect ``retry_condition_fn``: retry flaky failures, not ones that a retry cannot fix."""
+
+    def should_retry(_task: Any, _task_run: Any, state: Any) -> bool:
+        try:
+            state.result()
+        except permanent:
+            return False
+        except BaseException:
+            return True
+        return True
+
+    return should_retry

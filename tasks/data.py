@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 
 from prefect import get_run_logger, task
 
-from tasks.caching import Stage
+from tasks.caching import Stage, retry_unless
 from tasks.refs import DatasetRef
 from tasks.spec import DataSpec
 from tasks.state import PROJECT_ROOT, gauntlet_home
@@ -480,7 +480,8 @@ DATA = Stage("pull_data", modules=("data",),
              key_parts=lambda p: [p["spec"].model_dump(mode="json"), recorded_version(p["spec"])])
 
 
-@task(name="pull_data", cache_key_fn=DATA.cache_key_fn, persist_result=True, retries=2, retry_delay_seconds=5)
+@task(name="pull_data", cache_key_fn=DATA.cache_key_fn, persist_result=True, retries=2, retry_delay_seconds=5,
+      retry_condition_fn=retry_unless(DataError))
 def pull_data_task(spec: DataSpec, run: RunContext) -> DatasetRef:
     logger = get_run_logger()
     with stage_run(run, "pull_data", {"data.train": spec.train, "data.validation": spec.validation,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 
-from tasks.caching import Stage
+from tasks.caching import Stage, retry_unless
 from tasks.refs import ModelRef
 from tasks.spec import ModelSpec
 from tasks.state import PROJECT_ROOT, is_complete, mark_complete, models_cache, sha256_dir
@@ -28,7 +28,11 @@ DEMO_MODELS = {"tiny-llama"}
 
 
 class ModelFetchError(RuntimeError):
-    pass
+    """A model source that a retry cannot fix (not a model directory, unknown demo model, ...)."""
+
+
+class ModelDownloadError(RuntimeError):
+    """A download that failed on the way (network, hub): the task retries it."""
 
 
 def split_source(source: str, revision: str | None) -> tuple[str, str, str | None]:
@@ -80,7 +84,7 @@ def _from_hf(repo_id: str, revision: str | None) -> Path:
                                       cache_dir=str(models_cache() / "hf"),
                                       allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.py"]))
     except Exception as e:  # network, auth or missing repo: say which and what to check
-        raise ModelFetchError(
+        raise ModelDownloadError(
             f"could not download hf://{repo_id}@{revision or 'main'}: {type(e).__name__}: {e}. "
             "Check the repo id and revision, network access to the Hub, and HF_TOKEN for gated models."
         ) from e
@@ -180,7 +184,8 @@ FETCH = Stage("fetch_model", modules=("models",),
               key_parts=lambda p: p["spec"].model_dump(mode="json"))
 
 
-@task(name="fetch_model", cache_key_fn=FETCH.cache_key_fn, persist_result=True, retries=2, retry_delay_seconds=10)
+@task(name="fetch_model", cache_key_fn=FETCH.cache_key_fn, persist_result=True, retries=2, retry_delay_seconds=10,
+      retry_condition_fn=retry_unless(ModelFetchError))
 def fetch_model_task(spec: ModelSpec, run: RunContext) -> ModelRef:
     logger = get_run_logger()
     with stage_run(run, "fetch_model", {"model.source": spec.source, "model.revision": spec.revision}) as (c, rid):

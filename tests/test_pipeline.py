@@ -1,0 +1,170 @@
+"""The demo pipeline end to end: real Prefect (test API), real sqlite MLflow, a real DVC repo with a
+local remote, a real tiny model trained with QLoRA under `accelerate launch`. Nothing is mocked.
+
+One module-scoped DVC repo; the runs build on each other (first run, cached re-run, changed learning
+rate, failing run), as a user would run them.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tasks.state import PROJECT_ROOT
+
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
+DEMO = str(PROJECT_ROOT / "configs" / "demo.yaml")
+HEAVY = ("pull_data", "fetch_model", "train", "evaluate-base", "evaluate-finetuned")
+
+
+@pytest.fixture(scope="module")
+def dvc_repo(tmp_path_factory) -> Path:
+    """A fresh git+DVC repo holding the demo's data stage, with an empty local remote."""
+    repo = tmp_path_factory.mktemp("dvc-repo")
+    for rel in ("dvc.yaml", "dvc.lock", "params.yaml", ".dvcignore", ".dvc/config", ".dvc/.gitignore",
+                "tasks/demo_data.py"):
+        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(PROJECT_ROOT / rel, repo / rel)
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    return repo
+
+
+def task_states(flow_run_id) -> dict[str, str]:
+    """Task run name → final state name, read back from the Prefect API."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {_stage_name(r.name): r.state.name for r in runs}
+
+
+def _stage_name(task_run_name: str) -> str:
+    # Prefect names task runs "<task>-<3 hex>" unless the task names them (evaluate-<variant>).
+    return task_run_name if task_run_name.startswith("evaluate-") else task_run_name.rsplit("-", 1)[0]
+
+
+def run_demo(dvc_repo: Path, *overrides: str):
+    from flows.finetune import finetune
+
+    started = time.time()
+    state = finetune(config=DEMO, overrides=[f"data.repo={dvc_repo}", *overrides], return_state=True)
+    elapsed = time.time() - started
+    return state, elapsed
+
+
+def mlflow_client():
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient()
+
+
+def nested_runs(c, parent_id: str) -> dict[str, object]:
+    parent = c.get_run(parent_id)
+    runs = c.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
+    return {r.data.tags["gauntlet.stage"] if "evaluate" not in r.info.run_name else r.info.run_name: r for r in runs}
+
+
+@pytest.fixture(scope="module")
+def first_run(prefect_api, dvc_repo):
+    state, elapsed = run_demo(dvc_repo)
+    assert state.is_completed(), state.message
+    return state.result(), state.state_details.flow_run_id, elapsed
+
+
+def test_first_run_trains_evaluates_and_promotes(first_run) -> None:
+    summary, flow_run_id, elapsed = first_run
+    print(f"\nfirst run: {elapsed:.1f}s")
+    states = task_states(flow_run_id)
+    assert all(states[name] == "Completed" for name in HEAVY), states
+
+    c = mlflow_client()
+    parent = c.get_run(summary.mlflow_run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["prefect.flow_run_id"] == str(flow_run_id)
+    stages = nested_runs(c, summary.mlflow_run_id)
+    assert set(stages) >= {"pull_data", "fetch_model", "train", "evaluate-base", "evaluate-finetuned",
+                           "gate", "promote"}, set(stages)
+    assert all(r.info.status == "FINISHED" for r in stages.values())
+
+    train_run = stages["train"].info.run_id
+    assert "loss_curve.png" in {a.path for a in c.list_artifacts(train_run)}
+    losses = c.get_metric_history(train_run, "train_loss")
+    assert len(losses) >= 10 and losses[-1].value < losses[0].value / 4, [m.value for m in losses]
+    assert "report.json" in {a.path for a in c.list_artifacts(stages["evaluate-finetuned"].info.run_id)}
+
+    # the fine-tuned model beats its base clearly, because training worked (chance is 0.25)
+    (acc,) = [s for s in summary.scores if s.metric == "acc"]
+    print(f"demo_facts acc: base {acc.base:.3f} -> fine-tuned {acc.finetuned:.3f}")
+    assert acc.base < 0.4 and acc.finetuned >= acc.base + 0.3
+    assert summary.gate_passed
+
+    version = c.get_model_version_by_alias("gauntlet-demo", "champion")
+    assert str(version.version) == summary.registered_version
+    for tag in ("data.md5", "base_model.sha", "config_hash", "git_commit", "prefect.flow_run_id",
+                "score.demo_facts.acc"):
+        assert version.tags.get(tag), tag
+    assert version.tags["data.md5"] == summary.data_md5
+    # the registered files load back with transformers
+    from mlflow.artifacts import download_artifacts
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    local = download_artifacts(artifact_uri=version.source)
+    model, tok = AutoModelForCausalLM.from_pretrained(local), AutoTokenizer.from_pretrained(local)
+    assert model.config.hidden_size == 128 and tok.eos_token == "</s>"
+
+
+def test_second_run_is_cached_and_adds_no_version(first_run, dvc_repo) -> None:
+    summary1, _, first_elapsed = first_run
+    state, elapsed = run_demo(dvc_repo)
+    assert state.is_completed()
+    print(f"\nfirst run {first_elapsed:.1f}s, cached re-run {elapsed:.1f}s ({elapsed / first_elapsed:.0%})")
+    states = task_states(state.state_details.flow_run_id)
+    assert all(states[name] == "Cached" for name in HEAVY), states
+    summary = state.result()
+    assert summary.registered_version == summary1.registered_version
+    versions = mlflow_client().search_model_versions("name='gauntlet-demo'")
+    assert len(versions) == 1
+
+
+def test_learning_rate_change_retrains_only_what_depends_on_it(first_run, dvc_repo) -> None:
+    state, _ = run_demo(dvc_repo, "train.learning_rate=0.002")
+    assert state.is_completed(), state.message
+    states = task_states(state.state_details.flow_run_id)
+    assert states["pull_data"] == states["fetch_model"] == states["evaluate-base"] == "Cached", states
+    assert states["train"] == states["evaluate-finetuned"] == "Completed", states
+
+
+def test_cache_hit_whose_files_are_gone_recomputes(first_run, dvc_repo) -> None:
+    summary, _, _ = first_run
+    shutil.rmtree(Path(summary.merged_model).parent)   # the train stage's durable folder
+    state, _ = run_demo(dvc_repo)
+    assert state.is_completed(), state.message
+    states = task_states(state.state_details.flow_run_id)
+    assert states["train"] == "Completed" and states["pull_data"] == "Cached", states
+    assert Path(summary.merged_model).exists()
+
+
+def test_failed_run_is_marked_failed_and_registry_untouched(prefect_api, dvc_repo, tmp_path) -> None:
+    not_a_model = tmp_path / "not-a-model"
+    not_a_model.mkdir()
+    (not_a_model / "notes.txt").write_text("no weights here")
+    c = mlflow_client()
+    before = len(c.search_model_versions("name='gauntlet-demo'")) if c.search_registered_models() else 0
+    state, _ = run_demo(dvc_repo, f"model.source={not_a_model}")
+    assert state.is_failed()
+    assert "not a model directory" in state.message
+    exp = c.get_experiment_by_name("gauntlet-demo")
+    failed = c.search_runs([exp.experiment_id], "attributes.status = 'FAILED'", order_by=["attributes.start_time DESC"])
+    parent = next(r for r in failed if "mlflow.parentRunId" not in r.data.tags)
+    assert parent.data.tags["prefect.flow_run_id"] == str(state.state_details.flow_run_id)
+    failed_stage = c.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}' "
+                                 "and tags.`gauntlet.stage` = 'fetch_model'")[0]
+    assert failed_stage.info.status == "FAILED"
+    assert "not a model directory" in failed_stage.data.tags["gauntlet.error"]
+    assert "error.txt" in {a.path for a in c.list_artifacts(failed_stage.info.run_id)}
+    assert len(c.search_model_versions("name='gauntlet-demo'")) == before
