@@ -113,7 +113,8 @@ def test_evaluate_tiny_model_end_to_end(tmp_path: Path, monkeypatch: pytest.Monk
     assert report.perf.backend == "hf" and report.perf.device in ("cpu", "cuda")
     assert report.perf.tokens_per_s > 0 and report.perf.first_token_latency_ms > 0
     assert report.perf.peak_memory_gb > 0 and report.perf.size_on_disk_gb > 0
-    assert report.protocol == protocol_of(spec)
+    assert {k: v for k, v in report.protocol.items() if k != "task_versions"} == protocol_of(spec)
+    assert report.protocol["task_versions"] == {"demo_facts": {"demo_facts": "1.0"}}
     assert report.protocol["limit"] == 16 and report.protocol["decoding"] == "greedy"
     assert report.versions["tasks"] == {"demo_facts": "1.0"}
     assert {"lm_eval", "transformers", "torch"} <= set(report.versions)
@@ -125,9 +126,9 @@ def test_evaluate_tiny_model_end_to_end(tmp_path: Path, monkeypatch: pytest.Monk
     assert saved["timestamp"].endswith("+00:00")
     assert Path(report.report_path) == out / "report.json"
     assert load_report(out / "report.json") == report
-    raw = json.loads((out / "lm_eval_results.json").read_text())
+    raw = json.loads((out / "tasks" / "demo_facts" / "lm_eval_results.json").read_text())
     assert raw["n-samples"]["demo_facts"]["effective"] == 16
-    samples = (out / "lm_eval_samples.jsonl").read_text().splitlines()
+    samples = (out / "tasks" / "demo_facts" / "lm_eval_samples.jsonl").read_text().splitlines()
     assert len(samples) == 16
     # the model saw exactly the training prompt, answer appended with no delimiter
     first = json.loads(samples[0])
