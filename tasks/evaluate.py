@@ -343,12 +343,16 @@ def probe_task(spec: EvalSpec, model: ModelRef, variant: str, run: RunContext) -
 def evaluate_task(spec: EvalSpec, model: ModelRef, data: DatasetRef | None, variant: str,
                   run: RunContext) -> EvalReport:
     """The evaluation stage: every task (each cached on its own), the probe, one report."""
+    from mlflow.entities import Param
+
     logger = get_run_logger()
     params = {"spec": spec, "model": model, "data": data, "variant": variant}
-    plans = plans_of(spec)
-    out = EVAL.output_dir(params)
-    with stage_run(run, f"evaluate-{variant}", {**flatten_params("eval", protocol_of(spec)),
-                                                "model.sha": model.sha, "variant": variant}) as (c, rid):
+    with stage_run(run, f"evaluate-{variant}", {"model.sha": model.sha, "variant": variant}) as (c, rid):
+        plans = plans_of(spec)  # a task that no longer resolves fails this run, naming the task
+        protocol = [Param(k, v[:6000]) for k, v in flatten_params("eval", protocol_of(spec)).items()]
+        for i in range(0, len(protocol), 100):  # MLflow takes at most 100 params per batch
+            c.log_batch(rid, params=protocol[i:i + 100])
+        out = EVAL.output_dir(params)
         nested = run.model_copy(update={"parent_run_id": rid})
         results: list[TaskResult] = []
         # One engine for the stage: loaded on first use only, i.e. only if some task or the probe runs.

@@ -61,6 +61,16 @@ def peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
 
 
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def percentile(values: list[float], q: float) -> float:
     """The q-th percentile (0-100), linear between closest ranks (numpy's default)."""
     ordered = sorted(values)
@@ -140,7 +150,7 @@ def probe_speed(engine: Engine, probe: Any) -> PerfProbe:
     perf = PerfProbe(
         backend=engine.backend,
         device=engine.device,
-        device_name=torch.cuda.get_device_name() if cuda else (platform.processor() or platform.machine()),
+        device_name=torch.cuda.get_device_name() if cuda else cpu_name(),
         tokens_per_s=sum(n for n, _ in single) / sum(t for _, t in single),
         tokens_per_s_large_batch=batch_tokens / batch_seconds,
         large_batch=probe.large_batch,

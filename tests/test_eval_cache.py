@@ -15,7 +15,7 @@ import pytest
 from tasks.spec import EvalSpec, ModelSpec, SpeedProbeSpec
 from tasks.state import PROJECT_ROOT
 
-pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning")]
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 PROBE = SpeedProbeSpec(prompts=2, max_new_tokens=4, large_batch=4)
 
 

@@ -229,6 +229,7 @@ def all_suites_report(tiny_model, demo_eval_data, tmp_path_factory):
     return spec, evaluate_model(spec, tiny_model, str(demo_eval_data), out, variant="base"), out
 
 
+@pytest.mark.slow
 def test_every_suite_fixture_runs_through_the_engine(all_suites_report) -> None:
     spec, report, out = all_suites_report
     names = ["mmlu", "arc_challenge", "hellaswag", "gsm8k", "ceval-valid", "cmmlu", "bbh", "demo_facts",
@@ -301,6 +302,7 @@ def test_fixture_prompts_are_the_engines_prompts(all_suites_report) -> None:
     assert ceval["arguments"][0][0].endswith("\n答案：")
 
 
+@pytest.mark.slow
 def test_wrapper_scores_equal_the_engines_cli(tiny_model, tmp_path: Path) -> None:
     """``lm_eval run --model hf …`` on the same model and fixture data gives exactly our scores."""
     spec = EvalSpec(tasks=["arc_challenge", "mmlu"], fixtures=True, num_fewshot=1, limit=6, batch_size=8,
