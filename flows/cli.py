@@ -48,6 +48,21 @@ def _parser() -> argparse.ArgumentParser:
                                    "Removing is safe: a later run recomputes what it misses.")
     p.add_argument("--dry-run", action="store_true", help="list what would be removed and how much it frees")
     p.add_argument("--keep-days", type=float, default=7.0, help="keep outputs used within this many days (7)")
+
+    p = sub.add_parser("eval", help="evaluate one model on a suite (cached per task)",
+                       description="Evaluate a model folder or hub model (hf://org/name@revision) with lm-eval on a "
+                                   "suite of evals/suites.yaml and/or listed tasks; print and save the report. "
+                                   "Tasks evaluated before on the same model with the same protocol come from the cache.")
+    p.add_argument("model", help="model folder (save_pretrained layout) or hf://org/name@revision")
+    p.add_argument("--suite", help="suite name: en-core, zh-core, reasoning, demo (see evals/suites.yaml)")
+    p.add_argument("--task", dest="tasks", action="append", default=[], metavar="NAME",
+                   help="a task to evaluate (with or instead of a suite; repeatable)")
+    p.add_argument("--fixtures", action="store_true",
+                   help="use each task's small offline fixture instead of the real dataset (no network)")
+    p.add_argument("--variant", default="base", help="label of this model in the report (default: base)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="an eval setting by key, e.g. limit=20, backend=vllm, num_fewshot=0 (repeatable)")
+    p.add_argument("--output", metavar="FILE", help="also write the report JSON here")
     return parser
 
 
@@ -90,6 +105,48 @@ def _run(config: Path, overrides: list[str]) -> int:
     return EXIT_OK
 
 
+def _eval_spec(args: argparse.Namespace) -> tuple[object, object]:
+    """(ModelSpec, EvalSpec) from the command line; SpecError (exit 2) lists every problem."""
+    from pydantic import ValidationError
+
+    from tasks.spec import EvalSpec, ModelSpec, apply_overrides, problems_from
+
+    raw: dict = {"tasks": list(args.tasks), "fixtures": bool(args.fixtures)}
+    if args.suite:
+        raw["suite"] = args.suite
+    raw = apply_overrides(raw, [o.removeprefix("eval.") for o in args.overrides])
+    problems = []
+    specs = []
+    source = args.model if "://" in args.model else str(Path(args.model).resolve())  # a folder: from here
+    for section, model, data in (("model", ModelSpec, {"source": source}), ("eval", EvalSpec, raw)):
+        try:
+            specs.append(model.model_validate(data, context={"root": Path.cwd()}))
+        except ValidationError as e:
+            problems += [p.model_copy(update={"path": f"{section}.{p.path}"}) for p in problems_from(e)]
+    if problems:
+        raise SpecError("gauntlet eval", problems)
+    return specs[0], specs[1]
+
+
+def _eval(args: argparse.Namespace) -> int:
+    model, spec = _eval_spec(args)  # before any heavy import: bad input costs nothing
+    configure_environment()
+    from flows.evaluate import evaluate_flow
+    from tasks.evaluate import report_markdown
+
+    try:
+        report = evaluate_flow(model=model, spec=spec, variant=args.variant)
+    except Exception as e:
+        print(f"\nevaluation FAILED: {type(e).__name__}: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    print("\n" + report_markdown(report))
+    print(f"\nreport: {report.report_path}  (MLflow run {report.mlflow_run_id})")
+    if args.output:
+        Path(args.output).write_text(Path(report.report_path).read_text(encoding="utf-8"), encoding="utf-8")
+        print(f"copied to {args.output}")
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -103,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
             return _run(DEMO_CONFIG, args.overrides)
         if args.command == "gc":
             return _gc(args.dry_run, args.keep_days)
+        if args.command == "eval":
+            return _eval(args)
     except SpecError as e:
         print(str(e), file=sys.stderr)
         return EXIT_INVALID
