@@ -126,8 +126,7 @@ def promote_if_passing(c, registry: RegistrySpec, gate: GateSpec, decision: Gate
     result = dict(model_name=name, version=version)
     with registry_lock(c, name, registry.lock_timeout_s) as lease:
         current, scores = champion_of(c, registry)
-        if current == version:
-            record_verdict(c, registry, version, decision)
+        if current == version:   # a re-run of the champion's own recipe: keep the verdict it was promoted with
             return PromotionResult(registered=False, alias=registry.champion_alias, previous_champion=current,
                                    decision=decision, message=f"this model already is {name} v{version} "
                                                               f"@{registry.champion_alias}", **result)
@@ -149,7 +148,8 @@ def promote_if_passing(c, registry: RegistrySpec, gate: GateSpec, decision: Gate
                      lease, compared_to=current, **(run_ids or {}))
     return PromotionResult(registered=True, alias=registry.champion_alias, previous_champion=current,
                            decision=decision,
-                           message=f"{name} v{version} is now @{registry.champion_alias} (replaced {against}"
+                           message=f"{name} v{version} is now @{registry.champion_alias} ("
+                                   + (f"replaced v{current}" if current else "the first champion")
                                    + (", after re-gating against it" if regated else "") + ")", **result)
 
 

@@ -139,6 +139,7 @@ def test_gate_rules(spec, scores, perf, champion, failing) -> None:
 
 def test_gate_task_logs_decision_to_mlflow_and_prefect(prefect_api) -> None:
     """The real `gate` task: the decision lands in MLflow (json, md, metrics) and as a Prefect artifact."""
+    from prefect import flow
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
@@ -150,7 +151,12 @@ def test_gate_task_logs_decision_to_mlflow_and_prefect(prefect_api) -> None:
     ctx = RunContext(tracking_uri=c.tracking_uri, experiment_id=experiment(c), parent_run_id=parent.info.run_id,
                      flow_run_id=None)
     spec = GateSpec(required_tasks=["facts", "reasoning"], min_scores={"facts": 0.5})
-    decision = gate(spec, RegistrySpec(model_name=unique("gate-task")), make_report({"facts": 0.9}), None, ctx)
+
+    @flow(name="gate-only")
+    def gate_only() -> object:
+        return gate(spec, RegistrySpec(model_name=unique("gate-task")), make_report({"facts": 0.9}), None, ctx)
+
+    decision = gate_only()
     assert not decision.passed
     (stage,) = c.search_runs([experiment(c)], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert stage.data.tags["gate.verdict"] == "failed" and stage.data.metrics["gate_passed"] == 0.0
@@ -219,17 +225,17 @@ def test_registered_version_has_lineage_card_and_loads_with_mlflow_and_transform
 # ---------------------------------------------------------------------------------------------
 
 
-def race_worker(lock: str, inbox, outbox, barrier) -> None:
+def race_worker(inbox, outbox, barrier) -> None:
     """One 'pipeline': register its candidate, gate it against the champion, promote. Runs in its own process;
     the barrier lines the two processes up at each step, so both gate against the same champion."""
-    os.environ["GAUNTLET_REGISTRY_LOCK"] = lock
     from tasks.gate import decide, promote_if_passing
     from tasks.registry import champion_of, register_candidate
 
     c = mlflow_client()
     outbox.put(("ready", os.getpid()))
     while (job := inbox.get()) is not None:
-        name, score, folder = job
+        lock, name, score, folder = job
+        os.environ["GAUNTLET_REGISTRY_LOCK"] = lock
         registry, report = RegistrySpec(model_name=name), make_report({"facts": score})
         try:
             barrier.wait(timeout=60)
@@ -247,6 +253,28 @@ def race_worker(lock: str, inbox, outbox, barrier) -> None:
                                  "message": result.message}))
         except Exception:
             outbox.put(("error", traceback.format_exc()))
+
+
+@pytest.fixture(scope="module")
+def race_workers():
+    """Two long-lived worker processes (spawned: nothing inherited but the environment), shared by the races."""
+    experiment(mlflow_client())   # create the experiment (and the store's schema) before the workers start
+    ctx = multiprocessing.get_context("spawn")
+    barrier, outbox = ctx.Barrier(2), ctx.Queue()
+    inboxes = [ctx.Queue(), ctx.Queue()]
+    workers = [ctx.Process(target=race_worker, args=(inbox, outbox, barrier), daemon=True) for inbox in inboxes]
+    for w in workers:
+        w.start()
+    try:
+        assert [outbox.get(timeout=180)[0] for _ in workers] == ["ready", "ready"]
+        yield inboxes, outbox
+    finally:
+        for inbox in inboxes:
+            inbox.put(None)
+        for w in workers:
+            w.join(timeout=30)
+            if w.is_alive():
+                w.kill()
 
 
 def check_race_round(c, registry: RegistrySpec, first: str, results: list[dict]) -> str:
@@ -279,43 +307,29 @@ def check_race_round(c, registry: RegistrySpec, first: str, results: list[dict])
 
 @pytest.mark.slow
 @pytest.mark.parametrize("lock", ["file", "registry"])
-def test_two_processes_racing_leave_one_champion_that_beat_its_predecessor(lock, tmp_path, monkeypatch) -> None:
+def test_two_processes_racing_leave_one_champion_that_beat_its_predecessor(lock, race_workers, tmp_path,
+                                                                           monkeypatch) -> None:
+    inboxes, outbox = race_workers
     monkeypatch.setenv("GAUNTLET_REGISTRY_LOCK", lock)
     c = mlflow_client()
-    experiment(c)   # create the experiment (and the store's schema) before the workers start
-    ctx = multiprocessing.get_context("spawn")
-    barrier, outbox = ctx.Barrier(2), ctx.Queue()
-    inboxes = [ctx.Queue(), ctx.Queue()]
-    workers = [ctx.Process(target=race_worker, args=(lock, inbox, outbox, barrier), daemon=True) for inbox in inboxes]
-    for w in workers:
-        w.start()
-    try:
-        assert [outbox.get(timeout=120)[0] for _ in workers] == ["ready", "ready"]
-        orders: dict[str, int] = {}
-        started = time.time()
-        for round_no in range(20):
-            registry = RegistrySpec(model_name=unique(f"race-{lock}-{round_no}"))
-            champion, report = register(c, registry, tmp_path, {"facts": 0.5})
-            _, first = gate_and_promote(c, registry, RACE_GATE, champion, report)
-            assert first.registered
-            scores = (0.7, 0.6) if round_no % 2 == 0 else (0.6, 0.7)
-            for inbox, score in zip(inboxes, scores):
-                inbox.put((registry.model_name, score, str(fake_model_dir(tmp_path, f"{round_no}-{score}"))))
-            results = []
-            for _ in workers:
-                kind, payload = outbox.get(timeout=120)
-                assert kind == "done", payload
-                results.append(payload)
-            order = check_race_round(c, registry, champion.version, results)
-            orders[order] = orders.get(order, 0) + 1
-        print(f"\n{lock} lock: 20 races in {time.time() - started:.1f}s; who promoted first: {orders}")
-    finally:
-        for inbox in inboxes:
-            inbox.put(None)
-        for w in workers:
-            w.join(timeout=30)
-            if w.is_alive():
-                w.kill()
+    orders: dict[str, int] = {}
+    started = time.time()
+    for round_no in range(20):
+        registry = RegistrySpec(model_name=unique(f"race-{lock}-{round_no}"))
+        champion, report = register(c, registry, tmp_path, {"facts": 0.5})
+        _, first = gate_and_promote(c, registry, RACE_GATE, champion, report)
+        assert first.registered
+        scores = (0.7, 0.6) if round_no % 2 == 0 else (0.6, 0.7)
+        for inbox, score in zip(inboxes, scores):
+            inbox.put((lock, registry.model_name, score, str(fake_model_dir(tmp_path, f"{round_no}-{score}"))))
+        results = []
+        for _ in inboxes:
+            kind, payload = outbox.get(timeout=120)
+            assert kind == "done", payload
+            results.append(payload)
+        order = check_race_round(c, registry, champion.version, results)
+        orders[order] = orders.get(order, 0) + 1
+    print(f"\n{lock} lock: 20 races in {time.time() - started:.1f}s; who promoted first: {orders}")
 
 
 def test_registry_lock_times_out_and_breaks_stale_locks(monkeypatch) -> None:
@@ -514,3 +528,20 @@ def test_failed_run_notifies_through_the_flow_hook(prefect_api, webhook_server, 
     body = payload["blocks"][1]["text"]["text"]
     assert "nosuchscheme" in body   # the error
     assert f"/runs/flow-run/{state.state_details.flow_run_id}|" in body
+
+
+def test_webhook_urls_cannot_be_written_into_the_config() -> None:
+    from tasks.spec import SpecError, load_spec
+    from tasks.state import PROJECT_ROOT
+
+    demo = PROJECT_ROOT / "configs" / "demo.yaml"
+    with pytest.raises(SpecError) as err:
+        load_spec(demo, ["notify.webhooks=[{url: 'https://hooks.slack.com/x'}, {format: slack}]",
+                         "gate.max_regression_by_task={demo_facts: -1}"])
+    by_path = {p.path: p for p in err.value.problems}
+    assert "notify.webhooks.0.url" in by_path and "valid keys here" in by_path["notify.webhooks.0.url"].hint
+    assert "exactly one of url_env" in by_path["notify.webhooks.1"].message
+    assert ">= 0" in by_path["gate.max_regression_by_task"].message
+    spec = load_spec(demo, ["notify.webhooks=[{secret_block: team-slack}]", "gate.ceilings.peak_memory_gb=2"])
+    assert spec.notify.webhooks[0].events == ["promoted", "gate_failed", "run_failed"]
+    assert spec.gate.ceilings.peak_memory_gb == 2
