@@ -77,6 +77,62 @@ def _gc(dry_run: bool, keep_days: float) -> int:
         print(f"keeping         {item.bytes / 1e6:10.1f} MB  {item.path}  ({item.reason})")
     freed = plan.freed_bytes if dry_run else apply_gc(plan)
     print(f"{'would free' if dry_run else 'freed'} {freed / 1e6:.1f} MB in {len(plan.remove)} item(s)")
+
+    p = sub.add_parser("promote", help="make VERSION the champion by hand (recorded with the reason)",
+                       description="Move NAME@champion to VERSION without the gate, e.g. to pick a model the gate "
+                                   "cannot judge. The reason, who and when go into the champion history.")
+    p.add_argument("name", help="registered model name")
+    p.add_argument("version", help="model version number")
+    p.add_argument("--reason", required=True, help="why (recorded)")
+
+    p = sub.add_parser("rollback", help="give champion back to the previous champion (recorded)",
+                       description="Restore the version that was champion before the current one, following the "
+                                   "recorded history (rolling back twice goes back two champions).")
+    p.add_argument("name", help="registered model name")
+    p.add_argument("--reason", default="", help="why (recorded)")
+
+    p = sub.add_parser("history", help="who/what held champion when, and why",
+                       description="The recorded moves of NAME@champion: gated promotions, promotions by hand "
+                                   "and rollbacks, oldest first.")
+    p.add_argument("name", help="registered model name")
+    p.add_argument("--json", action="store_true", help="print the events as JSON lines")
+    return parser
+
+
+def _registry_command(args: argparse.Namespace) -> int:
+    """promote / rollback / history: parse here, act in tasks/registry.py."""
+    configure_environment()
+    from tasks import registry
+    from tasks.spec import RegistrySpec
+    from tasks.tracking import client, tracking_uri
+
+    c = client(tracking_uri())
+    spec = RegistrySpec(model_name=args.name)
+    try:
+        if args.command == "promote":
+            event = registry.promote_manually(c, spec, args.version, args.reason)
+            print(f"{args.name} v{args.version} already is @{spec.champion_alias}; nothing changed" if event is None
+                  else f"{args.name} v{event.version} is now @{spec.champion_alias} (was v{event.previous}); "
+                       "recorded in the history")
+        elif args.command == "rollback":
+            event = registry.rollback(c, spec, args.reason)
+            print(f"{args.name}@{spec.champion_alias} rolled back from v{event.previous} to v{event.version}; "
+                  "recorded in the history")
+        else:
+            events = registry.history(c, args.name)
+            current, _ = registry.champion_of(c, spec)
+            if args.json:
+                for e in events:
+                    print(e.model_dump_json())
+                return EXIT_OK
+            print(f"{args.name}: champion now v{current}" if current else f"{args.name}: no champion")
+            print(registry.history_table(events))
+    except registry.UnknownModelError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_INVALID
+    except registry.RegistryError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_FAILED
     return EXIT_OK
 
 
@@ -162,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
             return _gc(args.dry_run, args.keep_days)
         if args.command == "eval":
             return _eval(args)
+        if args.command in ("promote", "rollback", "history"):
+            return _registry_command(args)
     except SpecError as e:
         print(str(e), file=sys.stderr)
         return EXIT_INVALID

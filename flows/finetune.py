@@ -13,6 +13,8 @@ from tasks.data import DATA, pull_data_task
 from tasks.evaluate import EVAL, evaluate_task
 from tasks.gate import gate, promote
 from tasks.models import FETCH, fetch_model_task
+from tasks.notify import notify_failed_run, notify_outcome
+from tasks.registry import register_challenger
 from tasks.spec import RunSpec, load_spec
 from tasks.summary import RunSummary, summarize_task
 from tasks.train import TRAIN, train
@@ -34,13 +36,14 @@ def run_pipeline(spec: RunSpec) -> RunSummary:
                        if spec.eval.compare_with_base else None)
         report = EVAL.run(evaluate_task, spec=spec.eval, model=trained.merged, data=data, variant="finetuned",
                           run=run)
+        candidate = register_challenger(spec.registry, trained, report, data, spec.config_hash(), run)
         decision = gate(spec.gate, spec.registry, report, base_report, run)
-        promotion = promote(spec.registry, spec.gate, decision, trained, report, base_report, data,
-                            spec.config_hash(), run)
+        promotion = promote(spec.registry, spec.gate, decision, candidate, report, base_report, run)
+        notify_outcome(spec.notify, spec.registry, promotion, report, base_report, run)
         return summarize_task(spec.name, data, base, trained, base_report, report, decision, promotion, run)
 
 
-@flow(name="finetune", log_prints=True)
+@flow(name="finetune", log_prints=True, on_failure=[notify_failed_run], on_crashed=[notify_failed_run])
 def finetune(config: str = "configs/demo.yaml", overrides: list[str] | None = None) -> RunSummary:
     """Fine-tune, evaluate, gate and promote the model a config describes.
 

@@ -135,9 +135,22 @@ class GateDecision(Ref):
         return [f"{r.rule}: {r.detail}" for r in self.rules if not r.passed]
 
 
+class RegisteredVersion(Ref):
+    """A model version in the registry (the candidate a run registered, or found already registered)."""
+
+    model_name: str
+    version: str
+    source: str                    # where its files are: the durable artifact it was registered from
+    model_sha: str
+    created: bool                  # False: an earlier run registered these exact files
+    mlflow_run_id: str | None = None
+
+
 class PromotionResult(Ref):
-    registered: bool
+    registered: bool               # True: the champion alias moved to this run's version
     model_name: str
     version: str | None = None
     alias: str | None = None
     message: str
+    previous_champion: str | None = None
+    decision: GateDecision | None = None   # the decision promotion acted on (re-gated if the champion changed)

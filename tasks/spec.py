@@ -19,6 +19,7 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 from tasks.state import PROJECT_ROOT, sha256_json
@@ -190,17 +191,70 @@ class EvalSpec(Strict):
         return v
 
 
+class PerfCeilings(Strict):
+    """Upper limits on what the speed probe measured (names as in EvalReport.perf); None: no limit.
+    A ceiling set while the report has no speed probe fails the gate."""
+
+    first_token_latency_ms: float | None = Field(None, gt=0)
+    peak_memory_gb: float | None = Field(None, gt=0)
+    size_on_disk_gb: float | None = Field(None, gt=0)
+
+
 class GateSpec(Strict):
     metric: str = Field("acc", description="the metric of each task that the gate reads")
     min_scores: dict[str, float] = Field(default_factory=dict, description="task -> minimum score")
-    max_regression: float = Field(0.0, ge=0, description="largest allowed drop against the champion, per task")
+    min_average: float | None = Field(None, description="minimum mean of `metric` over the report's tasks")
+    max_regression: float = Field(0.0, ge=0, description="largest allowed drop against the champion, per task, "
+                                                          "in the metric's own units (acc 0.02 = 2 points)")
+    max_regression_by_task: dict[str, float] = Field(default_factory=dict,
+                                                     description="task -> its own max_regression")
+    required_tasks: list[str] = Field(default_factory=list,
+                                      description="tasks that must have a score; a missing one fails the gate")
+    ceilings: PerfCeilings = PerfCeilings()
     min_gain_over_base: float | None = Field(None, description="require the fine-tuned model to beat its base by this")
+
+    @field_validator("max_regression_by_task")
+    @classmethod
+    def _non_negative(cls, v: dict[str, float]) -> dict[str, float]:
+        negative = {task: limit for task, limit in v.items() if limit < 0}
+        if negative:
+            raise ValueError(f"allowed regressions must be >= 0; got {negative}")
+        return v
 
 
 class RegistrySpec(Strict):
     model_name: str = Field(..., min_length=1)
     champion_alias: str = "champion"
     challenger_alias: str = "challenger"
+    lock_timeout_s: float = Field(300.0, gt=0, description="how long a promotion waits for another one to finish")
+
+
+NOTIFY_EVENTS = ("promoted", "gate_failed", "run_failed")
+
+
+class WebhookSpec(Strict):
+    """One webhook. Its URL is a secret: it comes from an environment variable or a Prefect Secret
+    block, never from the config, and is never logged."""
+
+    url_env: str | None = Field(None, description="name of the environment variable holding the URL")
+    secret_block: str | None = Field(None, description="name of a Prefect Secret block holding the URL")
+    format: Literal["slack", "dingtalk", "feishu"] = "slack"
+    events: list[Literal["promoted", "gate_failed", "run_failed"]] = list(NOTIFY_EVENTS)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "WebhookSpec":
+        if (self.url_env is None) == (self.secret_block is None):
+            raise ValueError("set exactly one of url_env (an environment variable name) or secret_block "
+                             "(a Prefect Secret block name); webhook URLs never go in the config")
+        return self
+
+
+class NotifySpec(Strict):
+    webhooks: list[WebhookSpec] = []
+    timeout_s: float = Field(10.0, gt=0)
+    mlflow_ui_url: str | None = Field(None, description="MLflow UI base URL for links "
+                                                        "(default: the tracking URI when it is http(s))")
+    prefect_ui_url: str | None = Field(None, description="Prefect UI base URL for links (default: PREFECT_UI_URL)")
 
 
 class TrackingSpec(Strict):
@@ -218,6 +272,7 @@ class RunSpec(Strict):
     gate: GateSpec = GateSpec()
     registry: RegistrySpec
     tracking: TrackingSpec = TrackingSpec()
+    notify: NotifySpec = NotifySpec()
 
     def section_hash(self, section: str) -> str:
         return sha256_json(getattr(self, section).model_dump(mode="json"))

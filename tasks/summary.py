@@ -60,6 +60,7 @@ class RunSummary(BaseModel):
 def summarize(name: str, data: DatasetRef, base_model: ModelRef, trained: TrainedModel,
               base_report: EvalReport | None, report: EvalReport, decision: GateDecision,
               promotion: PromotionResult, run: RunContext) -> RunSummary:
+    decision = promotion.decision or decision   # re-gated under the registry lock if the champion changed
     rows = [ScoreRow(task=s.task, metric=s.metric, finetuned=s.value,
                      base=base_report.score(s.task, s.metric) if base_report else None) for s in report.scores]
     return RunSummary(
