@@ -34,3 +34,18 @@ def prefect_api():
 @pytest.fixture(scope="session")
 def session_home() -> Path:
     return _SESSION_HOME
+
+
+@pytest.fixture(scope="session")
+def quantize_env() -> Path:
+    """The quantize stage's own venv (llm-compressor), made once per session the way the pipeline makes it:
+    under $GAUNTLET_HOME/envs/quantize, or reused from $GAUNTLET_QUANT_VENV (`make test` sets it, so
+    repeated runs pay the pip install once). The demo pipeline in the same session finds it ready."""
+    import time
+
+    from tasks.envs import QUANTIZE_ENV
+
+    started = time.time()
+    python = QUANTIZE_ENV.ensure()
+    print(f"\nquantize environment {QUANTIZE_ENV.path()} ready in {time.time() - started:.0f}s")
+    return python
