@@ -43,7 +43,7 @@ def run_pipeline(spec: RunSpec) -> RunSummary:
         # A variant named in gate.register_variants goes through the same gate and promotion, as
         # <model_name>-<variant>, when the fine-tuned model itself passed.
         variant_promotions = {}
-        for q, q_report in zip(variants, variant_reports):
+        for q, q_report in zip(variants, variant_reports, strict=True):
             if decision.passed and q.variant in spec.gate.register_variants:
                 registry = spec.registry.model_copy(update={"model_name": f"{spec.registry.model_name}-{q.variant}"})
                 q_decision = gate(spec.gate, registry, q_report, base_report, run)

@@ -100,7 +100,7 @@ def _fmt(x: float | None, spec: str) -> str:
 def variant_rows(report: EvalReport, variants: list[QuantizedModel], reports: list[EvalReport],
                  promotions: dict[str, PromotionResult]) -> list[VariantRow]:
     rows = []
-    for q, r in zip(variants, reports):
+    for q, r in zip(variants, reports, strict=True):
         scores = {f"{s.task}.{s.metric}": s.value for s in r.scores}
         deltas = {}
         for key, value in scores.items():

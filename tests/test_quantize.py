@@ -102,7 +102,7 @@ def test_gptq_and_awq_quantize_reload_generate_and_evaluate(prefect_api, quantiz
     train_rows = [json.loads(line) for line in Path(data.train_path).read_text().splitlines()]
     train_texts = {format_prompt(r["instruction"], r["input"]) + r["output"] for r in train_rows}
     c = MlflowClient()
-    for (q, report), group in zip(results, (32, 64)):
+    for (q, report), group in zip(results, (32, 64), strict=True):
         # durable, self-describing folder; the calibration texts are rows of the run's training data
         out = Path(q.output_dir)
         assert Path(q.path) == out / "model" and (out / ".gauntlet-complete").exists()
