@@ -185,7 +185,7 @@ def test_cache_key_follows_model_method_params_and_calibration_data(tiny) -> Non
     assert key() != key(m=model.model_copy(update={"sha": "other"}))
     assert key() != key(d=other_train)                      # calibration data changed
     assert key() == key(d=other_eval)                       # calibration reads the training file only
-    assert key() != key(calibration=CALIBRATION.model_copy(update={"samples": 8}))
+    assert key() != key(calibration=CALIBRATION.model_copy(update={"samples": CALIBRATION.samples + 1}))
     nf4 = QuantizeVariant(method="bnb-nf4")                 # calibration-free: the data does not matter
     assert key(variant=nf4) == key(variant=nf4, d=other_train, calibration=CALIBRATION.model_copy(update={"seed": 9}))
 
