@@ -38,6 +38,25 @@ class ModelRef(Ref):
     mlflow_run_id: str | None = None
 
 
+class QuantizedModel(ModelRef):
+    """A quantized variant: a ModelRef (so it evaluates like any model) plus how it was made."""
+
+    variant: str                   # e.g. gptq-w4g128: the name in reports, summaries and the registry
+    method: str                    # gptq | awq | bnb-nf4 | bnb-int8
+    bits: int
+    group_size: int | None = None
+    base_sha: str                  # the unquantized model it came from
+    size_bytes: int                # the variant's folder on disk
+    base_size_bytes: int
+    calibration_md5: str | None = None   # md5 of the calibration texts (None: calibration-free)
+    duration_s: float
+    output_dir: str
+
+    @property
+    def size_ratio(self) -> float:
+        return self.size_bytes / self.base_size_bytes if self.base_size_bytes else float("nan")
+
+
 class TrainedModel(Ref):
     base: ModelRef
     merged: ModelRef               # the merged full model; evaluation and registry use it

@@ -121,14 +121,77 @@ class TrainSpec(Strict):
     accelerate: AccelerateSpec = AccelerateSpec()
 
 
+# Weight bit-widths each method can write (the first is the default). GPTQ/AWQ: llm-compressor's
+# integer weight-only schemes that vLLM and transformers load (W4A16, W8A16; AWQ only 4-bit);
+# bitsandbytes: NF4 is 4-bit, LLM.int8() is 8-bit.
+QUANT_BITS: dict[str, tuple[int, ...]] = {"gptq": (4, 8), "awq": (4,), "bnb-nf4": (4,), "bnb-int8": (8,)}
+CALIBRATED_METHODS = ("gptq", "awq")
+DEFAULT_GROUP_SIZE = 128
+
+
 class QuantizeVariant(Strict):
+    """One quantized variant of the fine-tuned model: GPTQ or AWQ (llm-compressor, calibrated on the
+    run's training data) or bitsandbytes NF4 / INT8 (no calibration)."""
+
     method: Literal["gptq", "awq", "bnb-nf4", "bnb-int8"]
-    bits: int = Field(4, gt=0)
-    group_size: int = 128
+    bits: int | None = Field(None, gt=0, description="weight bits; default 4 (8 for bnb-int8)")
+    group_size: int | None = Field(None, gt=0, description="weights sharing one scale (gptq/awq only; default 128); "
+                                                           "must divide the model's hidden and intermediate sizes")
+    name: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9._-]*$",
+                             description="name in reports and the registry; default like gptq-w4g128")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults(cls, data: Any) -> Any:
+        """Fill bits, group size and name from the method, so equal variants dump (and cache) equally."""
+        if not isinstance(data, dict) or data.get("method") not in QUANT_BITS:
+            return data
+        data = dict(data)
+        method = data["method"]
+        if data.get("bits") is None:
+            data["bits"] = QUANT_BITS[method][0]
+        if method in CALIBRATED_METHODS and data.get("group_size") is None:
+            data["group_size"] = DEFAULT_GROUP_SIZE
+        if data.get("name") is None:
+            data["name"] = (f"{method}-w{data['bits']}g{data['group_size']}" if method in CALIBRATED_METHODS
+                            else method)
+        return data
+
+    @model_validator(mode="after")
+    def _supported(self) -> "QuantizeVariant":
+        supported = QUANT_BITS[self.method]
+        if self.bits not in supported:
+            raise ValueError(f"{self.method} does not support {self.bits}-bit weights; supported: "
+                             f"{', '.join(f'{b}-bit' for b in supported)}")
+        if self.method not in CALIBRATED_METHODS and self.group_size is not None:
+            raise ValueError(f"{self.method} has no group size (bitsandbytes uses fixed blocks); remove group_size")
+        if self.group_size is not None and self.group_size & (self.group_size - 1):
+            raise ValueError(f"group_size {self.group_size} is not a power of two; use 32, 64 or 128")
+        return self
+
+    @property
+    def calibrated(self) -> bool:
+        return self.method in CALIBRATED_METHODS
+
+
+class CalibrationSpec(Strict):
+    samples: int = Field(128, gt=0, description="rows of the run's training data that calibrate GPTQ/AWQ")
+    max_seq_len: int = Field(512, gt=8, description="tokens per calibration sample (longer rows are truncated)")
+    seed: int = Field(0, description="which rows are drawn (a seeded sample of the training file)")
 
 
 class QuantizeSpec(Strict):
     variants: list[QuantizeVariant] = []
+    calibration: CalibrationSpec = CalibrationSpec()
+
+    @field_validator("variants")
+    @classmethod
+    def _unique_names(cls, v: list[QuantizeVariant]) -> list[QuantizeVariant]:
+        names = [x.name for x in v]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"variant name(s) {twice} used more than once; give each variant its own `name`")
+        return v
 
 
 class SpeedProbeSpec(Strict):
@@ -212,6 +275,9 @@ class GateSpec(Strict):
                                       description="tasks that must have a score; a missing one fails the gate")
     ceilings: PerfCeilings = PerfCeilings()
     min_gain_over_base: float | None = Field(None, description="require the fine-tuned model to beat its base by this")
+    register_variants: list[str] = Field(
+        default_factory=list, description="quantize.variants names that may be registered (as <model_name>-<variant>) "
+                                          "when they pass the same rules as the fine-tuned model")
 
     @field_validator("max_regression_by_task")
     @classmethod
@@ -415,6 +481,38 @@ def load_spec(path: str | Path, overrides: list[str] | None = None, root: Path |
         raise SpecError(source, [SpecProblem(path="(top level)", message="config must be a mapping of sections")])
     raw = apply_overrides(raw, overrides or [])
     try:
-        return RunSpec.model_validate(raw, context={"root": root or PROJECT_ROOT})
+        spec = RunSpec.model_validate(raw, context={"root": root or PROJECT_ROOT})
     except ValidationError as e:
         raise SpecError(source, problems_from(e)) from None
+    problems = cross_section_problems(spec, root or PROJECT_ROOT)
+    if problems:
+        raise SpecError(source, problems)
+    return spec
+
+
+def count_rows(path: Path) -> int:
+    """Non-blank lines of a JSON Lines file."""
+    with open(path, "rb") as f:
+        return sum(1 for line in f if line.strip())
+
+
+def cross_section_problems(spec: RunSpec, root: Path) -> list[SpecProblem]:
+    """Rules that relate two sections (checked after each section is valid on its own)."""
+    problems = []
+    names = [v.name for v in spec.quantize.variants]
+    unknown = [n for n in spec.gate.register_variants if n not in names]
+    if unknown:
+        problems.append(SpecProblem(path="gate.register_variants", message=f"no quantize variant named {unknown}",
+                                    hint=f"variants defined in quantize.variants: {names}"))
+    calibrated = [v.name for v in spec.quantize.variants if v.calibrated]
+    train = Path(root) / spec.data.repo / spec.data.train
+    # The data is usually pulled later; when it is already here, a too-small file fails now, not after training.
+    if calibrated and train.is_file():
+        rows = count_rows(train)
+        wanted = spec.quantize.calibration.samples
+        if rows < wanted:
+            problems.append(SpecProblem(
+                path="quantize.calibration.samples",
+                message=f"{wanted} calibration samples asked for {calibrated}, but {spec.data.train} has {rows} rows",
+                hint=f"set quantize.calibration.samples to at most {rows}"))
+    return problems
