@@ -144,7 +144,11 @@ def test_model_that_does_not_load_and_missing_vllm_fail_clearly(prefect_api, mod
     broken = tmp_path / "broken-model"
     broken.mkdir()
     (broken / "config.json").write_text('{"model_type": "llama", "hidden_size": 7}')
-    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    # a well-formed safetensors file (so fetch_model's integrity check passes) that fits no Llama
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(1)}, str(broken / "model.safetensors"))
     state = run_eval(broken, spec_with("arc_challenge"), variant="broken-model")
     assert state.is_failed()
     assert str(broken) in state.message and "failed to load with the hf backend" in state.message
