@@ -26,6 +26,7 @@ from tasks.leaderboard import (
     failed_outcome,
     failure_reason,
     ok_outcome,
+    preload_model_libraries,
     publish_task,
     quantization_of,
     quantize_for_leaderboard,
@@ -72,6 +73,7 @@ def run_leaderboard(spec: LeaderboardSpec) -> Leaderboard:
                                         "eval": spec.eval.model_dump(mode="json"),
                                         "ranking": spec.ranking.model_dump(mode="json")})) as run:
         ensure_gpu_limit_task(spec.concurrency.gpu_tag, spec.concurrency.gpu_slots)
+        preload_model_libraries()  # before the thread pool: transformers' lazy imports race in threads
         data = (DATA.run(pull_data_task, spec=spec.data, run=run) if spec.data is not None
                 else eval_file_task(spec.eval_file))
 

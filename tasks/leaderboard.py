@@ -196,6 +196,22 @@ def resolve_candidate(candidate: LeaderboardCandidate, tracking_uri: str) -> Res
     return ResolvedCandidate(candidate=candidate.display_name, model=spec, note=note, stable=stable)
 
 
+def preload_model_libraries() -> None:
+    """Import transformers' auto classes and lm-eval's hf model once, before candidates run in threads.
+
+    transformers resolves its attributes lazily, and two threads doing that for the first time at once
+    can leave ``transformers.AutoConfig`` missing in one of them (seen as
+    ``AttributeError: module 'transformers' has no attribute 'AutoConfig'`` when a demo model is being
+    built while another candidate starts its evaluation).
+    """
+    import transformers
+    from lm_eval.models import huggingface  # noqa: F401  (registers and imports the hf backend)
+
+    for name in ("AutoConfig", "AutoModelForCausalLM", "AutoTokenizer", "LlamaConfig", "LlamaForCausalLM",
+                 "PreTrainedTokenizerFast"):
+        getattr(transformers, name)
+
+
 # ---------------------------------------------------------------------------------------------
 # evaluation data given as a plain file
 # ---------------------------------------------------------------------------------------------

@@ -432,3 +432,15 @@ def test_html_leaderboard_sorts_and_draws_in_chromium(night3, browser) -> None:
     png = Path(board.files["html"]).with_suffix(".png")
     browser.save_screenshot(str(png))
     assert png.stat().st_size > 10_000
+
+
+def test_cli_validates_leaderboard_configs_before_running(tmp_path: Path, capsys) -> None:
+    from flows.cli import main
+
+    assert main(["validate", str(Path(__file__).parent.parent / "configs" / "leaderboard.yaml")]) == 0
+    assert "valid leaderboard config" in capsys.readouterr().out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"candidates": [{"source": "demo://tiny-llama"}], "variants": ["int3"],
+                                   "eval": {"tasks": ["demo_facts"]}}))
+    assert main(["leaderboard", str(bad)]) == 2
+    assert "unknown variant(s) ['int3']" in capsys.readouterr().err
