@@ -375,7 +375,8 @@ def browser():
     """Headless Chromium (or Chrome) driven by chromedriver. On Debian as root, installs chromium and
     chromium-driver with apt when they are missing (the CI image's test set-up)."""
     binary = _which("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
-    driver = _which("chromedriver")
+    driver = _which("chromedriver") or _which(str(Path(os.environ.get("CHROMEWEBDRIVER", "/nonexistent")) /
+                                                   "chromedriver"))  # GitHub's Ubuntu runners
     if (binary is None or driver is None) and shutil.which("apt-get") and os.geteuid() == 0:
         subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", "chromium", "chromium-driver"],
                        check=False, capture_output=True, timeout=600,
