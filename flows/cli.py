@@ -7,15 +7,17 @@ Prefect, MLflow or torch are imported, so a bad file fails in well under a secon
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
-from tasks.spec import RunSpec, SpecError, load_spec
+from tasks.spec import RunSpec, SpecError, load_leaderboard_spec, load_spec
 from tasks.state import PROJECT_ROOT, configure_environment, gauntlet_home
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
 DEMO_CONFIG = PROJECT_ROOT / "configs" / "demo.yaml"
+LEADERBOARD_CONFIG = PROJECT_ROOT / "configs" / "leaderboard.yaml"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -63,6 +65,27 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="an eval setting by key, e.g. limit=20, backend=vllm, num_fewshot=0 (repeatable)")
     p.add_argument("--output", metavar="FILE", help="also write the report JSON here")
+
+    p = sub.add_parser("leaderboard", help="run the leaderboard flow once (configs/leaderboard.yaml by default)",
+                       description="Evaluate every candidate x variant of a leaderboard config with the cached "
+                                   "fetch/quantize/evaluate tasks, rank them and publish leaderboard.json/.md/.html.")
+    p.add_argument("config", nargs="?", default=str(LEADERBOARD_CONFIG), help="path of the leaderboard config (YAML)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a value by dotted key, e.g. eval.limit=32 (repeatable)")
+
+    p = sub.add_parser("serve", help="Prefect server + MLflow server + worker on 127.0.0.1, deployments applied",
+                       description="Start MLflow and Prefect servers, create the work pool and the gpu concurrency "
+                                   "limit, apply deployments/prefect.yaml and start a process worker. Ctrl-C or "
+                                   "SIGTERM stops them all.")
+    p.add_argument("--host", default="127.0.0.1", help="address the servers listen on (default 127.0.0.1)")
+    p.add_argument("--prefect-port", type=int, default=4200, help="Prefect server/UI port (default 4200)")
+    p.add_argument("--mlflow-port", type=int, default=5000, help="MLflow server/UI port (default 5000)")
+    p.add_argument("--pool", default="process", help="process work pool to create and serve (default process)")
+    p.add_argument("--gpu-slots", type=int, default=1, help="tasks tagged gpu that may run at once (default 1)")
+    p.add_argument("--timezone", default=None, help="timezone of the nightly 02:00 schedule, e.g. Europe/Berlin "
+                                                    "(default: $GAUNTLET_TIMEZONE or UTC)")
+    p.add_argument("--no-worker", action="store_true", help="do not start a worker")
+    p.add_argument("--no-deploy", action="store_true", help="do not apply deployments/prefect.yaml")
     return parser
 
 
@@ -203,9 +226,63 @@ def _eval(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _is_leaderboard_config(config: str) -> bool:
+    """A leaderboard config lists candidates; a run config has a model."""
+    import yaml
+
+    try:
+        raw = yaml.safe_load(Path(config).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False  # load_spec reports it
+    return isinstance(raw, dict) and "candidates" in raw and "model" not in raw
+
+
+def _leaderboard(config: Path, overrides: list[str]) -> int:
+    load_leaderboard_spec(config.resolve(), overrides)  # before any heavy import: bad input costs nothing
+    configure_environment()
+    from flows.leaderboard import leaderboard
+
+    try:
+        board = leaderboard(config=str(config.resolve()), overrides=overrides)
+    except Exception as e:
+        print(f"\nleaderboard FAILED: {type(e).__name__}: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    from tasks.leaderboard import render_markdown
+
+    print("\n" + render_markdown(board))
+    print("Published:\n" + "\n".join(f"  {path}" for path in board.files.values()))
+    print(f"  MLflow run {board.mlflow_run_id} (experiment of the config's tracking section)")
+    failed = [r for r in board.rows if r.status == "failed"]
+    if failed:
+        print(f"\n{len(failed)} candidate variant(s) failed; their reasons are on the board.", file=sys.stderr)
+    return EXIT_OK
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from flows.serve import ServeConfig, serve
+
+    timezone = args.timezone or os.environ.get("GAUNTLET_TIMEZONE")
+    if timezone:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            print(f"--timezone {timezone!r}: unknown timezone; use an IANA name such as Europe/Berlin",
+                  file=sys.stderr)
+            return EXIT_INVALID
+    return serve(ServeConfig(host=args.host, prefect_port=args.prefect_port, mlflow_port=args.mlflow_port,
+                             pool=args.pool, gpu_slots=args.gpu_slots, timezone=timezone,
+                             worker=not args.no_worker, deploy=not args.no_deploy))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        if args.command == "validate" and _is_leaderboard_config(args.config):
+            board_spec = load_leaderboard_spec(Path(args.config).resolve(), args.overrides)
+            print(f"{args.config}: valid leaderboard config ({len(board_spec.candidates)} candidates)")
+            return EXIT_OK
         if args.command == "validate":
             spec = _validate(args.config, args.overrides)
             print(f"{args.config}: valid (config hash {spec.config_hash()[:12]})")
@@ -220,6 +297,10 @@ def main(argv: list[str] | None = None) -> int:
             return _eval(args)
         if args.command in ("promote", "rollback", "history"):
             return _registry_command(args)
+        if args.command == "leaderboard":
+            return _leaderboard(Path(args.config), args.overrides)
+        if args.command == "serve":
+            return _serve(args)
     except SpecError as e:
         print(str(e), file=sys.stderr)
         return EXIT_INVALID

@@ -8,8 +8,9 @@ path and a hint. No Prefect, MLflow or torch import happens here, so validation 
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -348,6 +349,170 @@ class RunSpec(Strict):
 
 
 # ---------------------------------------------------------------------------------------------
+# the leaderboard config (configs/leaderboard.yaml)
+# ---------------------------------------------------------------------------------------------
+
+REGISTRY_SCHEME = "models:/"
+REGISTRY_URI = re.compile(r"^models:/(?P<name>[^/@\s]+)(?:@(?P<alias>[\w.-]+)|/(?P<version>\d+))$")
+
+# A leaderboard variant name -> how the candidate is turned into it (None: evaluated as stored, unquantized).
+LEADERBOARD_VARIANTS: dict[str, QuantizeVariant | None] = {
+    "bf16": None,                     # as stored; the hf backend loads dtype=auto on a GPU, float32 on the CPU
+    "gptq-int4": QuantizeVariant(method="gptq", bits=4),
+    "gptq-int8": QuantizeVariant(method="gptq", bits=8),
+    "awq-int4": QuantizeVariant(method="awq", bits=4),
+    "bnb-nf4": QuantizeVariant(method="bnb-nf4", bits=4),
+    "bnb-int8": QuantizeVariant(method="bnb-int8", bits=8),
+}
+
+# Rank keys besides averages and single tasks, with their direction (True: higher is better).
+PERF_RANK_KEYS: dict[str, bool] = {"tokens_per_s": True, "first_token_latency_ms": False,
+                                   "peak_memory_gb": False, "size_on_disk_gb": False}
+
+
+def _known_variants(v: list[str] | None) -> list[str] | None:
+    unknown = [x for x in v or [] if x not in LEADERBOARD_VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown variant(s) {unknown}; known: {list(LEADERBOARD_VARIANTS)}")
+    if v is not None and len(set(v)) != len(v):
+        raise ValueError(f"variants listed twice in {v}")
+    return v
+
+
+class LeaderboardCandidate(Strict):
+    """One model on the leaderboard: ``hf://org/name@rev``, a local directory, ``demo://tiny-llama``,
+    ``s3://…`` or ``models:/NAME@alias`` / ``models:/NAME/VERSION`` (the MLflow Model Registry).
+
+    Availability (a local folder that exists, a registry alias that is set) is checked when the
+    leaderboard runs: a missing candidate fails on its own row and does not stop the others."""
+
+    source: str
+    name: str | None = Field(None, description="display name (default: derived from the source)")
+    revision: str | None = Field(None, description="hub revision; '@rev' in source also works")
+    trust_remote_code: bool = False
+    variants: list[str] | None = Field(None, description="variants of this candidate (default: the top-level list)")
+
+    @field_validator("source")
+    @classmethod
+    def _known_source(cls, v: str) -> str:
+        if v.startswith(REGISTRY_SCHEME):
+            if not REGISTRY_URI.match(v):
+                raise ValueError(f"registry source {v!r} must look like models:/NAME@alias or models:/NAME/VERSION")
+        elif "://" in v and not v.startswith(SOURCE_SCHEMES):
+            raise ValueError(f"unsupported scheme in {v!r}; use one of {', '.join(SOURCE_SCHEMES)}, "
+                             f"{REGISTRY_SCHEME}NAME@alias or a local path")
+        return v
+
+    @field_validator("variants")
+    @classmethod
+    def _variants_known(cls, v: list[str] | None) -> list[str] | None:
+        return _known_variants(v)
+
+    @property
+    def display_name(self) -> str:
+        if self.name:
+            return self.name
+        if self.source.startswith(REGISTRY_SCHEME):
+            return self.source.removeprefix(REGISTRY_SCHEME)
+        if "://" in self.source:
+            rest = self.source.split("://", 1)[1]
+            return rest + (f"@{self.revision[:12]}" if self.revision else "")
+        return Path(self.source).name or self.source
+
+
+class RankingSpec(Strict):
+    key: str = Field("average", description="average | suite:<name> | task:<name> | "
+                                            + " | ".join(PERF_RANK_KEYS))
+    metric: str = Field("acc", description="the metric read from every task (acc, acc_norm, exact_match, …)")
+    task_metrics: dict[str, str] = Field(default_factory=dict, description="task -> metric, where it differs")
+    random_baselines: dict[str, float] = Field(
+        default_factory=dict, description="task -> chance score in [0, 1); default: from the task's number of choices")
+    suites: dict[str, list[str]] = Field(default_factory=dict, description="suite name -> tasks averaged together")
+    tie_decimals: int = Field(2, ge=0, le=6, description="rank keys equal at this many decimals tie")
+
+    @field_validator("random_baselines")
+    @classmethod
+    def _baselines_in_range(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = {t: b for t, b in v.items() if not 0 <= b < 1}
+        if bad:
+            raise ValueError(f"random baselines must be in [0, 1) (a fraction, as lm-eval reports acc): {bad}")
+        return v
+
+
+class PublishSpec(Strict):
+    dir: str | None = Field(None, description="where leaderboard.{json,md,html} go (default: "
+                                              "$GAUNTLET_HOME/leaderboard/<name>)")
+    history_nights: int = Field(14, gt=0, description="past nights shown in trends (read from MLflow)")
+    title: str | None = None
+
+
+class ConcurrencySpec(Strict):
+    gpu_tag: str = Field("gpu", min_length=1, description="Prefect tag on GPU tasks (evaluate, quantize)")
+    gpu_slots: int = Field(1, gt=0, description="tag concurrency limit created when none exists")
+
+
+class LeaderboardSpec(Strict):
+    name: str = Field("nightly", min_length=1, pattern=r"^[a-z0-9][a-z0-9-]*$")
+    candidates: list[LeaderboardCandidate] = Field(..., min_length=1)
+    variants: list[str] = ["bf16"]
+    data: DataSpec | None = Field(None, description="DVC data whose eval file the tasks read")
+    eval_file: str | None = Field(None, description="or: a plain JSONL file of eval items (hashed, not DVC)")
+    eval: EvalSpec
+    ranking: RankingSpec = RankingSpec()
+    publish: PublishSpec = PublishSpec()
+    concurrency: ConcurrencySpec = ConcurrencySpec()
+    tracking: TrackingSpec = TrackingSpec(experiment="leaderboard")
+
+    @field_validator("variants")
+    @classmethod
+    def _variants_known(cls, v: list[str] | None) -> list[str] | None:
+        return _known_variants(v)
+
+    @field_validator("candidates")
+    @classmethod
+    def _unique_names(cls, v: list[LeaderboardCandidate]) -> list[LeaderboardCandidate]:
+        names = [c.display_name for c in v]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"candidate name(s) {twice} appear twice; give each a distinct `name:`")
+        return v
+
+    @field_validator("eval_file")
+    @classmethod
+    def _eval_file(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is None:
+            return v
+        if info.data.get("data") is not None:
+            raise ValueError("give either data (DVC) or eval_file, not both")
+        if not _resolve(v, info).is_file():
+            raise ValueError(f"eval file {str(_resolve(v, info))!r} does not exist")
+        return v
+
+    @field_validator("ranking")
+    @classmethod
+    def _ranking_names_tasks(cls, v: RankingSpec, info: ValidationInfo) -> RankingSpec:
+        ev = info.data.get("eval")
+        if ev is None:
+            return v  # eval itself is invalid; that error is reported
+        tasks = set(ev.tasks)
+        problems = [f"suite {s!r} names task(s) {sorted(set(ts) - tasks)} not in eval.tasks"
+                    for s, ts in v.suites.items() if set(ts) - tasks or not ts]
+        problems += [f"random_baselines names {t!r}, not in eval.tasks" for t in v.random_baselines if t not in tasks]
+        problems += [f"task_metrics names {t!r}, not in eval.tasks" for t in v.task_metrics if t not in tasks]
+        key = v.key
+        ok = (key == "average" or key in PERF_RANK_KEYS
+              or (key.startswith("suite:") and key[6:] in v.suites)
+              or (key.startswith("task:") and key[5:] in tasks))
+        if not ok:
+            problems.append(f"key {key!r} is not one of: average, {', '.join('suite:' + s for s in v.suites)}"
+                            f"{', ' if v.suites else ''}{', '.join('task:' + t for t in sorted(tasks))}, "
+                            f"{', '.join(PERF_RANK_KEYS)}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return v
+
+
+# ---------------------------------------------------------------------------------------------
 # loading
 # ---------------------------------------------------------------------------------------------
 
@@ -397,11 +562,14 @@ def _fields_of(model: type[BaseModel], loc: tuple) -> list[str]:
     """Field names valid at ``loc`` (for 'did you mean')."""
     current: Any = model
     for part in loc:
+        if part.isdigit():
+            continue  # an index into a list of sections (leaderboard candidates)
         field = getattr(current, "model_fields", {}).get(part)
         if field is None:
             break
         ann = field.annotation
-        current = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        inner = [a for a in get_args(ann) if isinstance(a, type) and issubclass(a, BaseModel)]  # list[X], X | None
+        current = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else (inner[0] if inner else None)
         if current is None:
             return []
     return list(getattr(current, "model_fields", {}))
@@ -417,13 +585,13 @@ FIELD_HINTS = {
 }
 
 
-def _hint(err: dict) -> str:
+def _hint(err: dict, schema: type[BaseModel] = RunSpec) -> str:
     loc = tuple(str(x) for x in err["loc"])
     kind = err["type"]
     if kind == "value_error" and ".".join(loc) in FIELD_HINTS:
         return FIELD_HINTS[".".join(loc)]
     if kind == "extra_forbidden":
-        options = _fields_of(RunSpec, loc[:-1])
+        options = _fields_of(schema, loc[:-1])
         close = difflib.get_close_matches(loc[-1], options, n=1)
         return (f"did you mean {close[0]!r}? " if close else "") + f"valid keys here: {', '.join(options)}"
     if kind == "missing":
@@ -437,12 +605,12 @@ def _hint(err: dict) -> str:
     return ""
 
 
-def problems_from(error: ValidationError) -> list[SpecProblem]:
+def problems_from(error: ValidationError, schema: type[BaseModel] = RunSpec) -> list[SpecProblem]:
     out = []
     for err in error.errors():
         path = ".".join(str(x) for x in err["loc"]) or "(top level)"
         msg = err["msg"].removeprefix("Value error, ")
-        out.append(SpecProblem(path=path, message=msg, hint=_hint(err)))
+        out.append(SpecProblem(path=path, message=msg, hint=_hint(err, schema)))
     return out
 
 
@@ -462,8 +630,9 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
-def load_spec(path: str | Path, overrides: list[str] | None = None, root: Path | None = None) -> RunSpec:
-    """Read, override and validate a run config. Raises SpecError listing every problem."""
+def load_spec(path: str | Path, overrides: list[str] | None = None, root: Path | None = None,
+              schema: type[BaseModel] = RunSpec) -> Any:
+    """Read, override and validate a run config (or another ``schema``). Raises SpecError listing every problem."""
     path = Path(path)
     source = str(path)
     if not path.exists():
@@ -481,13 +650,19 @@ def load_spec(path: str | Path, overrides: list[str] | None = None, root: Path |
         raise SpecError(source, [SpecProblem(path="(top level)", message="config must be a mapping of sections")])
     raw = apply_overrides(raw, overrides or [])
     try:
-        spec = RunSpec.model_validate(raw, context={"root": root or PROJECT_ROOT})
+        spec = schema.model_validate(raw, context={"root": root or PROJECT_ROOT})
     except ValidationError as e:
-        raise SpecError(source, problems_from(e)) from None
-    problems = cross_section_problems(spec, root or PROJECT_ROOT)
+        raise SpecError(source, problems_from(e, schema)) from None
+    problems = cross_section_problems(spec, root or PROJECT_ROOT) if isinstance(spec, RunSpec) else []
     if problems:
         raise SpecError(source, problems)
     return spec
+
+
+def load_leaderboard_spec(path: str | Path, overrides: list[str] | None = None,
+                          root: Path | None = None) -> LeaderboardSpec:
+    """Read, override and validate a leaderboard config (configs/leaderboard.yaml)."""
+    return load_spec(path, overrides, root, schema=LeaderboardSpec)
 
 
 def count_rows(path: Path) -> int:
