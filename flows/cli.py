@@ -86,20 +86,6 @@ def _parser() -> argparse.ArgumentParser:
                                                     "(default: $GAUNTLET_TIMEZONE or UTC)")
     p.add_argument("--no-worker", action="store_true", help="do not start a worker")
     p.add_argument("--no-deploy", action="store_true", help="do not apply deployments/prefect.yaml")
-    return parser
-
-
-def _gc(dry_run: bool, keep_days: float) -> int:
-    configure_environment()
-    from tasks.gc import apply_gc, plan_gc
-
-    plan = plan_gc(keep_days=keep_days)
-    for item in plan.remove:
-        print(f"{'would remove' if dry_run else 'removing'}  {item.bytes / 1e6:10.1f} MB  {item.path}  ({item.reason})")
-    for item in plan.keep:
-        print(f"keeping         {item.bytes / 1e6:10.1f} MB  {item.path}  ({item.reason})")
-    freed = plan.freed_bytes if dry_run else apply_gc(plan)
-    print(f"{'would free' if dry_run else 'freed'} {freed / 1e6:.1f} MB in {len(plan.remove)} item(s)")
 
     p = sub.add_parser("promote", help="make VERSION the champion by hand (recorded with the reason)",
                        description="Move NAME@champion to VERSION without the gate, e.g. to pick a model the gate "
@@ -120,6 +106,20 @@ def _gc(dry_run: bool, keep_days: float) -> int:
     p.add_argument("name", help="registered model name")
     p.add_argument("--json", action="store_true", help="print the events as JSON lines")
     return parser
+
+
+def _gc(dry_run: bool, keep_days: float) -> int:
+    configure_environment()
+    from tasks.gc import apply_gc, plan_gc
+
+    plan = plan_gc(keep_days=keep_days)
+    for item in plan.remove:
+        print(f"{'would remove' if dry_run else 'removing'}  {item.bytes / 1e6:10.1f} MB  {item.path}  ({item.reason})")
+    for item in plan.keep:
+        print(f"keeping         {item.bytes / 1e6:10.1f} MB  {item.path}  ({item.reason})")
+    freed = plan.freed_bytes if dry_run else apply_gc(plan)
+    print(f"{'would free' if dry_run else 'freed'} {freed / 1e6:.1f} MB in {len(plan.remove)} item(s)")
+    return EXIT_OK
 
 
 def _registry_command(args: argparse.Namespace) -> int:

@@ -98,7 +98,9 @@ def runtime_overrides(name: str, repo: Path, tmp_path: Path) -> list[str]:
         "contaminated_eval": jsonl(splits["train"] + [{"instruction": r["instruction"], "input": "",
                                                        "output": r["output"]} for r in splits["eval"]]),
     }[name]
-    return [f"data.train={dvc_add(repo, f'data/bad/{name}.jsonl', content)}"]
+    # the subject is the data: no quantized variant whose calibration check would speak first
+    return [f"data.train={dvc_add(repo, f'data/bad/{name}.jsonl', content)}", "quantize.variants=[]",
+            "gate.register_variants=[]"]
 
 
 def registry_versions() -> int:

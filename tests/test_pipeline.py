@@ -118,7 +118,7 @@ def test_first_run_trains_evaluates_and_promotes(first_run, dvc_repo) -> None:
     assert quantize_run.params["calibration.samples"] == "64"
     assert quantize_run.params["calibration.source_md5"] == train_md5   # calibrated on the run's DVC data
     assert quantize_run.metrics["size_ratio"] == pytest.approx(variant.size_ratio)
-    assert "registered gauntlet-demo-gptq-w4g64" in variant.registry
+    assert "gauntlet-demo-gptq-w4g64 v1 is now @champion" in variant.registry
     registered = c.get_model_version_by_alias("gauntlet-demo-gptq-w4g64", "champion")
     assert registered.tags["model.sha"] == sha256_dir(Path(variant.path))
 
