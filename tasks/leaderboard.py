@@ -273,12 +273,13 @@ def random_baseline(task_name: str, spec: EvalSpec, eval_data_path: str | None) 
     Multiple choice: mean of 1/number of choices over the items (lm-eval builds the task, so the choices
     are exactly those scored). Generative tasks: 0.
     """
-    from tasks.evaluate import _offline, task_config, tasks_dir_of
+    from tasks.eval_engine import offline, task_config
+    from tasks.suites import tasks_dir_of
 
     config = task_config(task_name, tasks_dir_of(spec), eval_data_path)
     if config.get("output_type") != "multiple_choice":
         return 0.0, f"{config.get('output_type')}: chance is 0"
-    with _offline():
+    with offline():
         from lm_eval.api.task import ConfigurableTask
 
         lm_task = ConfigurableTask(config=config)
