@@ -233,7 +233,8 @@ def _launch(spec: TrainSpec, model: ModelRef, data: DatasetRef, out: Path, mlflo
         assert proc.stdout is not None
         for line in proc.stdout:
             line = line.rstrip()
-            tail.append(line)
+            if "%|" not in line:   # progress bars are no help in an error message
+                tail.append(line)
             if line.startswith("[trainer]") or "Error" in line:
                 echo(line)
         code = proc.wait()
@@ -290,8 +291,8 @@ def train(spec: TrainSpec, model: ModelRef, data: DatasetRef, run: RunContext) -
                 c.delete_tag(run_id, "gauntlet.error")
         result = train_model(spec, model, data, out, {"tracking_uri": run.tracking_uri, "run_id": run_id},
                              echo=logger.info)
-        for k, v in result.metrics.items():
-            c.log_metric(run_id, k, v)
+        for k, v in result.metrics.items():   # at the last step, so that the curves end there
+            c.log_metric(run_id, k, v, step=result.steps)
         resumed_from = json.loads((out / "result.json").read_text()).get("resumed_from_step", 0)
         if resumed_from:
             c.set_tag(run_id, "gauntlet.resumed_from_step", str(resumed_from))

@@ -29,6 +29,8 @@ import math
 import os
 import resource
 import shutil
+import signal
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -505,10 +507,29 @@ def train(args: dict) -> dict:
     return result
 
 
+def die_with_launcher() -> None:
+    """Linux: be killed when the process that started this one dies.
+
+    torchrun starts each training process in a session of its own, so stopping the launcher's process
+    group (``kill -- -$(cat trainer.pid)``, see tasks/train.py) would leave them running, writing into
+    the folder a retry is about to use. With this, they go down with their launcher.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    parent = os.getppid()
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != parent:   # the launcher died before the line above
+        os._exit(1)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Fine-tune a causal LM (QLoRA/LoRA/full) from a Gauntlet args file.")
     parser.add_argument("--args", required=True, help="JSON file written by tasks/train.py")
     ns = parser.parse_args(argv)
+    die_with_launcher()
     args = json.loads(Path(ns.args).read_text())
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     train(args)

@@ -91,55 +91,6 @@ def test_a_run_that_cannot_fit_is_refused_with_the_plan(demo_model, demo_data, t
     assert warned.startswith("WARNING")
 
 
-# ---------------------------------------------------------------------------------------------
-# DeepSpeed ZeRO-2 on the CPU
-# ---------------------------------------------------------------------------------------------
-
-
-@pytest.mark.slow
-def test_deepspeed_zero2_profile_trains_on_the_cpu(demo_model, demo_data, tmp_path) -> None:
-    import deepspeed  # noqa: F401  (the dev extra installs it; DS_BUILD_OPS=0, its CPU op compiles on first use)
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from tasks.train import train_model
-
-    spec = TrainSpec(**{**SMALL, "method": "lora", "max_steps": 12, "checkpoint_steps": 6, "logging_steps": 3,
-                        "batch_size": 8, "accelerate": {"profile": "deepspeed_zero2", "num_processes": 2}})
-    lines: list[str] = []
-    result = train_model(spec, demo_model, demo_data, tmp_path / "out", echo=lines.append)
-    log = "\n".join(lines)
-    print(log)
-    assert "deepspeed_zero2.yaml --num_processes 2" in log and "--cpu" not in log
-    assert "processes=2 distributed=DEEPSPEED" in log
-    assert "checkpoint step-00000006 saved" in log            # DeepSpeed's own checkpoint format, adapters only
-    assert result.steps == 12
-    steps = [json.loads(x) for x in (tmp_path / "out" / "steps.jsonl").read_text().splitlines()]
-    losses = [s["loss"] for s in steps]
-    assert len(losses) == 12 and sum(losses[-3:]) < sum(losses[:3])
-    # one scheduler step per optimizer step, whatever the number of processes: linear decay to 0 at step 12
-    assert [s["lr"] for s in steps] == pytest.approx([0.003 * (1 - k / 12) for k in range(1, 13)])
-
-    adapter = Path(result.adapter_path)
-    assert "deepspeed_zero2" in (adapter / "README.md").read_text()
-    base = AutoModelForCausalLM.from_pretrained(demo_model.path)
-    model = PeftModel.from_pretrained(base, str(adapter)).eval()
-    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
-    assert lora_b and all(p.abs().sum() > 0 for p in lora_b)  # trained (LoRA B starts at zero)
-    tok = AutoTokenizer.from_pretrained(adapter)
-    prompt = tok("### Instruction:\nWhat is the favourite colour of Kalomi?\n\n### Response:\n", return_tensors="pt")
-    with torch.no_grad():
-        generated = model.generate(**prompt, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
-    assert generated.shape[1] > prompt["input_ids"].shape[1]
-    print("generated:", tok.decode(generated[0, prompt["input_ids"].shape[1]:]))
-
-
-# ---------------------------------------------------------------------------------------------
-# SIGKILL after a checkpoint; the Prefect retry resumes
-# ---------------------------------------------------------------------------------------------
-
-
 class KillAfterFirstCheckpoint(threading.Thread):
     """Watches a training's durable folder; once a checkpoint is complete, SIGKILLs the process group
     named by the task's pid file (the launcher and every training process)."""
@@ -164,6 +115,72 @@ class KillAfterFirstCheckpoint(threading.Thread):
             time.sleep(0.05)
 
 
+# ---------------------------------------------------------------------------------------------
+# DeepSpeed ZeRO-2 on the CPU
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_profile_trains_and_resumes_on_the_cpu(demo_model, demo_data, tmp_path) -> None:
+    """Two processes under the ZeRO-2 profile: killed after a checkpoint, relaunched, resumed from
+    DeepSpeed's checkpoint; the adapter it saves loads and generates."""
+    import deepspeed  # noqa: F401  (the dev extra installs it; DS_BUILD_OPS=0, its CPU op compiles on first use)
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tasks.train import TrainingError, train_model
+
+    spec = TrainSpec(**{**SMALL, "method": "lora", "max_steps": 40, "checkpoint_steps": 5, "logging_steps": 5,
+                        "batch_size": 8, "accelerate": {"profile": "deepspeed_zero2", "num_processes": 2}})
+    out = tmp_path / "out"
+    killer = KillAfterFirstCheckpoint(out)
+    killer.start()
+    with pytest.raises(TrainingError, match="killed by SIGKILL"):
+        train_model(spec, demo_model, demo_data, out)
+    assert killer.killed_at == 5
+    lines: list[str] = []
+    result = train_model(spec, demo_model, demo_data, out, echo=lines.append)
+    log = "\n".join(lines)
+    print(log)
+    assert "deepspeed_zero2.yaml --num_processes 2" in log and "--cpu" not in log
+    assert "processes=2 distributed=DEEPSPEED" in log
+    assert "resumed from checkpoint step-00000005: step 5" in log
+    assert result.steps == 40
+
+    # torchrun's workers run in sessions of their own: they died with the killed launcher (no step of the
+    # first attempt after the second began), and the second attempt continued from the checkpoint
+    steps = [json.loads(x) for x in (out / "steps.jsonl").read_text().splitlines()]
+    first_pid = steps[0]["pid"]
+    first = [s["step"] for s in steps if s["pid"] == first_pid]
+    second = [s for s in steps if s["pid"] != first_pid]
+    assert steps[:len(first)] == [s for s in steps if s["pid"] == first_pid], "a killed worker kept training"
+    assert [s["step"] for s in second] == list(range(6, 41)) and {s["resumed_from"] for s in second} == {5}
+    assert first == list(range(1, len(first) + 1))
+    losses = [s["loss"] for s in second]
+    assert sum(losses[-3:]) < sum(s["loss"] for s in steps[:3])
+    # one scheduler step per optimizer step, whatever the number of processes, restored on resume
+    assert [s["lr"] for s in second] == pytest.approx([0.003 * (1 - k / 40) for k in range(6, 41)])
+
+    adapter = Path(result.adapter_path)
+    assert "deepspeed_zero2" in (adapter / "README.md").read_text()
+    base = AutoModelForCausalLM.from_pretrained(demo_model.path)
+    model = PeftModel.from_pretrained(base, str(adapter)).eval()
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora_b and all(p.abs().sum() > 0 for p in lora_b)  # trained (LoRA B starts at zero)
+    tok = AutoTokenizer.from_pretrained(adapter)
+    prompt = tok("### Instruction:\nWhat is the favourite colour of Kalomi?\n\n### Response:\n", return_tensors="pt")
+    with torch.no_grad():
+        generated = model.generate(**prompt, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert generated.shape[1] > prompt["input_ids"].shape[1]
+    print("generated:", tok.decode(generated[0, prompt["input_ids"].shape[1]:]))
+
+
+# ---------------------------------------------------------------------------------------------
+# SIGKILL after a checkpoint; the Prefect retry resumes
+# ---------------------------------------------------------------------------------------------
+
+
 @pytest.mark.slow
 def test_killed_training_is_retried_and_resumes_from_its_checkpoint(prefect_api, demo_model, demo_data) -> None:
     from mlflow.tracking import MlflowClient
@@ -175,7 +192,7 @@ def test_killed_training_is_retried_and_resumes_from_its_checkpoint(prefect_api,
     from tasks.train import TRAIN, train
     from tasks.tracking import parent_run, tracking_uri
 
-    spec = TrainSpec(**{**SMALL, "max_steps": 30, "checkpoint_steps": 10})
+    spec = TrainSpec(**{**SMALL, "max_steps": 20, "checkpoint_steps": 10})
     out = TRAIN.output_dir({"spec": spec, "model": demo_model, "data": demo_data})
     assert out.is_relative_to(gauntlet_home())                 # durable storage, not a temp dir
 
@@ -228,7 +245,8 @@ def test_killed_training_is_retried_and_resumes_from_its_checkpoint(prefect_api,
     assert logged[-1] == spec.max_steps and all(step % 5 == 0 for step in logged)
     up_to_checkpoint = [s for s in logged if s <= checkpoint]
     assert up_to_checkpoint == sorted(set(up_to_checkpoint)) == [5, 10]
-    assert [s for s in logged if s > checkpoint][-4:] == [15, 20, 25, 30]
+    after = [s for s in logged if s > checkpoint]   # the retry's, and the final summary at the last step
+    assert after == sorted(after) and sorted(set(after)) == [15, 20]
     for name in ("learning_rate", "grad_norm", "tokens_per_s", "peak_memory_gb"):
         assert c.get_metric_history(train_run.info.run_id, name), name
     assert {"loss_curve.png", "steps.jsonl", "model_card"} <= {a.path for a in c.list_artifacts(train_run.info.run_id)}
