@@ -8,6 +8,7 @@ from __future__ import annotations
 from prefect import flow
 from prefect.runtime import flow_run
 
+from tasks.checks import CHECK, check_data_task
 from tasks.data import DATA, pull_data_task
 from tasks.evaluate import EVAL, evaluate_task
 from tasks.gate import gate, promote
@@ -26,6 +27,8 @@ def run_pipeline(spec: RunSpec) -> RunSummary:
                     flatten_params("", spec.model_dump(mode="json"))) as run:
         data = DATA.run(pull_data_task, spec=spec.data, run=run)
         base = FETCH.run(fetch_model_task, spec=spec.model, run=run)
+        CHECK.run(check_data_task, checks=spec.data.checks, max_seq_len=spec.train.max_seq_len, data=data,
+                  model=base, run=run)
         trained = TRAIN.run(train, spec=spec.train, model=base, data=data, run=run)
         base_report = (EVAL.run(evaluate_task, spec=spec.eval, model=base, data=data, variant="base", run=run)
                        if spec.eval.compare_with_base else None)

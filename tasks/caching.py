@@ -48,6 +48,8 @@ class Stage:
         """Call a Prefect task, bypassing a cached result whose output files are gone."""
         if not self.receipt_ok(params):
             task = task.with_options(refresh_cache=True)
+        else:  # mark the outputs as used now: `gauntlet gc` keeps recently used ones
+            (stage_dir(self.name, self.key(params)) / "receipt.json").touch()
         return task(**params)
 
 

@@ -96,7 +96,7 @@ def pull_data(spec: DataSpec, root: Path = PROJECT_ROOT) -> DatasetRef:
     for t in targets:
         _verify_md5(t, file_md5[t.rel], outs[t.role].hash_name)
 
-    rows, duplicate_rate = _validate(targets, spec.required_fields)
+    rows, duplicate_rate = _validate(targets, spec.required_fields, spec.max_row_bytes)
     md5 = _combined_md5({t.role: file_md5[t.rel] for t in targets})
     paths = {t.role: str(t.path) for t in targets}
     logger.info(
@@ -367,13 +367,14 @@ def _missing_message(repo: Repo, remote: str, missing: list[_Target], states: di
 # ---------------------------------------------------------------------------------------------
 
 
-def _validate(targets: list[_Target], required_fields: tuple[str, ...]) -> tuple[dict[str, int], float]:
+def _validate(targets: list[_Target], required_fields: tuple[str, ...],
+              max_row_bytes: int) -> tuple[dict[str, int], float]:
     problems: list[str] = []
     rows: dict[str, int] = {}
     duplicate_rate = 0.0
     for t in targets:
         required = EVAL_REQUIRED_FIELDS if t.role == "eval" else tuple(required_fields)
-        n, dup = _check_file(t.path, required, problems)
+        n, dup = _check_file(t.path, required, problems, max_row_bytes)
         rows[t.role] = n
         if t.role == "train":
             duplicate_rate = dup
@@ -392,7 +393,8 @@ def _problems_message(problems: list[str]) -> str:
     return "\n".join(lines)
 
 
-def _check_file(path: Path, required: tuple[str, ...], problems: list[str]) -> tuple[int, float]:
+def _check_file(path: Path, required: tuple[str, ...], problems: list[str],
+                max_row_bytes: int = 1 << 20) -> tuple[int, float]:
     """Append problems ('file:line: what — fix') to ``problems``; return (rows, duplicate rate)."""
     if not path.is_file():
         problems.append(f"{path}: file not found — run `dvc pull`/`dvc repro` for it")
@@ -405,9 +407,16 @@ def _check_file(path: Path, required: tuple[str, ...], problems: list[str]) -> t
     seen: set[str] = set()
     duplicates = 0
     with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
+        # readline(limit) never holds more than one over-long row's first bytes in memory
+        for lineno, raw in enumerate(iter(lambda: f.readline(max_row_bytes + 1), b""), start=1):
             if len(problems) > MAX_REPORTED_PROBLEMS:
                 break
+            if len(raw) > max_row_bytes:
+                problems.append(f"{path}:{lineno}: row longer than data.max_row_bytes={max_row_bytes} bytes — "
+                                "split or drop it, or raise data.max_row_bytes")
+                while raw and not raw.endswith(b"\n"):  # skip the rest of that row
+                    raw = f.readline(max_row_bytes + 1)
+                continue
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:

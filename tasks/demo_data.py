@@ -2,7 +2,8 @@
 
 Each invented person has a favourite colour. A base model cannot know the table, so any gain on the
 evaluation items is the fine-tuning's doing. Training rows ask in several phrasings; validation rows
-use a phrasing that training never shows; evaluation items are 4-way multiple choice on the facts.
+and the 4-way multiple-choice evaluation items use a phrasing that training never shows, so no
+evaluation prompt appears verbatim in the training data (the model must know the fact, not the line).
 
 Run as the DVC stage ``prepare-demo`` (``python -m tasks.demo_data``); the output is byte-for-byte
 deterministic for the same parameters, so the DVC md5 is stable across machines.
@@ -25,7 +26,7 @@ TRAIN_TEMPLATES = [
     "Tell me {name}'s favourite colour.",
 ]
 HELD_OUT_TEMPLATE = "{name} has a favourite colour. Which one is it?"
-EVAL_TEMPLATE = TRAIN_TEMPLATES[0]
+EVAL_TEMPLATE = HELD_OUT_TEMPLATE
 
 
 def invented_names(n: int, rng: random.Random) -> list[str]:

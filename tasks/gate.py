@@ -158,7 +158,7 @@ def promote(registry: RegistrySpec, gate_spec: GateSpec, decision: GateDecision,
     logger = get_run_logger()
     lineage = {"base_model.source": trained.base.source, "base_model.sha": trained.base.sha,
                "base_model.revision": str(trained.base.revision), "data.md5": data.md5, "config_hash": config_hash,
-               "git_commit": git_commit(), "model.sha": trained.merged.sha,
+               "git_commit": git_commit(), "model.sha": trained.merged.sha, "model.path": trained.output_dir,
                "prefect.flow_run_id": str(run.flow_run_id), "mlflow.parent_run_id": run.parent_run_id}
     with stage_run(run, "promote", {"registry.model_name": registry.model_name}) as (c, rid):
         result = promote_if_passing(c, registry, gate_spec, decision, report, base, rid,

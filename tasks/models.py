@@ -68,9 +68,32 @@ def fetch_model(spec: ModelSpec) -> ModelRef:
             f"{spec.source}: {path} is not a model directory (no config.json with *.safetensors/*.bin); "
             "point model.source at a folder saved with save_pretrained()"
         )
+    check_weight_files(path, spec.source)
     sha = sha256_dir(path)
     log.info("model %s at %s (sha %s)", spec.source, path, sha[:12])
     return ModelRef(name=name.replace("/", "--"), path=str(path), source=spec.source, revision=revision, sha=sha)
+
+
+def check_weight_files(path: Path, source: str) -> None:
+    """Refuse truncated or corrupt safetensors files now, not deep inside training."""
+    import struct
+
+    for f in sorted(path.glob("*.safetensors")):
+        size = f.stat().st_size
+        with open(f, "rb") as fh:
+            head = fh.read(8)
+            header_len = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+            try:
+                if not 0 < header_len <= size - 8:
+                    raise ValueError("bad header length")
+                header = json.loads(fh.read(header_len))
+                end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+            except (ValueError, KeyError, TypeError) as e:
+                raise ModelFetchError(f"{source}: {f.name} is not a valid safetensors file ({e}); "
+                                      "re-download or re-save the model") from None
+        if size < 8 + header_len + end:
+            raise ModelFetchError(f"{source}: {f.name} is truncated ({size} bytes, header says "
+                                  f"{8 + header_len + end}); delete it and fetch the model again")
 
 
 def _from_hf(repo_id: str, revision: str | None) -> Path:

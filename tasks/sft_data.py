@@ -126,6 +126,26 @@ def check_file(path: str | Path, configured_format: str) -> tuple[Format, int]:
     return fmt or "alpaca", rows
 
 
+def prompt_and_response(row: dict) -> tuple[str, str]:
+    """A row's prompt and response text, whatever its format (for length statistics).
+
+    alpaca: the rendered prompt and the output; chat: the other turns' and the assistant turns' contents."""
+    if detect_format(row) == "alpaca":
+        from tasks.prompting import format_prompt
+
+        return format_prompt(row["instruction"], row.get("input", "")), row["output"]
+    messages = to_messages(row)
+    return ("\n".join(m["content"] for m in messages if m["role"] != "assistant"),
+            "\n".join(m["content"] for m in messages if m["role"] == "assistant"))
+
+
+def question(row: dict) -> str:
+    """What a row asks (for contamination checks): alpaca instruction + input; chat: the first user turn."""
+    if detect_format(row) == "alpaca":
+        return row["instruction"] + " " + row.get("input", "")
+    return next((m["content"] for m in to_messages(row) if m["role"] == "user"), "")
+
+
 # ---------------------------------------------------------------------------------------------
 # tokenization
 # ---------------------------------------------------------------------------------------------

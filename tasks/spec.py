@@ -55,6 +55,15 @@ class ModelSpec(Strict):
         return v
 
 
+class DataChecksSpec(Strict):
+    """Checks on the pulled data before any training (tasks/checks.py)."""
+
+    max_duplicate_rate: float = Field(0.2, ge=0, le=1)
+    max_prompt_tokens_p95: int | None = Field(None, gt=0, description="default: train.max_seq_len")
+    max_contamination_rate: float = Field(0.0, ge=0, le=1,
+                                          description="fraction of eval items found in the training data")
+
+
 class DataSpec(Strict):
     """Versioned data: paths of DVC-tracked JSONL files, relative to the DVC repo root."""
 
@@ -65,6 +74,8 @@ class DataSpec(Strict):
     reproducible: bool = Field(True, description="reproduce the DVC stage when the remote lacks the data")
     remote: str | None = Field(None, description="DVC remote name (default: the repo's default remote)")
     required_fields: tuple[str, ...] = ("instruction", "input", "output")
+    max_row_bytes: int = Field(1 << 20, gt=0, description="a longer JSONL row is an error, not a memory spike")
+    checks: DataChecksSpec = DataChecksSpec()
 
     @field_validator("train", "validation", "eval")
     @classmethod
@@ -258,9 +269,21 @@ def _fields_of(model: type[BaseModel], loc: tuple) -> list[str]:
     return list(getattr(current, "model_fields", {}))
 
 
+# Hints for the checks our own validators make (pydantic's built-in errors get generic hints below).
+FIELD_HINTS = {
+    "model.source": "use demo://tiny-llama, hf://org/name@revision, or a folder saved with save_pretrained()",
+    "data.train": "`dvc add` the file or list it in a dvc.yaml stage's outs, or fix the path",
+    "data.validation": "`dvc add` the file or list it in a dvc.yaml stage's outs, or fix the path",
+    "data.eval": "`dvc add` the file or list it in a dvc.yaml stage's outs, or fix the path",
+    "eval.tasks": "add evals/<task>.yaml (an lm-eval task YAML) or use one of the listed tasks",
+}
+
+
 def _hint(err: dict) -> str:
     loc = tuple(str(x) for x in err["loc"])
     kind = err["type"]
+    if kind == "value_error" and ".".join(loc) in FIELD_HINTS:
+        return FIELD_HINTS[".".join(loc)]
     if kind == "extra_forbidden":
         options = _fields_of(RunSpec, loc[:-1])
         close = difflib.get_close_matches(loc[-1], options, n=1)

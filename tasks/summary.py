@@ -49,7 +49,8 @@ class RunSummary(BaseModel):
             delta = "—" if s.base is None else f"{s.finetuned - s.base:+.4f}"
             lines.append(f"| {s.task} | {s.metric} | {base} | {s.finetuned:.4f} | {delta} |")
         if self.perf:
-            lines += ["", "speed: " + ", ".join(f"{k}={v}" for k, v in self.perf.items())]
+            lines += ["", "speed: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                              for k, v in self.perf.items())]
         lines += ["", f"**gate: {'PASSED' if self.gate_passed else 'FAILED'}**"]
         lines += [f"- {r}" for r in self.gate_reasons]
         lines += ["", f"registry: {self.promotion}"]

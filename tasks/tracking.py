@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import subprocess
 import traceback
 from contextlib import contextmanager
@@ -66,7 +67,10 @@ def parent_run(uri: str, experiment: str, run_name: str, tags: dict[str, str],
     """The flow run's MLflow run: FINISHED on success, FAILED (with the error) if anything raises."""
     c = client(uri)
     exp_id = experiment_id(c, experiment)
-    run = c.create_run(exp_id, run_name=run_name, tags={**tags, "gauntlet.commit": git_commit()})
+    mark_dead_runs_failed(c, exp_id)
+    run = c.create_run(exp_id, run_name=run_name, tags={**tags, "gauntlet.commit": git_commit(),
+                                                         "gauntlet.host": socket.gethostname(),
+                                                         "gauntlet.pid": str(os.getpid())})
     ctx = RunContext(tracking_uri=uri, experiment_id=exp_id, parent_run_id=run.info.run_id,
                      flow_run_id=tags.get("prefect.flow_run_id"))
     for k, v in params.items():
@@ -78,6 +82,34 @@ def parent_run(uri: str, experiment: str, run_name: str, tags: dict[str, str],
         _record_failure(c, run.info.run_id, e)
         raise
     c.set_terminated(run.info.run_id, "FINISHED")
+
+
+def mark_dead_runs_failed(c, exp_id: str) -> None:
+    """A flow process killed outright (SIGKILL, OOM, power) cannot mark its run FAILED; the next run on
+    the same host does, for runs still RUNNING whose process is gone."""
+    host = socket.gethostname()
+    for r in c.search_runs([exp_id], "attributes.status = 'RUNNING'"):
+        tags = r.data.tags
+        if tags.get("gauntlet.host") != host or "gauntlet.pid" not in tags:
+            continue
+        if _pid_alive(int(tags["gauntlet.pid"])):
+            continue
+        for child in c.search_runs([exp_id], f"tags.mlflow.parentRunId = '{r.info.run_id}' "
+                                             "and attributes.status = 'RUNNING'"):
+            c.set_terminated(child.info.run_id, "FAILED")
+        c.set_tag(r.info.run_id, "gauntlet.error", f"process {tags['gauntlet.pid']} died while the run was RUNNING")
+        c.set_terminated(r.info.run_id, "FAILED")
+        log.warning("marked MLflow run %s FAILED: its process is gone", r.info.run_id)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @contextmanager

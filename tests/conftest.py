@@ -34,3 +34,23 @@ def prefect_api():
 @pytest.fixture(scope="session")
 def session_home() -> Path:
     return _SESSION_HOME
+
+
+def make_demo_dvc_repo(repo: Path) -> Path:
+    """A fresh git+DVC repo holding the demo's data stage, with an empty local remote."""
+    import shutil
+    import subprocess
+
+    from tasks.state import PROJECT_ROOT
+
+    for rel in ("dvc.yaml", "dvc.lock", "params.yaml", ".dvcignore", ".dvc/config", ".dvc/.gitignore",
+                "tasks/demo_data.py"):
+        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(PROJECT_ROOT / rel, repo / rel)
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    return repo
+
+
+@pytest.fixture(scope="module")
+def dvc_repo(tmp_path_factory) -> Path:
+    return make_demo_dvc_repo(tmp_path_factory.mktemp("dvc-repo"))

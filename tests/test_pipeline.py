@@ -7,8 +7,8 @@ rate, failing run), as a user would run them.
 
 from __future__ import annotations
 
+import os
 import shutil
-import subprocess
 import time
 from pathlib import Path
 
@@ -18,19 +18,7 @@ from tasks.state import PROJECT_ROOT
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 DEMO = str(PROJECT_ROOT / "configs" / "demo.yaml")
-HEAVY = ("pull_data", "fetch_model", "train", "evaluate-base", "evaluate-finetuned")
-
-
-@pytest.fixture(scope="module")
-def dvc_repo(tmp_path_factory) -> Path:
-    """A fresh git+DVC repo holding the demo's data stage, with an empty local remote."""
-    repo = tmp_path_factory.mktemp("dvc-repo")
-    for rel in ("dvc.yaml", "dvc.lock", "params.yaml", ".dvcignore", ".dvc/config", ".dvc/.gitignore",
-                "tasks/demo_data.py"):
-        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(PROJECT_ROOT / rel, repo / rel)
-    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
-    return repo
+HEAVY = ("pull_data", "fetch_model", "check_data", "train", "evaluate-base", "evaluate-finetuned")
 
 
 def task_states(flow_run_id) -> dict[str, str]:
@@ -69,8 +57,12 @@ def nested_runs(c, parent_id: str) -> dict[str, object]:
     return {r.data.tags["gauntlet.stage"] if "evaluate" not in r.info.run_name else r.info.run_name: r for r in runs}
 
 
+SECRET = "hf_GauntletLeakCheck0123456789abcdef"
+
+
 @pytest.fixture(scope="module")
 def first_run(prefect_api, dvc_repo):
+    os.environ["HF_TOKEN"] = SECRET          # as a user with a hub token would run it
     state, elapsed = run_demo(dvc_repo)
     assert state.is_completed(), state.message
     return state.result(), state.state_details.flow_run_id, elapsed
@@ -80,15 +72,16 @@ def test_first_run_trains_evaluates_and_promotes(first_run) -> None:
     summary, flow_run_id, elapsed = first_run
     print(f"\nfirst run: {elapsed:.1f}s")
     states = task_states(flow_run_id)
-    assert all(states[name] == "Completed" for name in HEAVY), states
+    # other test modules may have fetched the same demo model already (same session state folder)
+    assert states["train"] == states["evaluate-finetuned"] == "Completed", states
+    assert all(states[name] in ("Completed", "Cached") for name in HEAVY), states
 
     c = mlflow_client()
     parent = c.get_run(summary.mlflow_run_id)
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["prefect.flow_run_id"] == str(flow_run_id)
     stages = nested_runs(c, summary.mlflow_run_id)
-    assert set(stages) >= {"pull_data", "fetch_model", "train", "evaluate-base", "evaluate-finetuned",
-                           "gate", "promote"}, set(stages)
+    assert set(stages) >= {"pull_data", "train", "evaluate-finetuned", "gate", "promote"}, set(stages)
     assert all(r.info.status == "FINISHED" for r in stages.values())
 
     train_run = stages["train"].info.run_id
@@ -168,3 +161,33 @@ def test_failed_run_is_marked_failed_and_registry_untouched(prefect_api, dvc_rep
     assert "not a model directory" in failed_stage.data.tags["gauntlet.error"]
     assert "error.txt" in {a.path for a in c.list_artifacts(failed_stage.info.run_id)}
     assert len(c.search_model_versions("name='gauntlet-demo'")) == before
+
+
+def test_secret_appears_nowhere(first_run, session_home: Path) -> None:
+    """The hub token in the environment reaches no MLflow param/tag/artifact and no Prefect log."""
+    from mlflow.tracking import MlflowClient
+    from prefect.client.orchestration import get_client
+
+    c = MlflowClient()
+    checked = 0
+    for exp in c.search_experiments():
+        for run in c.search_runs([exp.experiment_id]):
+            blob = repr(run.data.params) + repr(run.data.tags)
+            assert SECRET not in blob, run.info.run_id
+            checked += 1
+    assert checked >= 8
+    seen_logs, offset = 0, 0
+    with get_client(sync_client=True) as client:
+        while True:
+            logs = client.read_logs(limit=200, offset=offset)
+            assert not any(SECRET in log.message for log in logs)
+            seen_logs += len(logs)
+            if len(logs) < 200:
+                break
+            offset += 200
+    assert seen_logs > 50  # the flow runs' logs were really read
+    # and no file in the state folder: MLflow's database and artifacts, Prefect's database and results,
+    # stage outputs (training arguments, reports)
+    for path in session_home.rglob("*"):
+        if path.is_file() and path.stat().st_size < 200 << 20:
+            assert SECRET.encode() not in path.read_bytes(), path

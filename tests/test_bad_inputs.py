@@ -1,0 +1,128 @@
+"""The bad-input corpus (tests/bad_inputs/cases.yaml): each case gets its clear message.
+
+Config cases go through `gauntlet validate` (exit 2, nothing started). Runtime cases run the real
+finetune flow on a real DVC repo and must fail with the message, leaving the registry unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows.cli import main as gauntlet
+from tasks import demo_data
+from tasks.state import PROJECT_ROOT
+
+CASES = yaml.safe_load((Path(__file__).parent / "bad_inputs" / "cases.yaml").read_text())
+DEMO = PROJECT_ROOT / "configs" / "demo.yaml"
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+def demo_raw() -> dict:
+    return yaml.safe_load(DEMO.read_text())
+
+
+CONFIG_MUTATIONS = {
+    "unknown_key": lambda r, t: r["train"].__setitem__("learnig_rate", r["train"].pop("learning_rate")),
+    "wrong_type": lambda r, t: r["train"].__setitem__("max_steps", "many"),
+    "negative_learning_rate": lambda r, t: r["train"].__setitem__("learning_rate", -0.001),
+    "lora_rank_zero": lambda r, t: r["train"]["lora"].__setitem__("r", 0),
+    "model_path_missing": lambda r, t: r["model"].__setitem__("source", str(t / "no-such-model")),
+    "eval_task_missing": lambda r, t: r["eval"].__setitem__("tasks", ["no_such_task"]),
+    "dvc_target_missing": lambda r, t: r["data"].__setitem__("train", "data/demo/nothing.jsonl"),
+}
+
+
+def write_bad_config(name: str, tmp_path: Path) -> Path:
+    path = tmp_path / f"{name}.yaml"
+    if name == "malformed_yaml":
+        path.write_text("name: demo\ntrain:\n  max_steps: [10, 20\n")
+    elif name == "config_not_utf8":
+        path.write_bytes(DEMO.read_bytes().replace(b"name: demo", b"name: d\xe9mo"))
+    else:
+        raw = demo_raw()
+        CONFIG_MUTATIONS[name](raw, tmp_path)
+        path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.mark.parametrize("name", [n for n, c in CASES.items() if c["kind"] == "config"])
+def test_config_case(name: str, tmp_path: Path, capsys) -> None:
+    code = gauntlet(["validate", str(write_bad_config(name, tmp_path))])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert CASES[name]["expect"] in err, err
+    assert "hint:" in err or "line " in err or "(file)" in err  # every message says where and what to do
+
+
+# ---------------------------------------------------------------------------------------------
+# runtime cases: the real flow on a real DVC repo
+# ---------------------------------------------------------------------------------------------
+
+
+def dvc_add(repo: Path, rel: str, content: bytes) -> str:
+    path = repo / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
+    subprocess.run([sys.executable, "-m", "dvc", "add", "-q", rel], cwd=repo, check=True, capture_output=True)
+    return rel
+
+
+def jsonl(rows: list[dict]) -> bytes:
+    return "".join(json.dumps(r) + "\n" for r in rows).encode()
+
+
+def runtime_overrides(name: str, repo: Path, tmp_path: Path) -> list[str]:
+    splits = demo_data.build(48, 7)
+    if name == "not_a_model_dir":
+        (tmp_path / "empty-model").mkdir()
+        (tmp_path / "empty-model" / "notes.txt").write_text("no weights")
+        return [f"model.source={tmp_path / 'empty-model'}"]
+    if name == "truncated_safetensors":
+        from tasks.models import build_demo_model
+
+        model = build_demo_model("tiny-llama", out=tmp_path / "model")
+        weights = model / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:-1000])
+        return [f"model.source={model}"]
+    content = {
+        "empty_dataset": b"",
+        "rows_missing_fields": jsonl([{"instruction": "q", "input": ""}] * 3),
+        "data_not_utf8": jsonl(splits["train"][:2]) + b'{"instruction": "caf\xe9", "input": "", "output": "x"}\n',
+        "enormous_row": jsonl(splits["train"][:2] + [{"instruction": "x" * (2 << 20), "input": "", "output": "y"}]),
+        "contaminated_eval": jsonl(splits["train"] + [{"instruction": r["instruction"], "input": "",
+                                                       "output": r["output"]} for r in splits["eval"]]),
+    }[name]
+    return [f"data.train={dvc_add(repo, f'data/bad/{name}.jsonl', content)}"]
+
+
+def registry_versions() -> int:
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient()
+    return sum(len(c.search_model_versions(f"name='{m.name}'")) for m in c.search_registered_models())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [n for n, c in CASES.items() if c["kind"] == "runtime"])
+def test_runtime_case(name: str, prefect_api, dvc_repo: Path, tmp_path: Path) -> None:
+    from flows.finetune import finetune
+
+    before = registry_versions()
+    overrides = [f"data.repo={dvc_repo}", *runtime_overrides(name, dvc_repo, tmp_path)]
+    state = finetune(config=str(DEMO), overrides=overrides, return_state=True)
+    assert state.is_failed()
+    assert CASES[name]["expect"] in state.message, state.message
+    assert registry_versions() == before
+
+
+def test_corpus_is_documented() -> None:
+    """docs/reliability.md lists every case with its message, so the table and the tests agree."""
+    doc = (PROJECT_ROOT / "docs" / "reliability.md").read_text()
+    for name, case in CASES.items():
+        assert f"`{name}`" in doc and case["expect"] in doc, name

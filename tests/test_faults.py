@@ -1,0 +1,54 @@
+"""Faults: the flow process killed during evaluation, then re-run, as a user would (two CLI processes
+with their own ephemeral Prefect API and sqlite MLflow in a fresh $GAUNTLET_HOME)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tasks.state import PROJECT_ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def cli_env(home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    return {**env, "GAUNTLET_HOME": str(home), "PYTHONPATH": str(PROJECT_ROOT)}
+
+
+def test_killed_during_evaluation_then_rerun(dvc_repo: Path, tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    cmd = [sys.executable, "-m", "flows.cli", "run", str(PROJECT_ROOT / "configs" / "demo.yaml"),
+           "--set", f"data.repo={dvc_repo}"]
+    log = open(tmp_path / "first.log", "w")
+    proc = subprocess.Popen(cmd, env=cli_env(home), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 600
+    # the evaluate stage creates its durable folder when it starts
+    while time.time() < deadline and proc.poll() is None and not list((home / "stages").glob("evaluate/*")):
+        time.sleep(0.2)
+    assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+    rerun = subprocess.run(cmd, env=cli_env(home), capture_output=True, text=True, timeout=900)
+    out = rerun.stdout + rerun.stderr
+    assert rerun.returncode == 0, out[-3000:]
+    for stage in ("pull_data", "fetch_model", "check_data", "train"):
+        assert any(f"Task run '{stage}-" in line and "Cached" in line for line in out.splitlines()), stage
+
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow.db'}")
+    assert len(c.search_model_versions("name='gauntlet-demo'")) == 1
+    assert c.get_model_version_by_alias("gauntlet-demo", "champion").version
+    # the killed run could not mark itself; the re-run found its process gone and marked it FAILED
+    statuses = sorted(r.info.status for r in c.search_runs(
+        [c.get_experiment_by_name("gauntlet-demo").experiment_id]) if "mlflow.parentRunId" not in r.data.tags)
+    assert statuses == ["FAILED", "FINISHED"], statuses
+    assert not c.search_runs([c.get_experiment_by_name("gauntlet-demo").experiment_id], "attributes.status = 'RUNNING'")
