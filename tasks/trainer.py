@@ -148,6 +148,20 @@ def load_model(base_model: str, cfg: dict, accelerator: Accelerator, checkpointi
     return get_peft_model(model, config)
 
 
+def make_optimizer(model, cfg: dict, accelerator: Accelerator) -> torch.optim.Optimizer:
+    """AdamW over the trainable weights; DeepSpeed's CPU Adam when ZeRO offloads the optimizer (DeepSpeed
+    refuses a torch optimizer there; its CPU Adam is an op it compiles on first use)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    kwargs = {"lr": cfg["learning_rate"], "weight_decay": cfg["weight_decay"]}
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        zero = accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
+        if (zero.get("offload_optimizer") or {}).get("device") in ("cpu", "nvme"):
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            return DeepSpeedCPUAdam(params, adamw_mode=True, **kwargs)
+    return torch.optim.AdamW(params, **kwargs)
+
+
 def merge_and_save(base_model: str, adapter_dir: Path, merged_dir: Path, tokenizer, dtype: torch.dtype) -> None:
     """Merge the adapter into an unquantized copy of the base (4-bit weights cannot be merged exactly)."""
     from peft import PeftModel
@@ -394,8 +408,7 @@ def train(args: dict) -> dict:
         f"examples={len(train_examples)} rows={len(train_items)}{' (packed)' if cfg.get('packing') else ''} "
         f"device={accelerator.device} processes={accelerator.num_processes} "
         f"distributed={accelerator.distributed_type.value} gradient_checkpointing={checkpointing}")
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
-                                  lr=cfg["learning_rate"], weight_decay=cfg["weight_decay"])
+    optimizer = make_optimizer(model, cfg, accelerator)
     scheduler = get_linear_schedule_with_warmup(optimizer, cfg["warmup_steps"], cfg["max_steps"])
     train_loader = batches(train_items, EpochShuffle(len(train_items), cfg["seed"]))
     val_loader = batches(val_examples)

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+import tasks.models  # noqa: F401  (imports Prefect now: its log handlers bind the stream of the moment, and
+#                                 the CLI calls below run under capsys, whose stream closes after each test)
 from flows.cli import main as cli
 from tasks.plan import (
     GIB,
