@@ -13,6 +13,9 @@ from tasks.data import DATA, pull_data_task
 from tasks.evaluate import EVAL, evaluate_task
 from tasks.gate import gate, promote
 from tasks.models import FETCH, fetch_model_task
+from tasks.notify import notify_failed_run, notify_outcome
+from tasks.registry import register_challenger
+from tasks.quantize import QUANTIZE, quantize_task
 from tasks.spec import RunSpec, load_spec
 from tasks.summary import RunSummary, summarize_task
 from tasks.train import TRAIN, train
@@ -34,13 +37,31 @@ def run_pipeline(spec: RunSpec) -> RunSummary:
                        if spec.eval.compare_with_base else None)
         report = EVAL.run(evaluate_task, spec=spec.eval, model=trained.merged, data=data, variant="finetuned",
                           run=run)
+        # Quantized variants are evaluated exactly like the unquantized model.
+        variants = [QUANTIZE.run(quantize_task, variant=v, calibration=spec.quantize.calibration,
+                                 model=trained.merged, data=data, run=run) for v in spec.quantize.variants]
+        variant_reports = [EVAL.run(evaluate_task, spec=spec.eval, model=q, data=data, variant=q.variant, run=run)
+                           for q in variants]
+        candidate = register_challenger(spec.registry, trained, report, data, spec.config_hash(), run)
         decision = gate(spec.gate, spec.registry, report, base_report, run)
-        promotion = promote(spec.registry, spec.gate, decision, trained, report, base_report, data,
-                            spec.config_hash(), run)
-        return summarize_task(spec.name, data, base, trained, base_report, report, decision, promotion, run)
+        promotion = promote(spec.registry, spec.gate, decision, candidate, report, base_report, run)
+        notify_outcome(spec.notify, spec.registry, promotion, report, base_report, run)
+        # A variant named in gate.register_variants goes through the same registration, gate and
+        # promotion, as <model_name>-<variant>, when the fine-tuned model itself passed.
+        variant_promotions = {}
+        for q, q_report in zip(variants, variant_reports, strict=True):
+            if decision.passed and q.variant in spec.gate.register_variants:
+                registry = spec.registry.model_copy(update={"model_name": f"{spec.registry.model_name}-{q.variant}"})
+                q_candidate = register_challenger(registry, trained.model_copy(update={"merged": q}), q_report, data,
+                                                  spec.config_hash(), run)
+                q_decision = gate(spec.gate, registry, q_report, base_report, run)
+                variant_promotions[q.variant] = promote(registry, spec.gate, q_decision, q_candidate, q_report,
+                                                        base_report, run)
+        return summarize_task(spec.name, data, base, trained, base_report, report, decision, promotion, run,
+                              variants, variant_reports, variant_promotions)
 
 
-@flow(name="finetune", log_prints=True)
+@flow(name="finetune", log_prints=True, on_failure=[notify_failed_run], on_crashed=[notify_failed_run])
 def finetune(config: str = "configs/demo.yaml", overrides: list[str] | None = None) -> RunSummary:
     """Fine-tune, evaluate, gate and promote the model a config describes.
 

@@ -1,69 +1,88 @@
-"""Stage 6, the quality gate and promotion in the MLflow Model Registry.
+"""Stage 6, the quality gate, and the compare-and-set promotion it licenses.
 
 ``decide`` is a pure function: rules in, :class:`GateDecision` out (each rule with its measured value,
-limit and verdict). ``promote`` registers a passing model from its durable folder with lineage tags and
-moves the ``champion`` alias, only if the champion is still the one the decision compared against.
-Neither is cached: both depend on the registry's state at the moment they run.
+limit and verdict, and the champion version it compared against). ``promote_if_passing`` moves the
+``champion`` alias under the registry lock (tasks/registry.py), and only if the champion is still the one
+the decision compared against; otherwise it re-gates against the new champion first. Neither task is
+cached: both depend on the registry's state at the moment they run.
 """
 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from tasks.refs import DatasetRef, EvalReport, GateDecision, GateRule, PromotionResult, TrainedModel
+from tasks.evaluate import metric_key
+from tasks.refs import EvalReport, GateDecision, GateRule, PromotionResult, RegisteredVersion
+from tasks.registry import (SCORE_TAG, champion_of, clear_challenger, record_verdict, registry_lock,  # noqa: F401
+                            set_champion, version_with_sha)
 from tasks.spec import GateSpec, RegistrySpec
-from tasks.tracking import RunContext, git_commit, stage_run
+from tasks.tracking import RunContext, stage_run
 
 log = logging.getLogger(__name__)
-SCORE_TAG = "score."
 
 
-def champion_of(c, registry: RegistrySpec) -> tuple[str | None, dict[str, float]]:
-    """The current champion's version and its recorded scores, or (None, {})."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        mv = c.get_model_version_by_alias(registry.model_name, registry.champion_alias)
-    except MlflowException:
-        return None, {}
-    scores = {k[len(SCORE_TAG):]: float(v) for k, v in mv.tags.items() if k.startswith(SCORE_TAG)}
-    return str(mv.version), scores
+EPS = 1e-9  # scores come back from tags with 6 decimals: 0.55 - 0.50 must not exceed 0.05
 
 
 def decide(spec: GateSpec, report: EvalReport, base: EvalReport | None,
            champion_version: str | None, champion_scores: dict[str, float]) -> GateDecision:
+    """Apply every rule of ``spec``; the decision passes when all of them pass."""
     rules: list[GateRule] = []
+    fmt = (lambda x: "—" if x is None else f"{x:.4f}")
+    for task_name in spec.required_tasks:
+        value = report.score(task_name, spec.metric)
+        rules.append(GateRule(
+            rule=f"required[{task_name}]", measured=value, limit=None, passed=value is not None,
+            detail=f"required task {task_name!r} has no {spec.metric} score in the report" if value is None
+            else f"{spec.metric}={value:.4f} present"))
     for task_name, limit in spec.min_scores.items():
         value = report.score(task_name, spec.metric)
         rules.append(GateRule(
             rule=f"min_score[{task_name}]", measured=value, limit=limit,
-            passed=value is not None and value >= limit,
-            detail="required task has no score in the report" if value is None
+            passed=value is not None and value >= limit - EPS,
+            detail=f"required task {task_name!r} has no {spec.metric} score in the report" if value is None
             else f"{spec.metric}={value:.4f} vs minimum {limit:.4f}"))
+    if spec.min_average is not None:
+        values = [s.value for s in report.scores if s.metric == spec.metric]
+        mean = sum(values) / len(values) if values else None
+        rules.append(GateRule(
+            rule="min_average", measured=mean, limit=spec.min_average,
+            passed=mean is not None and mean >= spec.min_average - EPS,
+            detail=f"no {spec.metric} scores in the report" if mean is None
+            else f"mean {spec.metric} over {len(values)} task(s) {mean:.4f} vs minimum {spec.min_average:.4f}"))
+    for field, limit in spec.ceilings.model_dump().items():
+        if limit is None:
+            continue
+        value = getattr(report.perf, field) if report.perf else None
+        rules.append(GateRule(
+            rule=f"ceiling[{field}]", measured=value, limit=limit,
+            passed=value is not None and value <= limit + EPS,
+            detail="the report has no speed probe (eval.speed_probe.enabled)" if value is None
+            else f"{value:.4g} vs ceiling {limit:.4g}"))
     if spec.min_gain_over_base is not None and base is not None:
         for s in report.scores:
-            if s.metric != spec.metric:
-                continue
             before = base.score(s.task, s.metric)
-            gain = s.value - (before or 0.0)
+            if s.metric != spec.metric or before is None:
+                continue
+            gain = s.value - before
             rules.append(GateRule(rule=f"gain_over_base[{s.task}]", measured=gain, limit=spec.min_gain_over_base,
-                                  passed=gain >= spec.min_gain_over_base,
+                                  passed=gain >= spec.min_gain_over_base - EPS,
                                   detail=f"{s.value:.4f} vs base {before:.4f} (gain {gain:+.4f})"))
     if champion_version is not None:
         for s in report.scores:
-            key = f"{s.task}.{s.metric}"
+            key = metric_key(s.task, s.metric)  # as the registry tags store it
             if s.metric != spec.metric or key not in champion_scores:
                 continue
-            drop = champion_scores[key] - s.value
-            rules.append(GateRule(rule=f"no_regression[{s.task}]", measured=-drop, limit=-spec.max_regression,
-                                  passed=drop <= spec.max_regression,
-                                  detail=f"{s.value:.4f} vs champion v{champion_version} {champion_scores[key]:.4f}"
-                                         f" (allowed drop {spec.max_regression})"))
+            allowed = spec.max_regression_by_task.get(s.task, spec.max_regression)
+            delta = s.value - champion_scores[key]
+            rules.append(GateRule(rule=f"no_regression[{s.task}]", measured=delta, limit=-allowed,
+                                  passed=delta >= -allowed - EPS,
+                                  detail=f"{s.value:.4f} vs champion v{champion_version} {fmt(champion_scores[key])}"
+                                         f" ({delta:+.4f}; allowed drop {allowed})"))
     return GateDecision(passed=all(r.passed for r in rules), rules=rules, compared_to=champion_version,
                         champion_scores=champion_scores)
 
@@ -80,89 +99,90 @@ def decision_markdown(model_name: str, decision: GateDecision) -> str:
     return "\n".join(lines)
 
 
-def register_version(c, registry: RegistrySpec, run_id: str, model_dir: Path, tags: dict[str, str]) -> str:
-    """Register the durable model folder (logged as the run's ``model`` artifact) as a new version."""
-    from mlflow.exceptions import MlflowException
-
-    c.log_artifacts(run_id, str(model_dir), "model")
-    try:
-        c.create_registered_model(registry.model_name)
-    except MlflowException:
-        pass  # already exists
-    source = f"{c.get_run(run_id).info.artifact_uri}/model"
-    mv = c.create_model_version(registry.model_name, source=source, run_id=run_id, tags=tags)
-    return str(mv.version)
+def decision_json(model_name: str, decision: GateDecision, version: str | None = None) -> dict:
+    return {"model_name": model_name, "version": version, "verdict": "passed" if decision.passed else "failed",
+            **decision.model_dump(mode="json"), "reasons": decision.reasons}
 
 
-def version_with_sha(c, registry: RegistrySpec, sha: str) -> str | None:
-    """The registered version holding exactly these model files, if any."""
-    from mlflow.exceptions import MlflowException
+def _log_decision(c, run_id: str, model_name: str, decision: GateDecision, name: str = "gate_decision") -> str:
+    markdown = decision_markdown(model_name, decision)
+    c.log_dict(run_id, decision_json(model_name, decision), f"{name}.json")
+    c.log_text(run_id, markdown, f"{name}.md")
+    c.log_metric(run_id, "gate_passed", float(decision.passed))
+    c.set_tag(run_id, "gate.verdict", "passed" if decision.passed else "failed")
+    c.set_tag(run_id, "gate.compared_to", str(decision.compared_to))
+    for r in decision.rules:
+        if r.measured is not None:
+            c.log_metric(run_id, "gate." + "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in r.rule),
+                         float(r.measured))
+    return markdown
 
-    try:
-        versions = c.search_model_versions(f"name='{registry.model_name}'")
-    except MlflowException:
-        return None
-    matches = [str(v.version) for v in versions if v.tags.get("model.sha") == sha]
-    return min(matches, key=int) if matches else None
 
-
-def promote_if_passing(c, registry: RegistrySpec, gate: GateSpec, decision: GateDecision, report: EvalReport,
-                       base: EvalReport | None, run_id: str, model_dir: Path, lineage: dict[str, str]) -> PromotionResult:
-    if not decision.passed:
-        return PromotionResult(registered=False, model_name=registry.model_name,
-                               message="not promoted because " + "; ".join(decision.reasons))
-    # Compare-and-set: the alias moves only if the champion is still the one we beat.
-    current, scores = champion_of(c, registry)
-    if current != decision.compared_to:
-        decision = decide(gate, report, base, current, scores)
+def promote_if_passing(c, registry: RegistrySpec, gate: GateSpec, decision: GateDecision,
+                       candidate: RegisteredVersion, report: EvalReport, base: EvalReport | None,
+                       by: str, run_ids: dict[str, str | None] | None = None) -> PromotionResult:
+    """Compare-and-set: under the registry lock, re-read the champion; if it is not the one ``decision``
+    compared against, decide again against the one that is; move ``champion`` only on a pass."""
+    name, version = registry.model_name, candidate.version
+    result = dict(model_name=name, version=version)
+    with registry_lock(c, name, registry.lock_timeout_s) as lease:
+        current, scores = champion_of(c, registry)
+        if current == version:   # a re-run of the champion's own recipe: keep the verdict it was promoted with
+            return PromotionResult(registered=False, alias=registry.champion_alias, previous_champion=current,
+                                   decision=decision, message=f"this model already is {name} v{version} "
+                                                              f"@{registry.champion_alias}", **result)
+        regated = current != decision.compared_to
+        if regated:
+            decision = decide(gate, report, base, current, scores)
+        record_verdict(c, registry, version, decision)
         if not decision.passed:
-            return PromotionResult(registered=False, model_name=registry.model_name,
-                                   message=f"champion changed to v{current} meanwhile; re-gated and not promoted "
-                                           "because " + "; ".join(decision.reasons))
-    existing = version_with_sha(c, registry, lineage["model.sha"])
-    if existing is not None and existing == current:
-        return PromotionResult(registered=False, model_name=registry.model_name, version=existing,
-                               alias=registry.champion_alias,
-                               message=f"this model is already {registry.model_name} v{existing} @{registry.champion_alias}")
-    tags = {**lineage, "gate.verdict": "passed", "gate.compared_to": str(decision.compared_to)}
-    tags.update({f"{SCORE_TAG}{s.task}.{s.metric}": f"{s.value:.6f}" for s in report.scores})
-    # A re-run after a crash finds the version it registered before instead of adding a duplicate.
-    version = existing or register_version(c, registry, run_id, model_dir, tags)
-    c.set_registered_model_alias(registry.model_name, registry.champion_alias, version)
-    c.set_model_version_tag(registry.model_name, version, "promoted.previous_champion", str(current))
-    return PromotionResult(registered=True, model_name=registry.model_name, version=version,
-                           alias=registry.champion_alias,
-                           message=f"registered {registry.model_name} v{version} and set @{registry.champion_alias}")
+            clear_challenger(c, registry, version)
+            why = "; ".join(decision.reasons)
+            message = (f"champion changed to v{current} meanwhile; re-gated and not promoted because {why}" if regated
+                       else f"{name} v{version} not promoted because {why}")
+            return PromotionResult(registered=False, previous_champion=current, decision=decision, message=message,
+                                   **result)
+        against = f"v{current}" if current else "no champion"
+        set_champion(c, registry, version, current, "promote", by,
+                     f"gate passed against {against}" + (" (re-gated: the champion changed meanwhile)" if regated
+                                                         else ""),
+                     lease, compared_to=current, **(run_ids or {}))
+    return PromotionResult(registered=True, alias=registry.champion_alias, previous_champion=current,
+                           decision=decision,
+                           message=f"{name} v{version} is now @{registry.champion_alias} ("
+                                   + (f"replaced v{current}" if current else "the first champion")
+                                   + (", after re-gating against it" if regated else "") + ")", **result)
 
 
 @task(name="gate", cache_policy=NO_CACHE)
 def gate(spec: GateSpec, registry: RegistrySpec, report: EvalReport, base: EvalReport | None,
          run: RunContext) -> GateDecision:
     logger = get_run_logger()
-    with stage_run(run, "gate", {"gate.metric": spec.metric, "gate.max_regression": spec.max_regression}) as (c, rid):
+    with stage_run(run, "gate", {"gate.metric": spec.metric, "gate.max_regression": spec.max_regression,
+                                 "gate.spec": spec.model_dump_json()}) as (c, rid):
         version, scores = champion_of(c, registry)
         decision = decide(spec, report, base, version, scores)
-        c.log_dict(rid, decision.model_dump(mode="json"), "gate_decision.json")
-        c.log_metric(rid, "gate_passed", float(decision.passed))
-        markdown = decision_markdown(registry.model_name, decision)
-        c.log_text(rid, markdown, "gate_decision.md")
+        markdown = _log_decision(c, rid, registry.model_name, decision)
     create_markdown_artifact(markdown, key="gate-decision", description="quality gate decision")
     logger.info(("gate PASSED" if decision.passed else "gate FAILED: " + "; ".join(decision.reasons)))
     return decision
 
 
 @task(name="promote", cache_policy=NO_CACHE)
-def promote(registry: RegistrySpec, gate_spec: GateSpec, decision: GateDecision, trained: TrainedModel,
-            report: EvalReport, base: EvalReport | None, data: DatasetRef, config_hash: str,
-            run: RunContext) -> PromotionResult:
+def promote(registry: RegistrySpec, gate_spec: GateSpec, decision: GateDecision, candidate: RegisteredVersion,
+            report: EvalReport, base: EvalReport | None, run: RunContext) -> PromotionResult:
     logger = get_run_logger()
-    lineage = {"base_model.source": trained.base.source, "base_model.sha": trained.base.sha,
-               "base_model.revision": str(trained.base.revision), "data.md5": data.md5, "config_hash": config_hash,
-               "git_commit": git_commit(), "model.sha": trained.merged.sha, "model.path": trained.output_dir,
-               "prefect.flow_run_id": str(run.flow_run_id), "mlflow.parent_run_id": run.parent_run_id}
-    with stage_run(run, "promote", {"registry.model_name": registry.model_name}) as (c, rid):
-        result = promote_if_passing(c, registry, gate_spec, decision, report, base, rid,
-                                    Path(trained.merged.path), lineage)
+    with stage_run(run, "promote", {"registry.model_name": registry.model_name,
+                                    "registry.version": candidate.version}) as (c, rid):
+        result = promote_if_passing(c, registry, gate_spec, decision, candidate, report, base,
+                                    by=f"pipeline (Prefect flow run {run.flow_run_id})",
+                                    run_ids={"mlflow_run_id": run.parent_run_id,
+                                             "prefect_flow_run_id": run.flow_run_id})
+        if result.decision is not None and result.decision != decision:  # re-gated under the lock
+            markdown = _log_decision(c, rid, registry.model_name, result.decision, "gate_decision_regated")
+            create_markdown_artifact(markdown, key="gate-decision-regated",
+                                     description="gate decision against the champion that replaced the one "
+                                                 "the first decision compared with")
         c.set_tag(rid, "gauntlet.promotion", result.message)
     logger.info(result.message)
     return result

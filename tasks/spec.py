@@ -8,8 +8,9 @@ path and a hint. No Prefect, MLflow or torch import happens here, so validation 
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -19,9 +20,11 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 from tasks.state import PROJECT_ROOT, sha256_json
+from tasks.suites import check_suite, load_catalog, task_problems
 
 
 class Strict(BaseModel):
@@ -133,57 +136,206 @@ class TrainSpec(Strict):
         "refuse", description="before launching, compare the planner's memory estimate with the visible devices")
 
 
+# Weight bit-widths each method can write (the first is the default). GPTQ/AWQ: llm-compressor's
+# integer weight-only schemes that vLLM and transformers load (W4A16, W8A16; AWQ only 4-bit);
+# bitsandbytes: NF4 is 4-bit, LLM.int8() is 8-bit.
+QUANT_BITS: dict[str, tuple[int, ...]] = {"gptq": (4, 8), "awq": (4,), "bnb-nf4": (4,), "bnb-int8": (8,)}
+CALIBRATED_METHODS = ("gptq", "awq")
+DEFAULT_GROUP_SIZE = 128
+
+
 class QuantizeVariant(Strict):
+    """One quantized variant of the fine-tuned model: GPTQ or AWQ (llm-compressor, calibrated on the
+    run's training data) or bitsandbytes NF4 / INT8 (no calibration)."""
+
     method: Literal["gptq", "awq", "bnb-nf4", "bnb-int8"]
-    bits: int = Field(4, gt=0)
-    group_size: int = 128
+    bits: int | None = Field(None, gt=0, description="weight bits; default 4 (8 for bnb-int8)")
+    group_size: int | None = Field(None, gt=0, description="weights sharing one scale (gptq/awq only; default 128); "
+                                                           "must divide the model's hidden and intermediate sizes")
+    name: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9._-]*$",
+                             description="name in reports and the registry; default like gptq-w4g128")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults(cls, data: Any) -> Any:
+        """Fill bits, group size and name from the method, so equal variants dump (and cache) equally."""
+        if not isinstance(data, dict) or data.get("method") not in QUANT_BITS:
+            return data
+        data = dict(data)
+        method = data["method"]
+        if data.get("bits") is None:
+            data["bits"] = QUANT_BITS[method][0]
+        if method in CALIBRATED_METHODS and data.get("group_size") is None:
+            data["group_size"] = DEFAULT_GROUP_SIZE
+        if data.get("name") is None:
+            data["name"] = (f"{method}-w{data['bits']}g{data['group_size']}" if method in CALIBRATED_METHODS
+                            else method)
+        return data
+
+    @model_validator(mode="after")
+    def _supported(self) -> "QuantizeVariant":
+        supported = QUANT_BITS[self.method]
+        if self.bits not in supported:
+            raise ValueError(f"{self.method} does not support {self.bits}-bit weights; supported: "
+                             f"{', '.join(f'{b}-bit' for b in supported)}")
+        if self.method not in CALIBRATED_METHODS and self.group_size is not None:
+            raise ValueError(f"{self.method} has no group size (bitsandbytes uses fixed blocks); remove group_size")
+        if self.group_size is not None and self.group_size & (self.group_size - 1):
+            raise ValueError(f"group_size {self.group_size} is not a power of two; use 32, 64 or 128")
+        return self
+
+    @property
+    def calibrated(self) -> bool:
+        return self.method in CALIBRATED_METHODS
+
+
+class CalibrationSpec(Strict):
+    samples: int = Field(128, gt=0, description="rows of the run's training data that calibrate GPTQ/AWQ")
+    max_seq_len: int = Field(512, gt=8, description="tokens per calibration sample (longer rows are truncated)")
+    seed: int = Field(0, description="which rows are drawn (a seeded sample of the training file)")
 
 
 class QuantizeSpec(Strict):
     variants: list[QuantizeVariant] = []
+    calibration: CalibrationSpec = CalibrationSpec()
+
+    @field_validator("variants")
+    @classmethod
+    def _unique_names(cls, v: list[QuantizeVariant]) -> list[QuantizeVariant]:
+        names = [x.name for x in v]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"variant name(s) {twice} used more than once; give each variant its own `name`")
+        return v
 
 
 class SpeedProbeSpec(Strict):
     enabled: bool = True
     prompts: int = Field(4, gt=0)
     max_new_tokens: int = Field(16, gt=0)
+    large_batch: int = Field(8, gt=0, description="batch size of the throughput measurement (64 on a GPU)")
+
+
+class EvalTaskSpec(Strict):
+    """One task of an evaluation, with its own settings (unset: the suite's or the eval section's)."""
+
+    name: str = Field(..., min_length=1)
+    num_fewshot: int | None = Field(None, ge=0)
+    limit: int | None = Field(None, gt=0)
+    max_gen_tokens: int | None = Field(None, gt=0)
 
 
 class EvalSpec(Strict):
     tasks_dir: str = "evals"
-    tasks: list[str] = Field(..., min_length=1, description="names of task YAMLs in tasks_dir")
+    suite: str | None = Field(None, description="a suite in <tasks_dir>/suites.yaml (en-core, zh-core, reasoning, …)")
+    fixtures: bool = Field(False, description="run each task on its small offline fixture instead of the real data")
+    tasks: list[str | EvalTaskSpec] = Field(
+        default_factory=list, validate_default=True,
+        description="task names (suites.yaml or task YAMLs in tasks_dir), added to the suite")
     backend: Literal["hf", "vllm"] = "hf"
-    num_fewshot: int = Field(0, ge=0)
+    num_fewshot: int | None = Field(None, ge=0, description="few-shot count for every task (None: each task's default)")
     limit: int | None = Field(None, gt=0)
     batch_size: int = Field(16, gt=0)
     fewshot_seed: int = 1234
     apply_chat_template: bool = False
-    max_gen_tokens: int = Field(32, gt=0)
+    max_gen_tokens: int | None = Field(None, gt=0, description="generation budget of every generate-until task "
+                                                                "(None: each task's default, else 32)")
     compare_with_base: bool = Field(True, description="also evaluate the base model, for the summary")
     speed_probe: SpeedProbeSpec = SpeedProbeSpec()
+    tensor_parallel_size: int = Field(1, gt=0, description="vllm backend: GPUs one model is split across")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vllm backend: share of GPU memory it may take")
+    max_model_len: int | None = Field(None, gt=0, description="vllm backend: context length (None: the model's)")
+
+    @field_validator("suite")
+    @classmethod
+    def _suite_exists(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is not None:
+            check_suite(v, _resolve(info.data.get("tasks_dir", "evals"), info))
+        return v
 
     @field_validator("tasks")
     @classmethod
-    def _tasks_exist(cls, v: list[str], info: ValidationInfo) -> list[str]:
+    def _tasks_exist(cls, v: list[str | EvalTaskSpec], info: ValidationInfo) -> list[str | EvalTaskSpec]:
+        if "suite" not in info.data:
+            return v  # the suite is invalid: reported on its own
+        if not v and not info.data["suite"]:
+            raise ValueError("no eval tasks: name a suite (eval.suite) or list tasks (eval.tasks)")
         tasks_dir = _resolve(info.data.get("tasks_dir", "evals"), info)
-        known = sorted(p.stem for p in tasks_dir.rglob("*.yaml")) if tasks_dir.exists() else []
-        missing = [t for t in v if t not in known]
-        if missing:
-            raise ValueError(f"unknown eval task(s) {missing}; task YAMLs in {str(tasks_dir)!r}: {known}")
+        suite_tasks = load_catalog(tasks_dir).suites[info.data["suite"]].tasks if info.data["suite"] else []
+        names = suite_tasks + [t if isinstance(t, str) else t.name for t in v]
+        problems = task_problems(names, bool(info.data.get("fixtures")), tasks_dir)
+        if problems:
+            raise ValueError("; ".join(problems))
         return v
+
+
+class PerfCeilings(Strict):
+    """Upper limits on what the speed probe measured (names as in EvalReport.perf); None: no limit.
+    A ceiling set while the report has no speed probe fails the gate."""
+
+    first_token_latency_ms: float | None = Field(None, gt=0)
+    peak_memory_gb: float | None = Field(None, gt=0)
+    size_on_disk_gb: float | None = Field(None, gt=0)
 
 
 class GateSpec(Strict):
     metric: str = Field("acc", description="the metric of each task that the gate reads")
     min_scores: dict[str, float] = Field(default_factory=dict, description="task -> minimum score")
-    max_regression: float = Field(0.0, ge=0, description="largest allowed drop against the champion, per task")
+    min_average: float | None = Field(None, description="minimum mean of `metric` over the report's tasks")
+    max_regression: float = Field(0.0, ge=0, description="largest allowed drop against the champion, per task, "
+                                                          "in the metric's own units (acc 0.02 = 2 points)")
+    max_regression_by_task: dict[str, float] = Field(default_factory=dict,
+                                                     description="task -> its own max_regression")
+    required_tasks: list[str] = Field(default_factory=list,
+                                      description="tasks that must have a score; a missing one fails the gate")
+    ceilings: PerfCeilings = PerfCeilings()
     min_gain_over_base: float | None = Field(None, description="require the fine-tuned model to beat its base by this")
+    register_variants: list[str] = Field(
+        default_factory=list, description="quantize.variants names that may be registered (as <model_name>-<variant>) "
+                                          "when they pass the same rules as the fine-tuned model")
+
+    @field_validator("max_regression_by_task")
+    @classmethod
+    def _non_negative(cls, v: dict[str, float]) -> dict[str, float]:
+        negative = {task: limit for task, limit in v.items() if limit < 0}
+        if negative:
+            raise ValueError(f"allowed regressions must be >= 0; got {negative}")
+        return v
 
 
 class RegistrySpec(Strict):
     model_name: str = Field(..., min_length=1)
     champion_alias: str = "champion"
     challenger_alias: str = "challenger"
+    lock_timeout_s: float = Field(300.0, gt=0, description="how long a promotion waits for another one to finish")
+
+
+NOTIFY_EVENTS = ("promoted", "gate_failed", "run_failed")
+
+
+class WebhookSpec(Strict):
+    """One webhook. Its URL is a secret: it comes from an environment variable or a Prefect Secret
+    block, never from the config, and is never logged."""
+
+    url_env: str | None = Field(None, description="name of the environment variable holding the URL")
+    secret_block: str | None = Field(None, description="name of a Prefect Secret block holding the URL")
+    format: Literal["slack", "dingtalk", "feishu"] = "slack"
+    events: list[Literal["promoted", "gate_failed", "run_failed"]] = list(NOTIFY_EVENTS)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "WebhookSpec":
+        if (self.url_env is None) == (self.secret_block is None):
+            raise ValueError("set exactly one of url_env (an environment variable name) or secret_block "
+                             "(a Prefect Secret block name); webhook URLs never go in the config")
+        return self
+
+
+class NotifySpec(Strict):
+    webhooks: list[WebhookSpec] = []
+    timeout_s: float = Field(10.0, gt=0)
+    mlflow_ui_url: str | None = Field(None, description="MLflow UI base URL for links "
+                                                        "(default: the tracking URI when it is http(s))")
+    prefect_ui_url: str | None = Field(None, description="Prefect UI base URL for links (default: PREFECT_UI_URL)")
 
 
 class TrackingSpec(Strict):
@@ -201,12 +353,177 @@ class RunSpec(Strict):
     gate: GateSpec = GateSpec()
     registry: RegistrySpec
     tracking: TrackingSpec = TrackingSpec()
+    notify: NotifySpec = NotifySpec()
 
     def section_hash(self, section: str) -> str:
         return sha256_json(getattr(self, section).model_dump(mode="json"))
 
     def config_hash(self) -> str:
         return sha256_json(self.model_dump(mode="json"))
+
+
+# ---------------------------------------------------------------------------------------------
+# the leaderboard config (configs/leaderboard.yaml)
+# ---------------------------------------------------------------------------------------------
+
+REGISTRY_SCHEME = "models:/"
+REGISTRY_URI = re.compile(r"^models:/(?P<name>[^/@\s]+)(?:@(?P<alias>[\w.-]+)|/(?P<version>\d+))$")
+
+# A leaderboard variant name -> how the candidate is turned into it (None: evaluated as stored, unquantized).
+LEADERBOARD_VARIANTS: dict[str, QuantizeVariant | None] = {
+    "bf16": None,                     # as stored; the hf backend loads dtype=auto on a GPU, float32 on the CPU
+    "gptq-int4": QuantizeVariant(method="gptq", bits=4),
+    "gptq-int8": QuantizeVariant(method="gptq", bits=8),
+    "awq-int4": QuantizeVariant(method="awq", bits=4),
+    "bnb-nf4": QuantizeVariant(method="bnb-nf4", bits=4),
+    "bnb-int8": QuantizeVariant(method="bnb-int8", bits=8),
+}
+
+# Rank keys besides averages and single tasks, with their direction (True: higher is better).
+PERF_RANK_KEYS: dict[str, bool] = {"tokens_per_s": True, "first_token_latency_ms": False,
+                                   "peak_memory_gb": False, "size_on_disk_gb": False}
+
+
+def _known_variants(v: list[str] | None) -> list[str] | None:
+    unknown = [x for x in v or [] if x not in LEADERBOARD_VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown variant(s) {unknown}; known: {list(LEADERBOARD_VARIANTS)}")
+    if v is not None and len(set(v)) != len(v):
+        raise ValueError(f"variants listed twice in {v}")
+    return v
+
+
+class LeaderboardCandidate(Strict):
+    """One model on the leaderboard: ``hf://org/name@rev``, a local directory, ``demo://tiny-llama``,
+    ``s3://…`` or ``models:/NAME@alias`` / ``models:/NAME/VERSION`` (the MLflow Model Registry).
+
+    Availability (a local folder that exists, a registry alias that is set) is checked when the
+    leaderboard runs: a missing candidate fails on its own row and does not stop the others."""
+
+    source: str
+    name: str | None = Field(None, description="display name (default: derived from the source)")
+    revision: str | None = Field(None, description="hub revision; '@rev' in source also works")
+    trust_remote_code: bool = False
+    variants: list[str] | None = Field(None, description="variants of this candidate (default: the top-level list)")
+
+    @field_validator("source")
+    @classmethod
+    def _known_source(cls, v: str) -> str:
+        if v.startswith(REGISTRY_SCHEME):
+            if not REGISTRY_URI.match(v):
+                raise ValueError(f"registry source {v!r} must look like models:/NAME@alias or models:/NAME/VERSION")
+        elif "://" in v and not v.startswith(SOURCE_SCHEMES):
+            raise ValueError(f"unsupported scheme in {v!r}; use one of {', '.join(SOURCE_SCHEMES)}, "
+                             f"{REGISTRY_SCHEME}NAME@alias or a local path")
+        return v
+
+    @field_validator("variants")
+    @classmethod
+    def _variants_known(cls, v: list[str] | None) -> list[str] | None:
+        return _known_variants(v)
+
+    @property
+    def display_name(self) -> str:
+        if self.name:
+            return self.name
+        if self.source.startswith(REGISTRY_SCHEME):
+            return self.source.removeprefix(REGISTRY_SCHEME)
+        if "://" in self.source:
+            rest = self.source.split("://", 1)[1]
+            return rest + (f"@{self.revision[:12]}" if self.revision else "")
+        return Path(self.source).name or self.source
+
+
+class RankingSpec(Strict):
+    key: str = Field("average", description="average | suite:<name> | task:<name> | "
+                                            + " | ".join(PERF_RANK_KEYS))
+    metric: str = Field("acc", description="the metric read from every task (acc, acc_norm, exact_match, …)")
+    task_metrics: dict[str, str] = Field(default_factory=dict, description="task -> metric, where it differs")
+    random_baselines: dict[str, float] = Field(
+        default_factory=dict, description="task -> chance score in [0, 1); default: from the task's number of choices")
+    suites: dict[str, list[str]] = Field(default_factory=dict, description="suite name -> tasks averaged together")
+    tie_decimals: int = Field(2, ge=0, le=6, description="rank keys equal at this many decimals tie")
+
+    @field_validator("random_baselines")
+    @classmethod
+    def _baselines_in_range(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = {t: b for t, b in v.items() if not 0 <= b < 1}
+        if bad:
+            raise ValueError(f"random baselines must be in [0, 1) (a fraction, as lm-eval reports acc): {bad}")
+        return v
+
+
+class PublishSpec(Strict):
+    dir: str | None = Field(None, description="where leaderboard.{json,md,html} go (default: "
+                                              "$GAUNTLET_HOME/leaderboard/<name>)")
+    history_nights: int = Field(14, gt=0, description="past nights shown in trends (read from MLflow)")
+    title: str | None = None
+
+
+class ConcurrencySpec(Strict):
+    gpu_tag: str = Field("gpu", min_length=1, description="Prefect tag on GPU tasks (evaluate, quantize)")
+    gpu_slots: int = Field(1, gt=0, description="tag concurrency limit created when none exists")
+
+
+class LeaderboardSpec(Strict):
+    name: str = Field("nightly", min_length=1, pattern=r"^[a-z0-9][a-z0-9-]*$")
+    candidates: list[LeaderboardCandidate] = Field(..., min_length=1)
+    variants: list[str] = ["bf16"]
+    data: DataSpec | None = Field(None, description="DVC data whose eval file the tasks read")
+    eval_file: str | None = Field(None, description="or: a plain JSONL file of eval items (hashed, not DVC)")
+    eval: EvalSpec
+    ranking: RankingSpec = RankingSpec()
+    publish: PublishSpec = PublishSpec()
+    concurrency: ConcurrencySpec = ConcurrencySpec()
+    tracking: TrackingSpec = TrackingSpec(experiment="leaderboard")
+
+    @field_validator("variants")
+    @classmethod
+    def _variants_known(cls, v: list[str] | None) -> list[str] | None:
+        return _known_variants(v)
+
+    @field_validator("candidates")
+    @classmethod
+    def _unique_names(cls, v: list[LeaderboardCandidate]) -> list[LeaderboardCandidate]:
+        names = [c.display_name for c in v]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"candidate name(s) {twice} appear twice; give each a distinct `name:`")
+        return v
+
+    @field_validator("eval_file")
+    @classmethod
+    def _eval_file(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is None:
+            return v
+        if info.data.get("data") is not None:
+            raise ValueError("give either data (DVC) or eval_file, not both")
+        if not _resolve(v, info).is_file():
+            raise ValueError(f"eval file {str(_resolve(v, info))!r} does not exist")
+        return v
+
+    @field_validator("ranking")
+    @classmethod
+    def _ranking_names_tasks(cls, v: RankingSpec, info: ValidationInfo) -> RankingSpec:
+        ev = info.data.get("eval")
+        if ev is None:
+            return v  # eval itself is invalid; that error is reported
+        tasks = set(ev.tasks)
+        problems = [f"suite {s!r} names task(s) {sorted(set(ts) - tasks)} not in eval.tasks"
+                    for s, ts in v.suites.items() if set(ts) - tasks or not ts]
+        problems += [f"random_baselines names {t!r}, not in eval.tasks" for t in v.random_baselines if t not in tasks]
+        problems += [f"task_metrics names {t!r}, not in eval.tasks" for t in v.task_metrics if t not in tasks]
+        key = v.key
+        ok = (key == "average" or key in PERF_RANK_KEYS
+              or (key.startswith("suite:") and key[6:] in v.suites)
+              or (key.startswith("task:") and key[5:] in tasks))
+        if not ok:
+            problems.append(f"key {key!r} is not one of: average, {', '.join('suite:' + s for s in v.suites)}"
+                            f"{', ' if v.suites else ''}{', '.join('task:' + t for t in sorted(tasks))}, "
+                            f"{', '.join(PERF_RANK_KEYS)}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return v
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,11 +576,14 @@ def _fields_of(model: type[BaseModel], loc: tuple) -> list[str]:
     """Field names valid at ``loc`` (for 'did you mean')."""
     current: Any = model
     for part in loc:
+        if part.isdigit():
+            continue  # an index into a list of sections (leaderboard candidates)
         field = getattr(current, "model_fields", {}).get(part)
         if field is None:
             break
         ann = field.annotation
-        current = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        inner = [a for a in get_args(ann) if isinstance(a, type) and issubclass(a, BaseModel)]  # list[X], X | None
+        current = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else (inner[0] if inner else None)
         if current is None:
             return []
     return list(getattr(current, "model_fields", {}))
@@ -279,13 +599,13 @@ FIELD_HINTS = {
 }
 
 
-def _hint(err: dict) -> str:
+def _hint(err: dict, schema: type[BaseModel] = RunSpec) -> str:
     loc = tuple(str(x) for x in err["loc"])
     kind = err["type"]
     if kind == "value_error" and ".".join(loc) in FIELD_HINTS:
         return FIELD_HINTS[".".join(loc)]
     if kind == "extra_forbidden":
-        options = _fields_of(RunSpec, loc[:-1])
+        options = _fields_of(schema, loc[:-1])
         close = difflib.get_close_matches(loc[-1], options, n=1)
         return (f"did you mean {close[0]!r}? " if close else "") + f"valid keys here: {', '.join(options)}"
     if kind == "missing":
@@ -299,12 +619,12 @@ def _hint(err: dict) -> str:
     return ""
 
 
-def problems_from(error: ValidationError) -> list[SpecProblem]:
+def problems_from(error: ValidationError, schema: type[BaseModel] = RunSpec) -> list[SpecProblem]:
     out = []
     for err in error.errors():
         path = ".".join(str(x) for x in err["loc"]) or "(top level)"
         msg = err["msg"].removeprefix("Value error, ")
-        out.append(SpecProblem(path=path, message=msg, hint=_hint(err)))
+        out.append(SpecProblem(path=path, message=msg, hint=_hint(err, schema)))
     return out
 
 
@@ -324,8 +644,9 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
-def load_spec(path: str | Path, overrides: list[str] | None = None, root: Path | None = None) -> RunSpec:
-    """Read, override and validate a run config. Raises SpecError listing every problem."""
+def load_spec(path: str | Path, overrides: list[str] | None = None, root: Path | None = None,
+              schema: type[BaseModel] = RunSpec) -> Any:
+    """Read, override and validate a run config (or another ``schema``). Raises SpecError listing every problem."""
     path = Path(path)
     source = str(path)
     if not path.exists():
@@ -343,6 +664,44 @@ def load_spec(path: str | Path, overrides: list[str] | None = None, root: Path |
         raise SpecError(source, [SpecProblem(path="(top level)", message="config must be a mapping of sections")])
     raw = apply_overrides(raw, overrides or [])
     try:
-        return RunSpec.model_validate(raw, context={"root": root or PROJECT_ROOT})
+        spec = schema.model_validate(raw, context={"root": root or PROJECT_ROOT})
     except ValidationError as e:
-        raise SpecError(source, problems_from(e)) from None
+        raise SpecError(source, problems_from(e, schema)) from None
+    problems = cross_section_problems(spec, root or PROJECT_ROOT) if isinstance(spec, RunSpec) else []
+    if problems:
+        raise SpecError(source, problems)
+    return spec
+
+
+def load_leaderboard_spec(path: str | Path, overrides: list[str] | None = None,
+                          root: Path | None = None) -> LeaderboardSpec:
+    """Read, override and validate a leaderboard config (configs/leaderboard.yaml)."""
+    return load_spec(path, overrides, root, schema=LeaderboardSpec)
+
+
+def count_rows(path: Path) -> int:
+    """Non-blank lines of a JSON Lines file."""
+    with open(path, "rb") as f:
+        return sum(1 for line in f if line.strip())
+
+
+def cross_section_problems(spec: RunSpec, root: Path) -> list[SpecProblem]:
+    """Rules that relate two sections (checked after each section is valid on its own)."""
+    problems = []
+    names = [v.name for v in spec.quantize.variants]
+    unknown = [n for n in spec.gate.register_variants if n not in names]
+    if unknown:
+        problems.append(SpecProblem(path="gate.register_variants", message=f"no quantize variant named {unknown}",
+                                    hint=f"variants defined in quantize.variants: {names}"))
+    calibrated = [v.name for v in spec.quantize.variants if v.calibrated]
+    train = Path(root) / spec.data.repo / spec.data.train
+    # The data is usually pulled later; when it is already here, a too-small file fails now, not after training.
+    if calibrated and train.is_file():
+        rows = count_rows(train)
+        wanted = spec.quantize.calibration.samples
+        if rows < wanted:
+            problems.append(SpecProblem(
+                path="quantize.calibration.samples",
+                message=f"{wanted} calibration samples asked for {calibrated}, but {spec.data.train} has {rows} rows",
+                hint=f"set quantize.calibration.samples to at most {rows}"))
+    return problems

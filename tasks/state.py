@@ -44,6 +44,8 @@ def configure_environment() -> Path:
         # Results must persist so the cache works across processes.
         "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        # The ephemeral API's 20 s start-up limit is too short on a busy 2-core machine.
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
         "PREFECT_LOGGING_LOG_PRINTS": "true",
         "MLFLOW_TRACKING_URI": default_tracking_uri(),
         # MLflow's sqlite registry is the default; nothing here needs the file store.

@@ -11,7 +11,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
-from tasks.refs import DatasetRef, EvalReport, GateDecision, ModelRef, PromotionResult, TrainedModel
+from tasks.refs import DatasetRef, EvalReport, GateDecision, ModelRef, PromotionResult, QuantizedModel, TrainedModel
 from tasks.tracking import RunContext, client
 
 
@@ -20,6 +20,22 @@ class ScoreRow(BaseModel):
     metric: str
     base: float | None
     finetuned: float
+
+
+class VariantRow(BaseModel):
+    """One quantized variant beside the unquantized fine-tuned model."""
+
+    variant: str
+    method: str
+    bits: int
+    group_size: int | None
+    path: str
+    size_mb: float
+    size_ratio: float                 # variant size on disk / unquantized fine-tuned size
+    tokens_per_s: float | None
+    scores: dict[str, float]          # "task.metric" -> score
+    deltas: dict[str, float | None]   # "task.metric" -> score - the fine-tuned model's
+    registry: str | None = None       # promotion message when gate.register_variants names it
 
 
 class RunSummary(BaseModel):
@@ -37,6 +53,8 @@ class RunSummary(BaseModel):
     promotion: str
     registered_version: str | None
     stage_runs: dict[str, str | None]
+    finetuned_size_mb: float | None = None
+    variants: list[VariantRow] = []
 
     def markdown(self) -> str:
         lines = [f"# Gauntlet run `{self.name}`", "",
@@ -54,12 +72,56 @@ class RunSummary(BaseModel):
         lines += ["", f"**gate: {'PASSED' if self.gate_passed else 'FAILED'}**"]
         lines += [f"- {r}" for r in self.gate_reasons]
         lines += ["", f"registry: {self.promotion}"]
+        if self.variants:
+            lines += self._variants_markdown()
         return "\n".join(lines)
+
+    def _variants_markdown(self) -> list[str]:
+        tps = (self.perf or {}).get("tokens_per_s")
+        lines = ["", "## Quantized variants", "",
+                 "| model | size (MB) | size ratio | tok/s | task | metric | score | delta vs fine-tuned |",
+                 "|---|---|---|---|---|---|---|---|"]
+        for s in self.scores:
+            lines.append(f"| fine-tuned (unquantized) | {_fmt(self.finetuned_size_mb, '.2f')} | 1.00 | {_fmt(tps, '.1f')} "
+                         f"| {s.task} | {s.metric} | {s.finetuned:.4f} | — |")
+        for v in self.variants:
+            for key, value in v.scores.items():
+                task, metric = key.split(".", 1)
+                lines.append(f"| {v.variant} | {v.size_mb:.2f} | {v.size_ratio:.2f} | {_fmt(v.tokens_per_s, '.1f')} "
+                             f"| {task} | {metric} | {value:.4f} | {_fmt(v.deltas.get(key), '+.4f')} |")
+        registered = [f"- {v.variant}: {v.registry}" for v in self.variants if v.registry]
+        lines += ["", *registered] if registered else []
+        return lines
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "—" if x is None else format(x, spec)
+
+
+def variant_rows(report: EvalReport, variants: list[QuantizedModel], reports: list[EvalReport],
+                 promotions: dict[str, PromotionResult]) -> list[VariantRow]:
+    rows = []
+    for q, r in zip(variants, reports, strict=True):
+        scores = {f"{s.task}.{s.metric}": s.value for s in r.scores}
+        deltas = {}
+        for key, value in scores.items():
+            before = report.score(*key.split(".", 1))
+            deltas[key] = None if before is None else value - before
+        promotion = promotions.get(q.variant)
+        rows.append(VariantRow(variant=q.variant, method=q.method, bits=q.bits, group_size=q.group_size, path=q.path,
+                               size_mb=q.size_bytes / 1e6, size_ratio=q.size_ratio,
+                               tokens_per_s=r.perf.tokens_per_s if r.perf else None, scores=scores, deltas=deltas,
+                               registry=promotion.message if promotion else None))
+    return rows
 
 
 def summarize(name: str, data: DatasetRef, base_model: ModelRef, trained: TrainedModel,
               base_report: EvalReport | None, report: EvalReport, decision: GateDecision,
-              promotion: PromotionResult, run: RunContext) -> RunSummary:
+              promotion: PromotionResult, run: RunContext, variants: list[QuantizedModel] | None = None,
+              variant_reports: list[EvalReport] | None = None,
+              variant_promotions: dict[str, PromotionResult] | None = None) -> RunSummary:
+    variants, variant_reports = variants or [], variant_reports or []
+    decision = promotion.decision or decision   # re-gated under the registry lock if the champion changed
     rows = [ScoreRow(task=s.task, metric=s.metric, finetuned=s.value,
                      base=base_report.score(s.task, s.metric) if base_report else None) for s in report.scores]
     return RunSummary(
@@ -70,14 +132,21 @@ def summarize(name: str, data: DatasetRef, base_model: ModelRef, trained: Traine
         registered_version=promotion.version,
         stage_runs={"fetch_model": base_model.mlflow_run_id, "train": trained.mlflow_run_id,
                     "evaluate_base": base_report.mlflow_run_id if base_report else None,
-                    "evaluate": report.mlflow_run_id})
+                    "evaluate": report.mlflow_run_id,
+                    **{f"quantize-{q.variant}": q.mlflow_run_id for q in variants},
+                    **{f"evaluate-{r.variant}": r.mlflow_run_id for r in variant_reports}},
+        finetuned_size_mb=variants[0].base_size_bytes / 1e6 if variants else None,
+        variants=variant_rows(report, variants, variant_reports, variant_promotions or {}))
 
 
 @task(name="summarize", cache_policy=NO_CACHE)
 def summarize_task(name: str, data: DatasetRef, base_model: ModelRef, trained: TrainedModel,
                    base_report: EvalReport | None, report: EvalReport, decision: GateDecision,
-                   promotion: PromotionResult, run: RunContext) -> RunSummary:
-    summary = summarize(name, data, base_model, trained, base_report, report, decision, promotion, run)
+                   promotion: PromotionResult, run: RunContext, variants: list[QuantizedModel] | None = None,
+                   variant_reports: list[EvalReport] | None = None,
+                   variant_promotions: dict[str, PromotionResult] | None = None) -> RunSummary:
+    summary = summarize(name, data, base_model, trained, base_report, report, decision, promotion, run,
+                        variants, variant_reports, variant_promotions)
     c = client(run.tracking_uri)
     rid = run.parent_run_id
     c.log_text(rid, summary.markdown(), "summary.md")
@@ -87,6 +156,10 @@ def summarize_task(name: str, data: DatasetRef, base_model: ModelRef, trained: T
         if row.base is not None:
             c.log_metric(rid, f"{row.task}.{row.metric}.base", row.base)
     c.log_metric(rid, "gate_passed", float(summary.gate_passed))
+    for v in summary.variants:
+        c.log_metric(rid, f"variant.{v.variant}.size_ratio", v.size_ratio)
+        for key, value in v.scores.items():
+            c.log_metric(rid, f"variant.{v.variant}.{key}", value)
     # Cached stages ran in an earlier flow run: link the MLflow runs that produced their outputs.
     for stage, stage_run_id in summary.stage_runs.items():
         if stage_run_id:

@@ -94,9 +94,14 @@ def mark_dead_runs_failed(c, exp_id: str) -> None:
             continue
         if _pid_alive(int(tags["gauntlet.pid"])):
             continue
-        for child in c.search_runs([exp_id], f"tags.mlflow.parentRunId = '{r.info.run_id}' "
-                                             "and attributes.status = 'RUNNING'"):
-            c.set_terminated(child.info.run_id, "FAILED")
+        # its nested runs (stages, and their own nested runs) died with it
+        dead = [r.info.run_id]
+        while dead:
+            parent_id = dead.pop()
+            for child in c.search_runs([exp_id], f"tags.mlflow.parentRunId = '{parent_id}' "
+                                                 "and attributes.status = 'RUNNING'"):
+                c.set_terminated(child.info.run_id, "FAILED")
+                dead.append(child.info.run_id)
         c.set_tag(r.info.run_id, "gauntlet.error", f"process {tags['gauntlet.pid']} died while the run was RUNNING")
         c.set_terminated(r.info.run_id, "FAILED")
         log.warning("marked MLflow run %s FAILED: its process is gone", r.info.run_id)

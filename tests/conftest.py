@@ -54,3 +54,18 @@ def make_demo_dvc_repo(repo: Path) -> Path:
 @pytest.fixture(scope="module")
 def dvc_repo(tmp_path_factory) -> Path:
     return make_demo_dvc_repo(tmp_path_factory.mktemp("dvc-repo"))
+
+
+@pytest.fixture(scope="session")
+def quantize_env() -> Path:
+    """The quantize stage's own venv (llm-compressor), made once per session the way the pipeline makes it:
+    under $GAUNTLET_HOME/envs/quantize, or reused from $GAUNTLET_QUANT_VENV (`make test` sets it, so
+    repeated runs pay the pip install once). The demo pipeline in the same session finds it ready."""
+    import time
+
+    from tasks.envs import QUANTIZE_ENV
+
+    started = time.time()
+    python = QUANTIZE_ENV.ensure()
+    print(f"\nquantize environment {QUANTIZE_ENV.path()} ready in {time.time() - started:.0f}s")
+    return python

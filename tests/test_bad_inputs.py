@@ -90,10 +90,11 @@ def runtime_overrides(name: str, repo: Path, tmp_path: Path) -> list[str]:
         weights = model / "model.safetensors"
         weights.write_bytes(weights.read_bytes()[:-1000])
         return [f"model.source={model}"]
+    no_variants = ["quantize.variants=[]", "gate.register_variants=[]"]   # the subject is the training config
     if name == "lora_target_missing":
-        return ["train.lora.target_modules=[q_proj, wq]"]
+        return ["train.lora.target_modules=[q_proj, wq]", *no_variants]
     if name == "max_seq_len_over_model_limit":
-        return ["train.max_seq_len=1024"]
+        return ["train.max_seq_len=1024", *no_variants]
     splits["train"][3]["output"] = ""   # row_without_response (line 4); the other cases replace the file
     content = {
         "row_without_response": jsonl(splits["train"]),
@@ -104,7 +105,9 @@ def runtime_overrides(name: str, repo: Path, tmp_path: Path) -> list[str]:
         "contaminated_eval": jsonl(splits["train"] + [{"instruction": r["instruction"], "input": "",
                                                        "output": r["output"]} for r in splits["eval"]]),
     }[name]
-    return [f"data.train={dvc_add(repo, f'data/bad/{name}.jsonl', content)}"]
+    # the subject is the data: no quantized variant whose calibration check would speak first
+    return [f"data.train={dvc_add(repo, f'data/bad/{name}.jsonl', content)}", "quantize.variants=[]",
+            "gate.register_variants=[]"]
 
 
 def registry_versions() -> int:

@@ -113,7 +113,8 @@ def test_evaluate_tiny_model_end_to_end(tmp_path: Path, monkeypatch: pytest.Monk
     assert report.perf.backend == "hf" and report.perf.device in ("cpu", "cuda")
     assert report.perf.tokens_per_s > 0 and report.perf.first_token_latency_ms > 0
     assert report.perf.peak_memory_gb > 0 and report.perf.size_on_disk_gb > 0
-    assert report.protocol == protocol_of(spec)
+    assert {k: v for k, v in report.protocol.items() if k != "task_versions"} == protocol_of(spec)
+    assert report.protocol["task_versions"] == {"demo_facts": {"demo_facts": "1.0"}}
     assert report.protocol["limit"] == 16 and report.protocol["decoding"] == "greedy"
     assert report.versions["tasks"] == {"demo_facts": "1.0"}
     assert {"lm_eval", "transformers", "torch"} <= set(report.versions)
@@ -125,12 +126,55 @@ def test_evaluate_tiny_model_end_to_end(tmp_path: Path, monkeypatch: pytest.Monk
     assert saved["timestamp"].endswith("+00:00")
     assert Path(report.report_path) == out / "report.json"
     assert load_report(out / "report.json") == report
-    raw = json.loads((out / "lm_eval_results.json").read_text())
+    raw = json.loads((out / "tasks" / "demo_facts" / "lm_eval_results.json").read_text())
     assert raw["n-samples"]["demo_facts"]["effective"] == 16
-    samples = (out / "lm_eval_samples.jsonl").read_text().splitlines()
+    samples = (out / "tasks" / "demo_facts" / "lm_eval_samples.jsonl").read_text().splitlines()
     assert len(samples) == 16
     # the model saw exactly the training prompt, answer appended with no delimiter
     first = json.loads(samples[0])
     context, continuation = first["arguments"][0]
     assert context == format_prompt(first["doc"]["instruction"], first["doc"]["input"])
     assert continuation == first["doc"]["choices"][0]
+
+
+def test_vllm_backend_receives_the_protocol_and_says_when_it_cannot_run(tmp_path: Path) -> None:
+    """What vllm would be handed (it is not installed here: the `gpu` extra), and the error without it."""
+    from importlib.util import find_spec
+
+    from tasks.eval_engine import check_backend, engine_model_args
+
+    spec = EvalSpec(tasks=["demo_facts"], backend="vllm", tensor_parallel_size=4, gpu_memory_utilization=0.8,
+                    max_model_len=4096, batch_size=32, fewshot_seed=7)
+    assert engine_model_args(spec, "/models/m", "cuda") == ("vllm", {
+        "pretrained": "/models/m", "dtype": "auto", "tensor_parallel_size": 4, "gpu_memory_utilization": 0.8,
+        "seed": 7, "batch_size": 32, "max_model_len": 4096})
+    hf = EvalSpec(tasks=["demo_facts"])
+    assert engine_model_args(hf, "/models/m", "cpu") == ("hf", {"pretrained": "/models/m", "dtype": "float32"})
+    assert engine_model_args(hf, "/models/m", "cuda") == ("hf", {"pretrained": "/models/m", "dtype": "auto"})
+    check_backend(hf, "cpu")  # hf runs anywhere
+    if find_spec("vllm") is None:
+        with pytest.raises(EvalError, match=r"vllm package is not installed.*llm-gauntlet\[gpu\]"):
+            check_backend(spec, "cuda")
+    else:  # a GPU image with vllm: on a machine without CUDA it must say so
+        with pytest.raises(EvalError, match="needs a CUDA GPU"):
+            check_backend(spec, "cpu")
+    # the protocol records the backend, so hf and vllm reports are never ranked together silently
+    assert protocol_of(spec)["backend"] == "vllm" and protocol_of(spec)["max_model_len"] == 4096
+
+
+def test_normalization_is_the_open_llm_leaderboards() -> None:
+    from tasks.suites import normalized_score
+
+    assert normalized_score(0.25, 0.25) == 0.0
+    assert normalized_score(1.0, 0.25) == 100.0
+    assert normalized_score(0.625, 0.25) == pytest.approx(50.0)
+    assert normalized_score(0.10, 0.25) == 0.0          # below chance counts as chance
+    assert normalized_score(0.42, 0.0) == pytest.approx(42.0)
+
+
+def test_eval_cli_rejects_bad_input_with_exit_2(capsys: pytest.CaptureFixture) -> None:
+    from flows.cli import main
+
+    assert main(["eval", "/no/such/model", "--suite", "en-cor", "--set", "limit=0"]) == 2
+    err = capsys.readouterr().err
+    assert "model.source" in err and "eval.suite: unknown suite 'en-cor'" in err and "eval.limit" in err

@@ -13,12 +13,14 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
-from tasks.state import PROJECT_ROOT
+from tasks.state import PROJECT_ROOT, sha256_dir
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 DEMO = str(PROJECT_ROOT / "configs" / "demo.yaml")
-HEAVY = ("pull_data", "fetch_model", "check_data", "train", "evaluate-base", "evaluate-finetuned")
+HEAVY = ("pull_data", "fetch_model", "check_data", "train", "evaluate-base", "evaluate-finetuned",
+         "quantize-gptq-w4g64", "evaluate-gptq-w4g64")
 
 
 def task_states(flow_run_id) -> dict[str, str]:
@@ -32,8 +34,9 @@ def task_states(flow_run_id) -> dict[str, str]:
 
 
 def _stage_name(task_run_name: str) -> str:
-    # Prefect names task runs "<task>-<3 hex>" unless the task names them (evaluate-<variant>).
-    return task_run_name if task_run_name.startswith("evaluate-") else task_run_name.rsplit("-", 1)[0]
+    # Prefect names task runs "<task>-<3 hex>" unless the task names them (evaluate-/quantize-<variant>).
+    named = task_run_name.startswith(("evaluate-", "quantize-"))
+    return task_run_name if named else task_run_name.rsplit("-", 1)[0]
 
 
 def run_demo(dvc_repo: Path, *overrides: str):
@@ -61,14 +64,14 @@ SECRET = "hf_GauntletLeakCheck0123456789abcdef"
 
 
 @pytest.fixture(scope="module")
-def first_run(prefect_api, dvc_repo):
+def first_run(prefect_api, quantize_env, dvc_repo):
     os.environ["HF_TOKEN"] = SECRET          # as a user with a hub token would run it
     state, elapsed = run_demo(dvc_repo)
     assert state.is_completed(), state.message
     return state.result(), state.state_details.flow_run_id, elapsed
 
 
-def test_first_run_trains_evaluates_and_promotes(first_run) -> None:
+def test_first_run_trains_evaluates_and_promotes(first_run, dvc_repo) -> None:
     summary, flow_run_id, elapsed = first_run
     print(f"\nfirst run: {elapsed:.1f}s")
     states = task_states(flow_run_id)
@@ -81,7 +84,8 @@ def test_first_run_trains_evaluates_and_promotes(first_run) -> None:
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["prefect.flow_run_id"] == str(flow_run_id)
     stages = nested_runs(c, summary.mlflow_run_id)
-    assert set(stages) >= {"pull_data", "train", "evaluate-finetuned", "gate", "promote"}, set(stages)
+    assert set(stages) >= {"pull_data", "train", "evaluate-finetuned", "quantize-gptq-w4g64",
+                           "evaluate-gptq-w4g64", "gate", "promote"}, set(stages)
     assert all(r.info.status == "FINISHED" for r in stages.values())
 
     train_run = stages["train"].info.run_id
@@ -95,6 +99,28 @@ def test_first_run_trains_evaluates_and_promotes(first_run) -> None:
     print(f"demo_facts acc: base {acc.base:.3f} -> fine-tuned {acc.finetuned:.3f}")
     assert acc.base < 0.4 and acc.finetuned >= acc.base + 0.3
     assert summary.gate_passed
+
+    # the demo's GPTQ variant: evaluated like the fine-tuned model, shown beside it, registered (it passes)
+    (variant,) = summary.variants
+    print(f"gptq-w4g64: acc {variant.scores['demo_facts.acc']:.3f}, {variant.size_mb:.2f} MB "
+          f"({variant.size_ratio:.2f}x of {summary.finetuned_size_mb:.2f} MB)")
+    assert variant.variant == "gptq-w4g64" and variant.bits == 4 and variant.group_size == 64
+    assert 0.2 < variant.size_ratio < 0.5
+    assert variant.deltas["demo_facts.acc"] == pytest.approx(variant.scores["demo_facts.acc"] - acc.finetuned)
+    assert variant.scores["demo_facts.acc"] >= 0.5
+    markdown = summary.markdown()
+    assert "| fine-tuned (unquantized) |" in markdown and "| gptq-w4g64 |" in markdown
+    assert f"{variant.size_ratio:.2f}" in markdown
+    quantize_run = stages["quantize-gptq-w4g64"].data
+    lock = yaml.safe_load((dvc_repo / "dvc.lock").read_text())
+    train_md5 = next(o["md5"] for st in lock["stages"].values() for o in st.get("outs", [])
+                     if o["path"] == "data/demo/train.jsonl")
+    assert quantize_run.params["calibration.samples"] == "64"
+    assert quantize_run.params["calibration.source_md5"] == train_md5   # calibrated on the run's DVC data
+    assert quantize_run.metrics["size_ratio"] == pytest.approx(variant.size_ratio)
+    assert "gauntlet-demo-gptq-w4g64 v1 is now @champion" in variant.registry
+    registered = c.get_model_version_by_alias("gauntlet-demo-gptq-w4g64", "champion")
+    assert registered.tags["model.sha"] == sha256_dir(Path(variant.path))
 
     version = c.get_model_version_by_alias("gauntlet-demo", "champion")
     assert str(version.version) == summary.registered_version
@@ -130,6 +156,7 @@ def test_learning_rate_change_retrains_only_what_depends_on_it(first_run, dvc_re
     states = task_states(state.state_details.flow_run_id)
     assert states["pull_data"] == states["fetch_model"] == states["evaluate-base"] == "Cached", states
     assert states["train"] == states["evaluate-finetuned"] == "Completed", states
+    assert states["quantize-gptq-w4g64"] == "Completed", states   # a new fine-tuned model: new variant
 
 
 def test_cache_hit_whose_files_are_gone_recomputes(first_run, dvc_repo) -> None:

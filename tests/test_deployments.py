@@ -1,0 +1,353 @@
+"""Deployments, work pools, the image, CI, and `gauntlet serve` for real.
+
+No Docker engine or Kubernetes cluster here: their pool templates are validated by a real Prefect
+server (which checks placeholders and defaults) and by the libraries that consume them (prefect-docker's
+job configuration, docker-py's HostConfig); the Dockerfile is parsed. `gauntlet serve` is started for
+real: MLflow and Prefect servers on free ports of 127.0.0.1, deployments applied from
+deployments/prefect.yaml, the scheduler's runs of leaderboard/nightly checked, a run triggered with
+`prefect deployment run … --watch` and executed by the process worker, then SIGTERM stops everything.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import pytest
+import yaml
+
+from tasks.state import PROJECT_ROOT
+
+PREFECT_YAML = PROJECT_ROOT / "deployments" / "prefect.yaml"
+DOCKERFILE = PROJECT_ROOT / "deployments" / "Dockerfile"
+POOLS = PROJECT_ROOT / "deployments" / "work-pools"
+MODEL_CI = PROJECT_ROOT / ".github" / "workflows" / "model-ci.yml"
+
+
+def prefect_yaml() -> dict:
+    return yaml.safe_load(PREFECT_YAML.read_text())
+
+
+def step(steps: list[dict], name: str) -> dict:
+    return next(s[name] for s in steps if name in s)
+
+
+# ---------------------------------------------------------------------------------------------
+# deployments/prefect.yaml
+# ---------------------------------------------------------------------------------------------
+
+
+def test_every_deployment_entrypoint_imports_and_its_parameters_fit_the_flow(monkeypatch) -> None:
+    from prefect.flows import load_flow_from_entrypoint
+
+    monkeypatch.chdir(PROJECT_ROOT)  # `prefect deploy` resolves entrypoints from the repository root
+    names = set()
+    for d in prefect_yaml()["deployments"]:
+        flow = load_flow_from_entrypoint(d["entrypoint"])
+        names.add(f"{flow.name}/{d['name']}")
+        params = inspect.signature(flow.fn).parameters
+        given = d.get("parameters", {})
+        assert set(given) <= set(params), f"{d['name']}: {set(given) - set(params)} not parameters of {flow.name}"
+        required = {n for n, p in params.items() if p.default is inspect.Parameter.empty}
+        assert required <= set(given)
+        flow.validate_parameters(given)  # types, as the server enforces them (enforce_parameter_schema)
+        assert (PROJECT_ROOT / given["config"]).is_file()
+        assert d["work_pool"]["name"] == "process"
+    assert names == {"leaderboard/nightly", "finetune/manual", "finetune/ci"}
+
+
+def test_nightly_schedule_pull_step_and_build_steps() -> None:
+    doc = prefect_yaml()
+    nightly = next(d for d in doc["deployments"] if d["name"] == "nightly")
+    (schedule,) = nightly["schedules"]
+    assert schedule["cron"] == "0 2 * * *" and schedule["active"] is True
+    assert schedule["timezone"] == "{{ nightly-timezone.stdout }}"
+    build = {s["prefect.deployments.steps.run_shell_script"]["id"]: s["prefect.deployments.steps.run_shell_script"]
+             for s in doc["build"]}
+    assert build["nightly-timezone"]["script"] == 'echo "${GAUNTLET_TIMEZONE:-UTC}"'
+    assert build["project-dir"]["script"] == "pwd"
+    assert step(doc["pull"], "prefect.deployments.steps.set_working_directory")["directory"] == \
+        "{{ project-dir.stdout }}"
+    image_pull = doc["definitions"]["pulls"]["in_image"]
+    assert step(image_pull, "prefect.deployments.steps.set_working_directory")["directory"] == "/opt/gauntlet"
+
+
+def test_gpu_work_pool_templates_are_accepted_by_prefect_and_docker(prefect_api) -> None:
+    import docker.types
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.utilities.asyncutils import run_coro_as_sync
+    from prefect_docker.worker import DockerWorkerJobConfiguration
+
+    docker_template = json.loads((POOLS / "docker-gpu.json").read_text())
+    k8s_template = json.loads((POOLS / "kubernetes-gpu.json").read_text())
+    with get_client(sync_client=True) as client:  # the server validates placeholders and defaults
+        for name, kind, template in (("docker-gpu-check", "docker", docker_template),
+                                     ("kubernetes-gpu-check", "kubernetes", k8s_template)):
+            client.create_work_pool(WorkPoolCreate(name=name, type=kind, base_job_template=template),
+                                    overwrite=True)
+            assert client.read_work_pool(name).base_job_template == template
+
+    config = run_coro_as_sync(DockerWorkerJobConfiguration.from_template_and_values(docker_template, {}))
+    assert config.image == "gauntlet:latest" and config.env["GAUNTLET_HOME"] == "/data/gauntlet"
+    host = docker.types.HostConfig(version="1.44", **config.container_create_kwargs)
+    (gpus,) = host["DeviceRequests"]
+    assert gpus["Driver"] == "nvidia" and gpus["Count"] == -1 and gpus["Capabilities"] == [["gpu"]]
+
+    docker_anchor = prefect_yaml()["definitions"]["work_pools"]["docker_gpu"]
+    assert set(docker_anchor["job_variables"]) <= set(docker_template["variables"]["properties"])
+    assert docker_anchor["job_variables"]["image"] == docker_template["variables"]["properties"]["image"]["default"]
+
+    container = k8s_template["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "{{ gpu_count }}"
+    assert container["workingDir"] == "/opt/gauntlet"
+    k8s_anchor = prefect_yaml()["definitions"]["work_pools"]["kubernetes_gpu"]
+    assert set(k8s_anchor["job_variables"]) <= set(k8s_template["variables"]["properties"])
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            keyword, _, args = line.partition(" ")
+            out.append((keyword.upper(), " ".join(args.split())))
+    return out
+
+
+def test_dockerfile_builds_what_the_pools_and_pull_step_expect() -> None:
+    instructions = dockerfile_instructions()
+    assert instructions[0][0] in ("FROM", "ARG") and any(k == "FROM" for k, _ in instructions)
+    assert all(k in {"FROM", "ARG", "ENV", "RUN", "WORKDIR", "COPY", "VOLUME"} for k, _ in instructions)
+    workdir = [a for k, a in instructions if k == "WORKDIR"]
+    assert workdir == ["/opt/gauntlet"]  # = the image pull step's directory (test above)
+    env = " ".join(a for k, a in instructions if k == "ENV")
+    docker_env = json.loads((POOLS / "docker-gpu.json").read_text())["variables"]["properties"]["env"]["default"]
+    assert f"GAUNTLET_HOME={docker_env['GAUNTLET_HOME']}" in env
+    index = {a: i for i, (k, a) in enumerate(instructions)}
+    deps = next(i for i, (k, a) in enumerate(instructions) if k == "RUN" and 'pip install ".[${EXTRAS}]"' in a)
+    assert index["pyproject.toml README.md ./"] < deps < index[". ."]  # dependencies cached before the code
+    for k, a in instructions:
+        if k == "COPY" and a != ". .":
+            assert all((PROJECT_ROOT / src).exists() for src in a.split()[:-1])
+    assert "gauntlet --help" in instructions[-2][1] or "gauntlet --help" in instructions[-1][1]
+    ignored = (PROJECT_ROOT / ".dockerignore").read_text().split()
+    assert {".gauntlet", ".venv", ".git"} <= set(ignored)
+
+
+def test_model_ci_workflow_runs_the_ci_deployment_and_reports_back() -> None:
+    wf = yaml.safe_load(MODEL_CI.read_text())
+    on = wf.get("on", wf.get(True))  # PyYAML reads the key `on` as True
+    assert on["pull_request"]["paths"] == ["configs/**"]
+    assert wf["permissions"]["pull-requests"] == "write"
+    for secret in ("PREFECT_API_URL", "PREFECT_API_KEY"):
+        assert wf["env"][secret] == f"${{{{ secrets.{secret} }}}}"
+    steps = wf["jobs"]["finetune"]["steps"]
+    scripts = "\n".join(s.get("run", "") for s in steps)
+    assert "prefect deployment run 'finetune/ci'" in scripts and '--param config="$f"' in scripts
+    assert "--watch" in scripts and "python -m flows.cli validate" in scripts
+    assert "deployments/ci/collect_results.py" in scripts
+    assert (PROJECT_ROOT / "deployments" / "ci" / "collect_results.py").is_file()
+    uses = [s.get("uses", "") for s in steps]
+    assert any(u.startswith("actions/upload-artifact@") for u in uses)
+    comment = next(s for s in steps if s.get("uses", "").startswith("actions/github-script@"))
+    assert "createComment" in comment["with"]["script"] and "comment.md" in comment["with"]["script"]
+    tests_wf = yaml.safe_load((PROJECT_ROOT / ".github" / "workflows" / "tests.yml").read_text())
+    assert any(s.get("run") == ".ci/run" for s in tests_wf["jobs"]["test"]["steps"])
+
+
+# ---------------------------------------------------------------------------------------------
+# gauntlet serve, for real
+# ---------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+class ServeProcess:
+    """`python -m flows.cli serve …` with its output collected by a thread."""
+
+    def __init__(self, args: list[str], env: dict[str, str]):
+        self.proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", *args], cwd=PROJECT_ROOT, env=env,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def wait_for(self, text: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.output:
+            assert self.proc.poll() is None, f"serve exited ({self.proc.returncode}):\n{self.output}"
+            assert time.monotonic() < deadline, f"no {text!r} after {timeout}s:\n{self.output}"
+            time.sleep(0.5)
+
+
+def register_stand_in(tracking: str, folder: Path, name: str) -> None:
+    """A tiny model registered as NAME@champion in the served MLflow (stands in for the demo's fine-tuned one)."""
+    from mlflow.tracking import MlflowClient
+
+    from tasks.gate import register_version
+    from tasks.spec import RegistrySpec
+
+    c = MlflowClient(tracking)
+    exp = c.get_experiment_by_name("serve-test") or c.get_experiment(c.create_experiment("serve-test"))
+    run = c.create_run(exp.experiment_id, run_name="register")
+    version = register_version(c, RegistrySpec(model_name=name), run.info.run_id, folder, {"test": "serve"})
+    c.set_terminated(run.info.run_id, "FINISHED")
+    c.set_registered_model_alias(name, "champion", version)
+
+
+def load_collector():
+    """deployments/ci/collect_results.py as a module (CI runs it as a script)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("collect_results", PROJECT_ROOT / "deployments" / "ci" /
+                                                  "collect_results.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_gauntlet_serve_schedules_and_runs_the_nightly_leaderboard(tmp_path: Path, monkeypatch, capsys) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterName,
+        FlowRunFilter,
+        FlowRunFilterId,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from tasks import demo_data
+    from tasks.leaderboard import Leaderboard
+    from tasks.models import build_demo_model
+
+    prefect_port, mlflow_port = free_port(), free_port()
+    api, tracking = f"http://127.0.0.1:{prefect_port}/api", f"http://127.0.0.1:{mlflow_port}"
+    home = tmp_path / "home"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    env.update({"GAUNTLET_HOME": str(home), "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",
+                "PREFECT_SERVER_ANALYTICS_ENABLED": "false"})
+    serve = ServeProcess(["--prefect-port", str(prefect_port), "--mlflow-port", str(mlflow_port),
+                          "--timezone", "Europe/Berlin"], env)
+    try:
+        # While the servers start: the eval items and a tiny model standing in for the demo's fine-tuned one.
+        eval_file = tmp_path / "eval.jsonl"
+        demo_data.write_jsonl(eval_file, demo_data.build(48, 7)["eval"])
+        stand_in = build_demo_model("tiny-llama", out=tmp_path / "stand-in", seed=1)
+        serve.wait_for("READY", timeout=400)
+        client_env = {**env, "PREFECT_API_URL": api, "MLFLOW_TRACKING_URI": tracking,
+                      "PREFECT_HOME": str(home / "prefect")}
+
+        # The scheduler of the real server creates the upcoming 02:00 Europe/Berlin runs.
+        with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
+            deployment = client.read_deployment_by_name("leaderboard/nightly")
+            (schedule,) = deployment.schedules
+            assert schedule.schedule.cron == "0 2 * * *" and schedule.schedule.timezone == "Europe/Berlin"
+            assert deployment.pull_steps == [{"prefect.deployments.steps.set_working_directory":
+                                              {"directory": str(PROJECT_ROOT)}}]
+            deadline, scheduled = time.monotonic() + 90, []
+            while not scheduled and time.monotonic() < deadline:
+                scheduled = client.read_flow_runs(
+                    deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["nightly"])),
+                    flow_run_filter=FlowRunFilter(state=FlowRunFilterState(
+                        type=FlowRunFilterStateType(any_=[StateType.SCHEDULED]))))
+                time.sleep(1)
+            assert scheduled, "the scheduler created no runs (SQLAlchemy 2.1 does this silently)"
+            for run in scheduled:
+                local = run.expected_start_time.astimezone(ZoneInfo("Europe/Berlin"))
+                assert (local.hour, local.minute) == (2, 0)
+            assert client.read_concurrency_limit_by_tag("gpu").concurrency_limit == 1
+            assert {d.name for d in client.read_deployments()} == {"nightly", "manual", "ci"}
+
+        # Candidates: the demo's tiny model, the registered stand-in for its fine-tuned version, GPTQ variants.
+        register_stand_in(tracking, stand_in, "served-demo")
+        config = tmp_path / "leaderboard.yaml"
+        config.write_text(yaml.safe_dump({
+            "name": "served", "variants": ["bf16", "gptq-int4"], "eval_file": str(eval_file),
+            "candidates": [{"source": "demo://tiny-llama", "name": "tiny-llama"},
+                           {"source": "models:/served-demo@champion", "name": "demo-champion"}],
+            "eval": {"tasks": ["demo_facts"], "limit": 16, "speed_probe": {"prompts": 2, "max_new_tokens": 8}},
+            "publish": {"dir": str(tmp_path / "site")}}))
+        run = subprocess.run([sys.executable, "-m", "prefect", "deployment", "run", "leaderboard/nightly",
+                              "--param", f"config={config}", "--watch"], cwd=PROJECT_ROOT, env=client_env,
+                             capture_output=True, text=True, timeout=480)
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:] + serve.output
+        flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", run.stdout).group(1)
+
+        with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
+            flow_run = client.read_flow_run(flow_run_id)
+            artifacts = client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        assert flow_run.state.is_completed() and flow_run.deployment_id == deployment.id
+        assert {(a.key, a.type) for a in artifacts} >= {("leaderboard-served", "table"),
+                                                       ("leaderboard-served-summary", "markdown")}
+        board = Leaderboard.model_validate_json((tmp_path / "site" / "leaderboard.json").read_text())
+        assert {r.candidate for r in board.ranked()} == {"tiny-llama", "demo-champion"}
+        assert board.row("demo-champion", "bf16").note.startswith("models:/served-demo@champion → version 1")
+        assert all(board.row(c, "gptq-int4").status != "ok" for c in ("tiny-llama", "demo-champion"))
+        assert (tmp_path / "site" / "leaderboard.html").stat().st_size > 5000
+
+        # What CI collects from a finished run: state, markdown artifacts, the MLflow JSON.
+        collect = load_collector()
+        with temporary_settings({PREFECT_API_URL: api}):
+            monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking)
+            code = collect.main([flow_run_id, "--out", str(tmp_path / "ci"), "--title", "leaderboard"])
+        assert code == 0
+        assert "verdict=unknown" in capsys.readouterr().out  # a leaderboard run has no gate
+        comment = (tmp_path / "ci" / "comment.md").read_text()
+        assert "ended **Completed**" in comment and "| tiny-llama | bf16 |" in comment
+        assert list((tmp_path / "ci" / "mlflow").rglob("leaderboard.json"))
+    finally:
+        if serve.proc.poll() is None:
+            serve.proc.send_signal(signal.SIGTERM)
+        code = serve.proc.wait(120)
+    assert code == 0, serve.output
+    for name in ("worker", "prefect-server", "mlflow"):
+        assert f"stopped {name}" in serve.output
+    assert not port_open(prefect_port) and not port_open(mlflow_port)
+    for pid in re.findall(r"started \S+ \(pid (\d+)", serve.output):
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+
+
+def test_ci_collector_reads_the_gate_verdict_and_writes_the_comment() -> None:
+    collect = load_collector()
+    done = {"flow_run_id": "f" * 8, "name": "brave-run", "state": "Completed", "type": "COMPLETED", "message": None}
+    gate = {"gate-decision": "# Gate FAILED: support-bot\n\n| rule | measured |", "run-summary": "# Gauntlet run"}
+    assert collect.gate_verdict(done, gate, []) == "failed"
+    assert collect.gate_verdict(done, {"gate-decision": "# Gate PASSED: x"}, []) == "passed"
+    assert collect.gate_verdict({**done, "type": "FAILED"}, gate, []) == "run-failed"
+    text = collect.comment("configs/support-bot.yaml", done, "failed", gate, "https://prefect.example.com")
+    assert text.startswith("## ❌ configs/support-bot.yaml: gate failed")
+    assert "https://prefect.example.com/runs/flow-run/ffffffff" in text
+    assert text.index("gate-decision") < text.index("run-summary") and "| rule | measured |" in text

@@ -1,0 +1,163 @@
+"""The evaluation stage under Prefect and MLflow: cached per task, and failing clearly.
+
+Real Prefect (the session's test API), real sqlite MLflow, lm-eval on a tiny real model; the evaluate
+flow (``flows/evaluate.py``, what ``gauntlet eval`` runs). Which tasks were evaluated is read back from
+Prefect's task run states, and how often the model was loaded from the MLflow run. Nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tasks.spec import EvalSpec, ModelSpec, SpeedProbeSpec
+from tasks.state import PROJECT_ROOT
+
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
+PROBE = SpeedProbeSpec(prompts=2, max_new_tokens=4, large_batch=4)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    from tasks.models import build_demo_model
+
+    return build_demo_model("tiny-llama", out=tmp_path_factory.mktemp("cache-models") / "tiny-llama")
+
+
+def spec_with(*tasks: str | dict, **kw) -> EvalSpec:
+    return EvalSpec(tasks=list(tasks), fixtures=True, num_fewshot=0, limit=3, max_gen_tokens=8, speed_probe=PROBE, **kw)
+
+
+def run_eval(model: Path | str, spec: EvalSpec, variant: str = "base"):
+    from flows.evaluate import evaluate_flow
+
+    return evaluate_flow(model=ModelSpec(source=str(model)), spec=spec, variant=variant,
+                         experiment="gauntlet-eval-tests", return_state=True)
+
+
+def task_states(state) -> dict[str, str]:
+    """Task run name -> final state name for one flow run, read back from the Prefect API."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+    return {r.name: r.state.name for r in runs if not r.name.startswith("fetch_model")}
+
+
+def mlflow_run(run_id: str):
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient()
+    return c, c.get_run(run_id)
+
+
+def test_unchanged_suite_costs_nothing_and_an_added_task_runs_alone(prefect_api, model_dir) -> None:
+    first = run_eval(model_dir, spec_with("arc_challenge", "hellaswag"))
+    assert first.is_completed(), first.message
+    assert task_states(first) == {"evaluate-base": "Completed", "score-base-arc_challenge": "Completed",
+                                  "score-base-hellaswag": "Completed", "speed-probe-base": "Completed"}
+    report = first.result()
+    c, run = mlflow_run(report.mlflow_run_id)
+    assert run.info.status == "FINISHED" and run.data.metrics["engine_loads"] == 1
+    assert {"arc_challenge.acc_norm", "hellaswag.acc_norm", "arc_challenge.normalized",
+            "average_normalized", "perf.tokens_per_s", "perf.tokens_per_s_large_batch",
+            "perf.ttft_p95_ms"} <= set(run.data.metrics)
+    assert run.data.params["eval.decoding"] == "greedy" and run.data.params["eval.fewshot_seed"] == "1234"
+    assert run.data.params["eval.task_settings.arc_challenge.engine_task"] == "fixture_arc_challenge"
+    assert {"report.json", "report.md"} <= {a.path for a in c.list_artifacts(run.info.run_id)}
+    nested = c.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'")
+    assert {r.info.run_name for r in nested} == {"score-base-arc_challenge", "score-base-hellaswag",
+                                                 "speed-probe-base"}
+
+    # the same model, the same suite: one cache hit, no task evaluated, the same report
+    again = run_eval(model_dir, spec_with("arc_challenge", "hellaswag"))
+    assert again.is_completed()
+    assert task_states(again) == {"evaluate-base": "Cached"}
+    assert again.result().task_results == report.task_results
+
+    # one task added: only that task is evaluated (one model load); the others and the probe are cached
+    grown = run_eval(model_dir, spec_with("arc_challenge", "hellaswag", "gsm8k"))
+    assert grown.is_completed(), grown.message
+    assert task_states(grown) == {"evaluate-base": "Completed", "score-base-arc_challenge": "Cached",
+                                  "score-base-hellaswag": "Cached", "score-base-gsm8k": "Completed",
+                                  "speed-probe-base": "Cached"}
+    grown_report = grown.result()
+    assert [r.task for r in grown_report.task_results] == ["arc_challenge", "hellaswag", "gsm8k"]
+    assert grown_report.task_results[:2] == report.task_results  # the cached results, reused as they were
+    _, run = mlflow_run(grown_report.mlflow_run_id)
+    assert run.data.metrics["engine_loads"] == 1 and "gsm8k.exact_match/strict-match" in run.data.metrics
+
+    # a subset of what was evaluated: nothing runs and the model is never loaded
+    subset = run_eval(model_dir, spec_with("gsm8k"))
+    assert task_states(subset) == {"evaluate-base": "Completed", "score-base-gsm8k": "Cached",
+                                   "speed-probe-base": "Cached"}
+    _, run = mlflow_run(subset.result().mlflow_run_id)
+    assert run.data.metrics["engine_loads"] == 0
+
+    # a changed protocol (few-shot count of one task) re-evaluates exactly that task
+    changed = run_eval(model_dir, spec_with({"name": "arc_challenge", "num_fewshot": 1}, "gsm8k"))
+    assert task_states(changed) == {"evaluate-base": "Completed", "score-base-arc_challenge": "Completed",
+                                    "score-base-gsm8k": "Cached", "speed-probe-base": "Cached"}
+
+
+def _failed_runs(report_experiment: str = "gauntlet-eval-tests"):
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient()
+    exp = c.get_experiment_by_name(report_experiment)
+    return c, c.search_runs([exp.experiment_id], "attributes.status = 'FAILED'",
+                            order_by=["attributes.start_time DESC"])
+
+
+def test_missing_data_file_fails_naming_the_task_and_keeps_what_was_done(prefect_api, model_dir, tmp_path) -> None:
+    tasks_dir = tmp_path / "evals"
+    tasks_dir.mkdir()
+    shutil.copy(PROJECT_ROOT / "evals" / "fixtures" / "arc_challenge" / "fixture_arc_challenge.yaml", tasks_dir)
+    (tasks_dir / "my_task.yaml").write_text(
+        "task: my_task\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: data/nowhere/my_task.jsonl\n"
+        "output_type: multiple_choice\ndoc_to_text: '{{q}}'\ndoc_to_choice: '{{choices}}'\ndoc_to_target: 0\n")
+    spec = EvalSpec(tasks_dir=str(tasks_dir), tasks=["fixture_arc_challenge", "my_task"], limit=3,
+                    speed_probe=PROBE)
+    state = run_eval(model_dir, spec, variant="broken-data")
+    assert state.is_failed()
+    assert "my_task" in state.message and "data/nowhere/my_task.jsonl" in state.message
+    states = task_states(state)
+    assert states["score-broken-data-fixture_arc_challenge"] == "Completed"
+    assert states["score-broken-data-my_task"] == "Failed" and states["evaluate-broken-data"] == "Failed"
+
+    c, failed = _failed_runs()
+    by_name = {r.info.run_name: r for r in failed}
+    stage = by_name["evaluate-broken-data"]
+    assert "my_task" in stage.data.tags["gauntlet.error"]
+    assert "fixture_arc_challenge.acc" in stage.data.metrics  # what was done before the failure is kept
+    assert "error.txt" in {a.path for a in c.list_artifacts(stage.info.run_id)}
+    assert "my_task" in by_name["score-broken-data-my_task"].data.tags["gauntlet.error"]
+    parent = c.get_run(stage.data.tags["mlflow.parentRunId"])
+    assert parent.info.status == "FAILED"
+
+
+def test_model_that_does_not_load_and_missing_vllm_fail_clearly(prefect_api, model_dir, tmp_path) -> None:
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "llama", "hidden_size": 7}')
+    # a well-formed safetensors file (so fetch_model's integrity check passes) that fits no Llama
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(1)}, str(broken / "model.safetensors"))
+    state = run_eval(broken, spec_with("arc_challenge"), variant="broken-model")
+    assert state.is_failed()
+    assert str(broken) in state.message and "failed to load with the hf backend" in state.message
+    _, failed = _failed_runs()
+    assert "failed to load" in {r.info.run_name: r for r in failed}["evaluate-broken-model"].data.tags["gauntlet.error"]
+
+    # vllm is not installed here (it is the `gpu` extra): the stage says so, before loading anything
+    state = run_eval(model_dir, spec_with("arc_challenge", backend="vllm", tensor_parallel_size=2), variant="vllm")
+    assert state.is_failed()
+    assert "vllm" in state.message and "llm-gauntlet[gpu]" in state.message
+    _, failed = _failed_runs()
+    assert "llm-gauntlet[gpu]" in {r.info.run_name: r for r in failed}["evaluate-vllm"].data.tags["gauntlet.error"]

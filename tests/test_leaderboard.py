@@ -1,0 +1,445 @@
+"""The nightly leaderboard: ranking rules on their own, then three real nights of the flow.
+
+The nights run the real flow on the session's Prefect test API with real sqlite MLflow (history and the
+registry), real lm-eval on tiny random-init Llamas built with different seeds, and one broken candidate
+(a model folder whose weights file is garbage). Night 2 changes nothing; night 3 adds a candidate.
+The HTML is opened in a real headless Chromium (chromedriver through Selenium).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tasks import demo_data
+from tasks.leaderboard import (
+    BoardRow,
+    CandidateOutcome,
+    Leaderboard,
+    assign_ranks,
+    build_leaderboard,
+    normalized_score,
+    pareto_front,
+    protocols_match,
+)
+from tasks.refs import EvalReport, PerfProbe, TaskScore
+from tasks.spec import LeaderboardSpec, SpecError, load_leaderboard_spec
+
+
+# ---------------------------------------------------------------------------------------------
+# ranking rules (pure functions, hand-made reports)
+# ---------------------------------------------------------------------------------------------
+
+PROTOCOL = {"backend": "hf", "limit": None, "tasks": ["demo_facts"]}
+VERSIONS = {"lm_eval": "0.4.13", "tasks": {"demo_facts": "1.0"}, "device": "cpu", "dtype": "float32"}
+
+
+def report(acc: float | None, tokens: float = 10.0, memory: float = 1.0, protocol: dict | None = None,
+           stamp: str = "2026-01-01T02:00:00+00:00") -> EvalReport:
+    scores = [] if acc is None else [TaskScore(task="demo_facts", metric="acc", value=acc)]
+    return EvalReport(model="m", model_sha="sha", scores=scores, protocol=protocol or PROTOCOL, versions=VERSIONS,
+                      perf=PerfProbe(backend="hf", device="cpu", tokens_per_s=tokens, first_token_latency_ms=5.0,
+                                     peak_memory_gb=memory, size_on_disk_gb=0.01),
+                      timestamp=stamp, report_path="/dev/null")
+
+
+def outcome(name: str, rep: EvalReport | None, status: str = "ok", reason: str | None = None) -> CandidateOutcome:
+    return CandidateOutcome(candidate=name, variant="bf16", source=f"/models/{name}", status=status, reason=reason,
+                            model_sha=rep.model_sha if rep else None, report=rep)
+
+
+def spec_for(tmp_path: Path, **ranking) -> LeaderboardSpec:
+    data = tmp_path / "eval.jsonl"
+    data.write_text("{}\n")
+    return LeaderboardSpec.model_validate({
+        "name": "unit", "candidates": [{"source": "demo://tiny-llama"}], "eval_file": str(data),
+        "eval": {"tasks": ["demo_facts"]}, "ranking": ranking})
+
+
+BASELINE = {"demo_facts": (0.25, "configured")}
+
+
+def test_normalized_score_maps_chance_to_zero_and_perfect_to_hundred() -> None:
+    assert normalized_score(0.25, 0.25) == 0.0
+    assert normalized_score(1.0, 0.25) == 100.0
+    assert normalized_score(0.625, 0.25) == pytest.approx(50.0)
+    assert normalized_score(0.10, 0.25) == 0.0          # below chance counts as chance
+    assert normalized_score(0.3, 0.0) == pytest.approx(30.0)
+    with pytest.raises(ValueError):
+        normalized_score(0.5, 1.0)
+
+
+def test_ties_share_a_rank_and_missing_scores_are_listed_not_ranked(tmp_path: Path) -> None:
+    spec = spec_for(tmp_path, random_baselines={"demo_facts": 0.25})
+    board = build_leaderboard(spec, [outcome("a", report(0.625)), outcome("b", report(0.625)),
+                                     outcome("c", report(0.4)), outcome("d", report(None)),
+                                     outcome("e", None, "failed", "ValueError: weights do not load")], BASELINE, [])
+    rows = {r.candidate: r for r in board.rows}
+    assert (rows["a"].rank, rows["b"].rank, rows["c"].rank) == (1, 1, 3)
+    assert rows["a"].tie and rows["b"].tie and not rows["c"].tie
+    assert rows["a"].average == pytest.approx(50.0) and rows["c"].average == pytest.approx(20.0)
+    assert rows["d"].status == "ranked" and rows["d"].rank is None
+    assert rows["d"].missing == ["demo_facts.acc"] and "missing demo_facts.acc" in rows["d"].reason
+    assert rows["e"].status == "failed" and rows["e"].reason == "ValueError: weights do not load"
+    assert [r.candidate for r in board.rows] == ["a", "b", "c", "d", "e"]
+
+
+def test_lower_is_better_keys_rank_ascending(tmp_path: Path) -> None:
+    spec = spec_for(tmp_path, key="peak_memory_gb")
+    board = build_leaderboard(spec, [outcome("big", report(0.5, memory=3.0)), outcome("small", report(0.3, memory=1.0))],
+                              BASELINE, [])
+    assert not board.higher_is_better
+    assert [(r.candidate, r.rank) for r in board.ranked()] == [("small", 1), ("big", 2)]
+
+
+def test_reports_with_another_protocol_are_listed_apart_with_the_difference(tmp_path: Path) -> None:
+    spec = spec_for(tmp_path)
+    odd = report(0.9, protocol={**PROTOCOL, "limit": 8})
+    assert not protocols_match(odd, report(0.5))
+    board = build_leaderboard(spec, [outcome("a", report(0.5)), outcome("b", report(0.4)), outcome("odd", odd)],
+                              BASELINE, [])
+    row = board.row("odd", "bf16")
+    assert row.status == "unranked" and row.rank is None
+    assert "protocol.limit: 8 vs None" in row.reason
+    assert [r.candidate for r in board.ranked()] == ["a", "b"]
+
+
+def test_deltas_and_trend_against_previous_nights(tmp_path: Path) -> None:
+    spec = spec_for(tmp_path)
+    night1 = build_leaderboard(spec, [outcome("a", report(0.5)), outcome("b", report(0.4))], BASELINE, [],
+                               night="2026-01-01T02:00:00+00:00")
+    night2 = build_leaderboard(spec, [outcome("a", report(0.625)), outcome("b", report(0.4, protocol={**PROTOCOL, "limit": 4})),
+                                      outcome("c", report(0.3))], BASELINE, [night1], night="2026-01-02T02:00:00+00:00")
+    a, b, c = night2.row("a", "bf16"), night2.row("b", "bf16"), night2.row("c", "bf16")
+    assert a.delta_average == pytest.approx(50.0 - 100 / 3)
+    assert [p.night for p in a.trend] == [night1.night, night2.night]
+    assert b.delta_average is None and b.status == "unranked"
+    assert c.delta_note == "new tonight" and len(c.trend) == 1
+    assert night2.previous_night == night1.night and night2.nights == [night1.night, night2.night]
+
+
+def test_pareto_front() -> None:
+    points = [("fast-weak", 100.0, 10.0), ("slow-strong", 10.0, 60.0), ("balanced", 50.0, 40.0),
+              ("dominated", 40.0, 30.0), ("also-dominated", 10.0, 50.0)]
+    assert pareto_front(points) == {"fast-weak", "slow-strong", "balanced"}
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"variants": ["fp8"]}, "unknown variant(s) ['fp8']"),
+    ({"candidates": [{"source": "models:/only-a-name"}]}, "models:/NAME@alias or models:/NAME/VERSION"),
+    ({"candidates": [{"source": "ftp://x"}]}, "unsupported scheme"),
+    ({"candidates": [{"source": "demo://tiny-llama"}, {"source": "demo://tiny-llama"}]}, "appear twice"),
+    ({"ranking": {"key": "task:nope"}}, "key 'task:nope' is not one of"),
+    ({"ranking": {"suites": {"core": ["nope"]}}}, "suite 'core' names task(s) ['nope']"),
+    ({"ranking": {"random_baselines": {"demo_facts": 1.5}}}, "must be in [0, 1)"),
+    ({"eval_file": "missing.jsonl"}, "does not exist"),
+])
+def test_invalid_leaderboard_configs_name_the_field(tmp_path: Path, change: dict, message: str) -> None:
+    raw = {"name": "bad", "candidates": [{"source": "demo://tiny-llama"}], "eval": {"tasks": ["demo_facts"]}}
+    raw.update(change)
+    path = tmp_path / "lb.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(SpecError) as err:
+        load_leaderboard_spec(path, root=tmp_path if "eval_file" in change else None)
+    assert message in str(err.value)
+
+
+def test_repository_leaderboard_config_is_valid() -> None:
+    spec = load_leaderboard_spec(Path(__file__).parent.parent / "configs" / "leaderboard.yaml")
+    assert spec.tracking.experiment == "leaderboard" and spec.ranking.key == "average"
+    assert any(c.source.startswith("models:/") for c in spec.candidates)
+
+
+# ---------------------------------------------------------------------------------------------
+# three nights of the real flow
+# ---------------------------------------------------------------------------------------------
+
+# Random-init models score near chance; these seeds give two equal scores above it and one at it
+# (tables below are computed from the reports, not assumed).
+SEEDS = {"alpha": 2, "beta": 5, "registered": 1, "gamma": 3}
+REGISTERED = "lb-test-model"
+
+
+def register_model(folder: Path, name: str) -> str:
+    """Register ``folder`` as a new version of ``name`` @champion in the session's MLflow registry."""
+    from mlflow.tracking import MlflowClient
+
+    from tasks.gate import register_version
+    from tasks.spec import RegistrySpec
+    from tasks.tracking import experiment_id, tracking_uri
+
+    c = MlflowClient(tracking_uri())
+    run = c.create_run(experiment_id(c, "lb-test-registry"), run_name="register")
+    version = register_version(c, RegistrySpec(model_name=name), run.info.run_id, folder, {"test": "leaderboard"})
+    c.set_terminated(run.info.run_id, "FINISHED")
+    c.set_registered_model_alias(name, "champion", version)
+    return version
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, prefect_api) -> dict:
+    from tasks.models import build_demo_model
+
+    root = tmp_path_factory.mktemp("leaderboard")
+    eval_file = root / "eval.jsonl"
+    demo_data.write_jsonl(eval_file, demo_data.build(48, 7)["eval"])
+    models = {name: build_demo_model("tiny-llama", out=root / "models" / name, seed=seed)
+              for name, seed in SEEDS.items()}
+    broken = root / "models" / "broken"
+    shutil.copytree(models["alpha"], broken)
+    (broken / "model.safetensors").write_bytes(b"these are not weights")
+    register_model(models["registered"], REGISTERED)
+    candidates = [{"source": str(models["alpha"]), "name": "alpha"},
+                  {"source": str(models["beta"]), "name": "beta"},
+                  {"source": f"models:/{REGISTERED}@champion", "name": "registered"},
+                  {"source": str(broken), "name": "broken"}]
+    config = {"name": "test-nightly", "candidates": candidates, "variants": ["bf16", "gptq-int4"],
+              "eval_file": str(eval_file),
+              "eval": {"tasks": ["demo_facts"], "batch_size": 16,
+                       "speed_probe": {"prompts": 2, "max_new_tokens": 8}},
+              "publish": {"dir": str(root / "site")}, "concurrency": {"gpu_slots": 1}}
+    path = root / "leaderboard.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return {"root": root, "config": config, "path": path, "models": models}
+
+
+def run_night(config_path: Path):
+    from flows.leaderboard import leaderboard
+
+    state = leaderboard(config=str(config_path), return_state=True)
+    assert state.is_completed(), state.message
+    return state.result(), state.state_details.flow_run_id
+
+
+def task_runs(flow_run_id) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        return client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+
+
+def evaluations(flow_run_id) -> list:
+    return [r for r in task_runs(flow_run_id) if r.name.startswith("evaluate-")]
+
+
+@pytest.fixture(scope="module")
+def night1(world):
+    return run_night(world["path"])
+
+
+@pytest.fixture(scope="module")
+def night2(world, night1):
+    return run_night(world["path"])
+
+
+@pytest.fixture(scope="module")
+def night3(world, night2):
+    config = json.loads(json.dumps(world["config"]))
+    config["candidates"].append({"source": str(world["models"]["gamma"]), "name": "gamma"})
+    path = world["root"] / "leaderboard-plus-gamma.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return run_night(path)
+
+
+def test_first_night_ranks_scored_models_and_keeps_the_broken_one_visible(night1) -> None:
+    board, flow_run_id = night1
+    ranked = {r.candidate: r for r in board.ranked()}
+    assert set(ranked) == {"alpha", "beta", "registered"}
+    baseline = board.baselines["demo_facts"]
+    assert baseline["value"] == pytest.approx(0.25) and "1/choices over 48 items" in baseline["source"]
+    for r in ranked.values():
+        assert r.variant == "bf16" and r.raw["demo_facts"] is not None
+        assert r.normalized["demo_facts"] == pytest.approx(max(0.0, (r.raw["demo_facts"] - 0.25) / 0.75 * 100))
+        assert r.average == pytest.approx(r.normalized["demo_facts"])
+        assert r.tokens_per_s > 0 and r.size_on_disk_gb > 0 and r.peak_memory_gb > 0
+    # competition ranking: ordered by average, equal averages share the rank and are marked as ties
+    order = board.ranked()
+    assert [r.average for r in order] == sorted((r.average for r in order), reverse=True)
+    for r in order:
+        better = sum(o.average > r.average + 1e-9 for o in order)
+        assert r.rank == better + 1
+        assert r.tie == any(o is not r and round(o.average, 2) == round(r.average, 2) for o in order)
+    assert any(r.tie for r in order) and len({r.rank for r in order}) >= 2  # the seeds give both cases
+    assert ranked["registered"].note.startswith(f"models:/{REGISTERED}@champion → version ")
+
+    broken = board.row("broken", "bf16")
+    assert broken.status == "failed" and broken.average is None
+    assert "Error" in broken.reason and "broken" not in {r.candidate for r in order}
+    # fetch_model refuses the corrupt weights file before any evaluation starts: that task run failed
+    assert "not a valid safetensors file" in broken.reason
+    assert "Failed" in {r.state.name for r in task_runs(flow_run_id)}
+    assert board.row("broken", "gptq-int4").status == "failed"
+    for name in ("alpha", "beta", "registered"):
+        # this night has an eval file but no DVC data: GPTQ has nothing to calibrate on, and says so
+        row = board.row(name, "gptq-int4")
+        assert row.status == "skipped" and "calibrates on the run's data" in row.reason and row.average is None
+
+
+def test_first_night_publishes_files_artifacts_and_an_mlflow_run(night1) -> None:
+    from mlflow.tracking import MlflowClient
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    board, flow_run_id = night1
+    files = {k: Path(v) for k, v in board.files.items()}
+    assert set(files) == {"json", "md", "html"} and all(p.exists() for p in files.values())
+    assert Leaderboard.model_validate_json(files["json"].read_text()).night == board.night
+    md = files["md"].read_text()
+    assert "| rank | model | variant | average |" in md and "## Not ranked" in md
+    assert all(f"| {name} | bf16 |" in md for name in ("alpha", "beta", "registered"))
+    html = files["html"].read_text()
+    assert html.count('<tr data-key="') == 3 and '<svg id="scatter"' in html and "<script>" in html
+    assert "src=" not in html and "<link" not in html  # self-contained: no external scripts or styles
+
+    c = MlflowClient()
+    run = c.get_run(board.mlflow_run_id)
+    assert run.data.tags["gauntlet.leaderboard"] == "test-nightly" and run.info.status == "FINISHED"
+    assert {a.path for a in c.list_artifacts(run.info.run_id)} >= {"leaderboard.json", "leaderboard.md",
+                                                                  "leaderboard.html"}
+    assert c.get_experiment(run.info.experiment_id).name == "leaderboard"
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    by_key = {a.key: a for a in artifacts}
+    assert by_key["leaderboard-test-nightly"].type == "table"
+    assert by_key["leaderboard-test-nightly-summary"].type == "markdown"
+    table = by_key["leaderboard-test-nightly"].data
+    rows = json.loads(table) if isinstance(table, str) else table
+    assert {r["model"] for r in rows} == {"alpha", "beta", "registered", "broken"}
+    assert "| alpha | bf16 |" in by_key["leaderboard-test-nightly-summary"].data
+
+
+def test_gpu_evaluations_respect_the_tag_concurrency_limit(night1) -> None:
+    from prefect.client.orchestration import get_client
+
+    _, flow_run_id = night1
+    with get_client(sync_client=True) as client:
+        assert client.read_concurrency_limit_by_tag("gpu").concurrency_limit == 1
+    runs = [r for r in evaluations(flow_run_id) if r.start_time and r.end_time]
+    assert len(runs) == 4 and all("gpu" in r.tags for r in runs)
+    spans = sorted((r.start_time, r.end_time) for r in runs)
+    for (_, end), (start, _) in zip(spans, spans[1:]):
+        assert start >= end - timedelta(milliseconds=50), "two evaluations held the gpu slot at once"
+
+
+def test_second_night_evaluates_nothing_again_and_shows_zero_deltas(night1, night2) -> None:
+    board1, _ = night1
+    board2, flow_run_id = night2
+    states = [r.state.name for r in evaluations(flow_run_id)]
+    # the three good models come from the cache; only the broken one is tried (and fails) again
+    assert sorted(states) == ["Cached", "Cached", "Cached", "Failed"], states
+    assert board2.previous_night == board1.night
+    for r in board2.ranked():
+        assert r.delta_average == 0.0, (r.candidate, r.delta_note)
+        assert [p.night for p in r.trend] == [board1.night, board2.night]
+        assert r.eval_run_id == board1.row(r.candidate, r.variant).eval_run_id  # the same evaluation
+    assert "+0.0" in Path(board2.files["html"]).read_text()
+
+
+def test_a_new_candidate_is_the_only_one_evaluated(night2, night3) -> None:
+    board2, _ = night2
+    board3, flow_run_id = night3
+    states = sorted(r.state.name for r in evaluations(flow_run_id))
+    assert states == ["Cached", "Cached", "Cached", "Completed", "Failed"], states
+    gamma = board3.row("gamma", "bf16")
+    assert gamma.status == "ranked" and gamma.delta_note == "new tonight" and len(gamma.trend) == 1
+    assert gamma.eval_run_id not in {r.eval_run_id for r in board2.rows}
+    assert all(r.delta_average == 0.0 for r in board3.ranked() if r.candidate != "gamma")
+    assert len(board3.nights) == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# the HTML in a real browser
+# ---------------------------------------------------------------------------------------------
+
+
+def _which(*names: str) -> str | None:
+    for n in names:
+        if found := shutil.which(n):
+            return found
+    return None
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Headless Chromium (or Chrome) driven by chromedriver. On Debian as root, installs chromium and
+    chromium-driver with apt when they are missing (the CI image's test set-up)."""
+    binary = _which("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+    driver = _which("chromedriver") or _which(str(Path(os.environ.get("CHROMEWEBDRIVER", "/nonexistent")) /
+                                                   "chromedriver"))  # GitHub's Ubuntu runners
+    if (binary is None or driver is None) and shutil.which("apt-get") and os.geteuid() == 0:
+        subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", "chromium", "chromium-driver"],
+                       check=False, capture_output=True, timeout=600,
+                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+        binary, driver = _which("chromium"), _which("chromedriver")
+    if binary is None or driver is None:
+        pytest.skip("needs chromium (or chrome) and chromedriver: apt-get install chromium chromium-driver")
+    pytest.importorskip("selenium", reason="pip install selenium (the dev extra)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--window-size=1400,1600"):
+        options.add_argument(arg)
+    drv = webdriver.Chrome(service=Service(driver), options=options)
+    yield drv
+    drv.quit()
+
+
+def test_html_leaderboard_sorts_and_draws_in_chromium(night3, browser) -> None:
+    from selenium.webdriver.common.by import By
+
+    board, _ = night3  # the published file is the latest night's
+    browser.get(Path(board.files["html"]).as_uri())
+    rows = browser.find_elements(By.CSS_SELECTOR, "#board tbody tr")
+    assert [r.get_attribute("data-key") for r in rows] == [r.key for r in board.ranked()]
+
+    headers = {h.text.strip(): h for h in browser.find_elements(By.CSS_SELECTOR, "#board thead th")}
+    column = list(headers).index("tokens/s")
+
+    def tokens_column() -> list[float]:
+        return [float(r.find_elements(By.TAG_NAME, "td")[column].get_attribute("data-v"))
+                for r in browser.find_elements(By.CSS_SELECTOR, "#board tbody tr")]
+
+    headers["tokens/s"].click()
+    ascending = tokens_column()
+    assert ascending == sorted(ascending) and headers["tokens/s"].get_attribute("aria-sort") == "ascending"
+    headers["tokens/s"].click()
+    assert tokens_column() == sorted(ascending, reverse=True)
+    headers["Model"].click()
+    names = [r.find_elements(By.TAG_NAME, "td")[1].text for r in browser.find_elements(By.CSS_SELECTOR, "#board tbody tr")]
+    assert names == sorted(names)
+
+    points = browser.find_elements(By.CSS_SELECTOR, "#scatter circle.pt")
+    assert len(points) == len(board.ranked())
+    assert all(float(p.get_attribute("cx")) > 0 and float(p.get_attribute("cy")) > 0 for p in points)
+    assert browser.find_elements(By.CSS_SELECTOR, "#scatter circle.pt.pareto")  # the front is marked
+    scatter = browser.find_element(By.ID, "scatter")
+    assert scatter.size["width"] > 300 and scatter.size["height"] > 200  # laid out, not collapsed
+    with_history = [r for r in board.rows if len(r.trend) > 1]
+    assert with_history and len(browser.find_elements(By.CSS_SELECTOR, "#trend polyline.trend")) == len(with_history)
+    png = Path(board.files["html"]).with_suffix(".png")
+    browser.save_screenshot(str(png))
+    assert png.stat().st_size > 10_000
+
+
+def test_cli_validates_leaderboard_configs_before_running(tmp_path: Path, capsys) -> None:
+    from flows.cli import main
+
+    assert main(["validate", str(Path(__file__).parent.parent / "configs" / "leaderboard.yaml")]) == 0
+    assert "valid leaderboard config" in capsys.readouterr().out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"candidates": [{"source": "demo://tiny-llama"}], "variants": ["int3"],
+                                   "eval": {"tasks": ["demo_facts"]}}))
+    assert main(["leaderboard", str(bad)]) == 2
+    assert "unknown variant(s) ['int3']" in capsys.readouterr().err
