@@ -105,6 +105,20 @@ def _parser() -> argparse.ArgumentParser:
                                    "and rollbacks, oldest first.")
     p.add_argument("name", help="registered model name")
     p.add_argument("--json", action="store_true", help="print the events as JSON lines")
+
+    p = sub.add_parser("plan", help="estimate training memory per launch profile, without downloading weights",
+                       description="Estimate the peak memory of the config's training (weights, LoRA, gradients, "
+                                   "optimizer state, activations) under each profile in deployments/accelerate/, "
+                                   "from the model's config.json alone, and compare it with the visible GPUs (or "
+                                   "the ones declared with --gpus/--gpu-memory). Exit 1 if the configured "
+                                   "profile does not fit them.")
+    p.add_argument("config", help="path of the run config (YAML)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a value by dotted key, e.g. train.batch_size=4 (repeatable)")
+    p.add_argument("--gpus", type=int, default=None, help="plan for this many GPUs instead of the visible ones")
+    p.add_argument("--gpu-memory", type=float, default=None, metavar="GIB",
+                   help="memory per GPU in GiB, with --gpus (default 80)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
     return parser
 
 
@@ -157,6 +171,23 @@ def _registry_command(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_FAILED
     return EXIT_OK
+
+
+def _plan(args: argparse.Namespace) -> int:
+    spec = _validate(args.config, args.overrides)
+    from tasks.plan import PlanError, declared_devices, plan_for_spec, render, to_json
+
+    devices = declared_devices(args.gpus, args.gpu_memory or 80.0) if args.gpus else None
+    try:
+        plan, problems = plan_for_spec(spec.model, spec.train, devices, args.gpus)
+    except PlanError as e:
+        print(f"plan: {e}", file=sys.stderr)
+        return EXIT_INVALID
+    print(to_json(plan, problems) if args.json else render(plan))
+    if problems:
+        print("\nconfig problems:\n  " + "\n  ".join(problems), file=sys.stderr)
+        return EXIT_INVALID
+    return EXIT_OK if plan.configured_fits else EXIT_FAILED
 
 
 def _validate(config: str, overrides: list[str]) -> RunSpec:
@@ -301,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
             return _leaderboard(Path(args.config), args.overrides)
         if args.command == "serve":
             return _serve(args)
+        if args.command == "plan":
+            return _plan(args)
     except SpecError as e:
         print(str(e), file=sys.stderr)
         return EXIT_INVALID

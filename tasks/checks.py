@@ -16,8 +16,8 @@ from prefect import get_run_logger, task
 from pydantic import BaseModel
 
 from tasks.caching import Stage
-from tasks.prompting import format_prompt
 from tasks.refs import DatasetRef, ModelRef
+from tasks.sft_data import prompt_and_response, question
 from tasks.spec import DataChecksSpec
 from tasks.tracking import RunContext, stage_run
 
@@ -55,16 +55,16 @@ def check_data(checks: DataChecksSpec, max_seq_len: int, data: DatasetRef, model
     tokenizer = AutoTokenizer.from_pretrained(model.path)
     train = _rows(data.train_path)
     evaluation = _rows(data.eval_path)
-    prompt_lens = [len(tokenizer(format_prompt(r["instruction"], r.get("input", "")),
-                                 add_special_tokens=False)["input_ids"]) for r in train]
-    total_lens = [n + len(tokenizer(r["output"], add_special_tokens=False)["input_ids"]) + 1
-                  for n, r in zip(prompt_lens, train)]
+    texts = [prompt_and_response(r) for r in train]   # alpaca or chat rows
+    prompt_lens = [len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) for prompt, _ in texts]
+    total_lens = [n + len(tokenizer(response, add_special_tokens=False)["input_ids"]) + 1
+                  for n, (_, response) in zip(prompt_lens, texts)]
     ordered = sorted(prompt_lens)
     p95 = ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
     lengths = {"p50": float(statistics.median(ordered)), "p95": float(p95), "max": float(ordered[-1])}
     truncated = sum(n > max_seq_len for n in total_lens) / len(total_lens)
 
-    seen = {normalize(r["instruction"] + " " + r.get("input", "")) for r in train}
+    seen = {normalize(question(r)) for r in train}
     hits = [r["instruction"] for r in evaluation if normalize(r["instruction"] + " " + r.get("input", "")) in seen]
     contamination = len(hits) / len(evaluation) if evaluation else 0.0
 
@@ -104,7 +104,7 @@ def plot_lengths(lengths: list[int], limit: int, path: Path) -> None:
     plt.close(fig)
 
 
-CHECK = Stage("check_data", modules=("checks", "prompting"),
+CHECK = Stage("check_data", modules=("checks", "prompting", "sft_data"),
               key_parts=lambda p: [p["checks"].model_dump(mode="json"), p["max_seq_len"], p["data"].md5,
                                    p["model"].sha])
 

@@ -120,6 +120,20 @@ class TrainSpec(Strict):
     seed: int = 0
     lora: LoraSpec = LoraSpec()
     accelerate: AccelerateSpec = AccelerateSpec()
+    data_format: Literal["auto", "alpaca", "chat"] = Field(
+        "auto", description="alpaca rows {instruction, input, output}, or chat rows {messages: [{role, content}]} / "
+                            "ShareGPT {conversations: [{from, value}]}; auto: from the first row")
+    chat_template: str | None = Field(None, description="Jinja chat template for chat rows when the tokenizer has none")
+    packing: bool = Field(False, description="pack several examples into each max_seq_len row (attention kept "
+                                             "within each example)")
+    gradient_checkpointing: bool | None = Field(None, description="recompute activations in the backward pass; "
+                                                                  "None: on for GPU runs, off on the CPU")
+    eval_steps: int | None = Field(None, gt=0, description="validation loss every N steps (and always at the end)")
+    checkpoint_steps: int | None = Field(100, gt=0, description="save a resumable checkpoint every N steps "
+                                                                "(None: never)")
+    checkpoint_keep: int = Field(2, gt=0, description="how many of the latest checkpoints to keep")
+    memory_check: Literal["refuse", "warn", "off"] = Field(
+        "refuse", description="before launching, compare the planner's memory estimate with the visible devices")
 
 
 # Weight bit-widths each method can write (the first is the default). GPTQ/AWQ: llm-compressor's

@@ -118,21 +118,30 @@ def _pid_alive(pid: int) -> bool:
 
 
 @contextmanager
-def stage_run(ctx: RunContext, stage: str, params: dict | None = None) -> Iterator[tuple[object, str]]:
-    """A nested MLflow run for one stage; yields (client, run_id)."""
+def stage_run(ctx: RunContext, stage: str, params: dict | None = None,
+              resume_run_id: str | None = None) -> Iterator[tuple[object, str]]:
+    """A nested MLflow run for one stage; yields (client, run_id).
+
+    ``resume_run_id`` continues an earlier run of this stage (a retry in the same flow run) instead of
+    starting one, so that its metric history carries on where the failed attempt left it.
+    """
     c = client(ctx.tracking_uri)
-    tags = {"mlflow.parentRunId": ctx.parent_run_id, "gauntlet.stage": stage}
-    if ctx.flow_run_id:
-        tags["prefect.flow_run_id"] = ctx.flow_run_id
-    run = c.create_run(ctx.experiment_id, run_name=stage, tags=tags)
-    for k, v in (params or {}).items():
-        c.log_param(run.info.run_id, k, str(v)[:6000])
+    if resume_run_id:
+        c.update_run(resume_run_id, status="RUNNING")
+        run_id = resume_run_id
+    else:
+        tags = {"mlflow.parentRunId": ctx.parent_run_id, "gauntlet.stage": stage}
+        if ctx.flow_run_id:
+            tags["prefect.flow_run_id"] = ctx.flow_run_id
+        run_id = c.create_run(ctx.experiment_id, run_name=stage, tags=tags).info.run_id
+        for k, v in (params or {}).items():
+            c.log_param(run_id, k, str(v)[:6000])
     try:
-        yield c, run.info.run_id
+        yield c, run_id
     except BaseException as e:
-        _record_failure(c, run.info.run_id, e)
+        _record_failure(c, run_id, e)
         raise
-    c.set_terminated(run.info.run_id, "FINISHED")
+    c.set_terminated(run_id, "FINISHED")
 
 
 def _record_failure(c, run_id: str, error: BaseException) -> None:

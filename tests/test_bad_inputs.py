@@ -90,7 +90,14 @@ def runtime_overrides(name: str, repo: Path, tmp_path: Path) -> list[str]:
         weights = model / "model.safetensors"
         weights.write_bytes(weights.read_bytes()[:-1000])
         return [f"model.source={model}"]
+    no_variants = ["quantize.variants=[]", "gate.register_variants=[]"]   # the subject is the training config
+    if name == "lora_target_missing":
+        return ["train.lora.target_modules=[q_proj, wq]", *no_variants]
+    if name == "max_seq_len_over_model_limit":
+        return ["train.max_seq_len=1024", *no_variants]
+    splits["train"][3]["output"] = ""   # row_without_response (line 4); the other cases replace the file
     content = {
+        "row_without_response": jsonl(splits["train"]),
         "empty_dataset": b"",
         "rows_missing_fields": jsonl([{"instruction": "q", "input": ""}] * 3),
         "data_not_utf8": jsonl(splits["train"][:2]) + b'{"instruction": "caf\xe9", "input": "", "output": "x"}\n',
