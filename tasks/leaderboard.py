@@ -19,8 +19,9 @@ leaderboard:
 * **Publication**: ``leaderboard.json`` / ``.md`` / ``.html`` (tasks/leaderboard_html.py), a Prefect
   table and markdown artifact, and the files logged to the night's MLflow run.
 
-``normalized_score``, ``random_baseline`` and ``protocols_match`` are local to the leaderboard until the
-evaluation stage offers them (see docs/leaderboard.md, "Merging notes").
+Normalization is the evaluation stage's (``tasks.suites.normalized_score``). ``random_baseline`` and
+``comparable_protocol`` are still the leaderboard's own: folding them into the evaluation report's
+per-task baselines and ``protocols_match`` is open work.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ValidationError
 
 from tasks.refs import DatasetRef, EvalReport, ModelRef, Ref
+from tasks.suites import normalized_score  # the evaluation stage's normalization
 from tasks.spec import (
     LEADERBOARD_VARIANTS,
     PERF_RANK_KEYS,
@@ -258,13 +260,6 @@ def quantize_for_leaderboard(variant: str, model: ModelRef, data: DatasetRef, ru
 # ---------------------------------------------------------------------------------------------
 # normalisation and protocol (local until the evaluation stage offers them)
 # ---------------------------------------------------------------------------------------------
-
-
-def normalized_score(value: float, baseline: float) -> float:
-    """Open LLM Leaderboard normalisation: random baseline → 0, perfect (1.0) → 100, below chance → 0."""
-    if not 0 <= baseline < 1:
-        raise ValueError(f"random baseline {baseline} must be in [0, 1)")
-    return max(0.0, 100.0 * (value - baseline) / (1.0 - baseline))
 
 
 def random_baseline(task_name: str, spec: EvalSpec, eval_data_path: str | None) -> tuple[float, str]:

@@ -69,3 +69,19 @@ def quantize_env() -> Path:
     python = QUANTIZE_ENV.ensure()
     print(f"\nquantize environment {QUANTIZE_ENV.path()} ready in {time.time() - started:.0f}s")
     return python
+
+
+def register_as_champion(c, experiment: str, folder: Path, name: str, tags: dict[str, str]) -> str:
+    """Register ``folder`` as a new version of ``name`` @champion, the way MLflow users do: the folder
+    as a run's artifact, then a version from it (tests that need a champion without a training run)."""
+    from tasks.tracking import experiment_id
+
+    run = c.create_run(experiment_id(c, experiment), run_name="register")
+    c.log_artifacts(run.info.run_id, str(folder), "model")
+    if not c.search_registered_models(f"name='{name}'"):
+        c.create_registered_model(name)
+    version = str(c.create_model_version(name, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id,
+                                         tags=tags).version)
+    c.set_terminated(run.info.run_id, "FINISHED")
+    c.set_registered_model_alias(name, "champion", version)
+    return version

@@ -213,18 +213,9 @@ def register_stand_in(tracking: str, folder: Path, name: str) -> None:
     """A tiny model registered as NAME@champion in the served MLflow (stands in for the demo's fine-tuned one)."""
     from mlflow.tracking import MlflowClient
 
+    from conftest import register_as_champion
 
-    c = MlflowClient(tracking)
-    exp = c.get_experiment_by_name("serve-test") or c.get_experiment(c.create_experiment("serve-test"))
-    run = c.create_run(exp.experiment_id, run_name="register")
-    # registered the way MLflow users do: the folder as the run's artifact, then a version from it
-    c.log_artifacts(run.info.run_id, str(folder), "model")
-    if not c.search_registered_models(f"name='{name}'"):
-        c.create_registered_model(name)
-    version = str(c.create_model_version(name, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id,
-                                         tags={"test": "serve"}).version)
-    c.set_terminated(run.info.run_id, "FINISHED")
-    c.set_registered_model_alias(name, "champion", version)
+    register_as_champion(MlflowClient(tracking), "serve-test", folder, name, {"test": "serve"})
 
 
 def load_collector():

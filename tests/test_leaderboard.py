@@ -171,19 +171,10 @@ def register_model(folder: Path, name: str) -> str:
     """Register ``folder`` as a new version of ``name`` @champion in the session's MLflow registry."""
     from mlflow.tracking import MlflowClient
 
-    from tasks.tracking import experiment_id, tracking_uri
+    from conftest import register_as_champion
+    from tasks.tracking import tracking_uri
 
-    c = MlflowClient(tracking_uri())
-    run = c.create_run(experiment_id(c, "lb-test-registry"), run_name="register")
-    # registered the way MLflow users do: the folder as the run's artifact, then a version from it
-    c.log_artifacts(run.info.run_id, str(folder), "model")
-    if not c.search_registered_models(f"name='{name}'"):
-        c.create_registered_model(name)
-    version = str(c.create_model_version(name, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id,
-                                         tags={"test": "leaderboard"}).version)
-    c.set_terminated(run.info.run_id, "FINISHED")
-    c.set_registered_model_alias(name, "champion", version)
-    return version
+    return register_as_champion(MlflowClient(tracking_uri()), "lb-test-registry", folder, name, {"test": "leaderboard"})
 
 
 @pytest.fixture(scope="module")
