@@ -31,6 +31,12 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def require_unique(names: list[str], what: str, fix: str) -> None:
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"{what} name(s) {twice} used more than once; {fix}")
+
+
 # ---------------------------------------------------------------------------------------------
 # sections
 # ---------------------------------------------------------------------------------------------
@@ -202,10 +208,7 @@ class QuantizeSpec(Strict):
     @field_validator("variants")
     @classmethod
     def _unique_names(cls, v: list[QuantizeVariant]) -> list[QuantizeVariant]:
-        names = [x.name for x in v]
-        twice = sorted({n for n in names if names.count(n) > 1})
-        if twice:
-            raise ValueError(f"variant name(s) {twice} used more than once; give each variant its own `name`")
+        require_unique([x.name for x in v], "variant", "give each variant its own `name`")
         return v
 
 
@@ -485,10 +488,7 @@ class LeaderboardSpec(Strict):
     @field_validator("candidates")
     @classmethod
     def _unique_names(cls, v: list[LeaderboardCandidate]) -> list[LeaderboardCandidate]:
-        names = [c.display_name for c in v]
-        twice = sorted({n for n in names if names.count(n) > 1})
-        if twice:
-            raise ValueError(f"candidate name(s) {twice} appear twice; give each a distinct `name:`")
+        require_unique([c.display_name for c in v], "candidate", "give each a distinct `name:`")
         return v
 
     @field_validator("eval_file")

@@ -85,3 +85,16 @@ def register_as_champion(c, experiment: str, folder: Path, name: str, tags: dict
     c.set_terminated(run.info.run_id, "FINISHED")
     c.set_registered_model_alias(name, "champion", version)
     return version
+
+
+def write_demo_config(tmp_path: Path, mutate, name: str = "config.yaml") -> Path:
+    """configs/demo.yaml changed by ``mutate(raw_dict)``, written to ``tmp_path/name``."""
+    import yaml
+
+    from tasks.state import PROJECT_ROOT
+
+    raw = yaml.safe_load((PROJECT_ROOT / "configs" / "demo.yaml").read_text())
+    mutate(raw)
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(raw))
+    return path

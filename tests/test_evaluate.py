@@ -170,6 +170,8 @@ def test_normalization_is_the_open_llm_leaderboards() -> None:
     assert normalized_score(0.625, 0.25) == pytest.approx(50.0)
     assert normalized_score(0.10, 0.25) == 0.0          # below chance counts as chance
     assert normalized_score(0.42, 0.0) == pytest.approx(42.0)
+    with pytest.raises(ValueError):
+        normalized_score(0.5, 1.0)                      # a task anyone aces by chance cannot be normalized
 
 
 def test_eval_cli_rejects_bad_input_with_exit_2(capsys: pytest.CaptureFixture) -> None:

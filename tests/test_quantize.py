@@ -13,7 +13,6 @@ import json
 from pathlib import Path
 
 import pytest
-import yaml
 
 from tasks import demo_data
 from tasks.prompting import format_prompt
@@ -245,11 +244,9 @@ def test_calibration_set_smaller_than_asked_fails_in_the_task(tiny, tmp_path: Pa
 
 
 def _config(tmp_path: Path, mutate) -> Path:
-    raw = yaml.safe_load(DEMO.read_text())
-    mutate(raw)
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
+    from conftest import write_demo_config
+
+    return write_demo_config(tmp_path, mutate)
 
 
 @pytest.mark.parametrize("variant, message", [

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from tasks.spec import SpecError, load_spec
 from tasks.state import PROJECT_ROOT
@@ -17,11 +16,9 @@ DEMO = PROJECT_ROOT / "configs" / "demo.yaml"
 
 
 def write_config(tmp_path: Path, mutate) -> Path:
-    raw = yaml.safe_load(DEMO.read_text())
-    mutate(raw)
-    path = tmp_path / "bad.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
+    from conftest import write_demo_config
+
+    return write_demo_config(tmp_path, mutate, "bad.yaml")
 
 
 def three_mistakes(raw: dict) -> None:
