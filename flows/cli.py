@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from tasks.spec import RunSpec, SpecError, load_leaderboard_spec, load_spec
-from tasks.state import PROJECT_ROOT, configure_environment, gauntlet_home
+from tasks.state import PROJECT_ROOT, ServerUnreachable, check_servers, configure_environment, gauntlet_home
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
 DEMO_CONFIG = PROJECT_ROOT / "configs" / "demo.yaml"
@@ -197,6 +197,11 @@ def _validate(config: str, overrides: list[str]) -> RunSpec:
 def _run(config: Path, overrides: list[str]) -> int:
     _validate(str(config), overrides)  # before any heavy import: bad input costs nothing
     home = configure_environment()
+    try:
+        check_servers()
+    except ServerUnreachable as e:
+        print(f"cannot start: {e}", file=sys.stderr)
+        return EXIT_FAILED
     from flows.finetune import finetune
 
     started = time.time()

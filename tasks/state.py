@@ -96,3 +96,37 @@ def mark_complete(path: Path) -> None:
 
 def is_complete(path: Path) -> bool:
     return (path / ".gauntlet-complete").exists()
+
+
+class ServerUnreachable(RuntimeError):
+    pass
+
+
+def check_servers(timeout_s: float = 5.0) -> None:
+    """Fail fast, naming the variable to fix, when a configured MLflow or Prefect server does not answer.
+
+    Without this, MLflow's client retries for minutes and Prefect fails mid-start; nothing heavy has
+    run yet when this raises.
+    """
+    import urllib.error
+    import urllib.request
+
+    targets = []
+    mlflow_uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if mlflow_uri.startswith(("http://", "https://")):
+        targets.append(("MLFLOW_TRACKING_URI", mlflow_uri.rstrip("/") + "/health"))
+    prefect_url = os.environ.get("PREFECT_API_URL", "")
+    if prefect_url.startswith(("http://", "https://")):
+        targets.append(("PREFECT_API_URL", prefect_url.rstrip("/") + "/health"))
+    for var, url in targets:
+        try:
+            with urllib.request.urlopen(url, timeout=timeout_s):
+                pass
+        except urllib.error.HTTPError:
+            continue  # it answered: reachable (auth or routing is the server's business)
+        except (urllib.error.URLError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            raise ServerUnreachable(
+                f"{var}={os.environ[var]} does not answer ({reason}). Start that server, fix {var}, or unset "
+                f"it to use the local default (sqlite MLflow / ephemeral Prefect in $GAUNTLET_HOME)."
+            ) from None

@@ -89,3 +89,22 @@ def test_validate_cli_exits_2_and_starts_nothing(tmp_path: Path) -> None:
     ok = subprocess.run([sys.executable, "-m", "flows.cli", "validate", str(DEMO)], env=env,
                         capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0 and "valid" in ok.stdout
+
+
+def test_unreachable_servers_fail_fast_naming_the_variable(tmp_path: Path) -> None:
+    """A configured MLflow/Prefect server that does not answer stops `gauntlet run` at once (exit 1),
+    before any flow run, naming the variable to fix."""
+    import socket
+
+    with socket.socket() as s:  # a free port on 127.0.0.1 that nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    home = tmp_path / "home"
+    for var in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL"):
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+        env.update({"GAUNTLET_HOME": str(home), "PYTHONPATH": str(PROJECT_ROOT), var: f"http://127.0.0.1:{port}/api"})
+        proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", str(DEMO)], env=env, capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 1, proc.stderr
+        assert var in proc.stderr and "does not answer" in proc.stderr
+    assert not (home / "mlflow.db").exists() and not (home / "stages").exists()
