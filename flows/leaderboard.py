@@ -58,7 +58,7 @@ def score_variant(name: str, candidate: LeaderboardCandidate, variant: str, prep
     gpu = [spec.concurrency.gpu_tag]
     model = prepared.model
     if quantization_of(variant) is not None:
-        model = quantize_for_leaderboard(variant, model, data, run, tags=gpu)
+        model = quantize_for_leaderboard(variant, spec.calibration, model, data, run, tags=gpu)
     report = EVAL.run(evaluate_task.with_options(tags=gpu), spec=spec.eval, model=model, data=data,
                       variant=variant, run=run)
     return ok_outcome(candidate, variant, prepared, report)
@@ -99,7 +99,7 @@ def run_leaderboard(spec: LeaderboardSpec) -> Leaderboard:
             outcomes.append(future.result() if future.state.is_completed()
                             else failed_outcome(candidate, variant, failure_reason(future.state)))
 
-        board = rank_task(spec, outcomes, data, run)
+        board = rank_task(spec, outcomes, run)
         return publish_task(spec, board, run)
 
 

@@ -365,6 +365,23 @@ def report_name(plan: EvalTaskPlan, engine_name: str) -> str:
     return engine_name
 
 
+def chance_of(plan: EvalTaskPlan, raw: dict, samples: dict[str, list[dict]]) -> tuple[float, str]:
+    """The task's random baseline and where it comes from: the declared one (suites.yaml or the task YAML's
+    ``metadata.random_baseline``), else measured from the items scored: 1/number of choices for a
+    multiple-choice item, 0 for a generated one, averaged over every item of the task and its subtasks."""
+    if plan.random_baseline is not None:
+        return plan.random_baseline, "declared"
+    configs = raw.get("configs") or {}
+    chances = [1.0 / len(row["arguments"]) if configs.get(task, {}).get("output_type") == "multiple_choice"
+               and row.get("arguments") else 0.0
+               for task, rows in samples.items() for row in rows]
+    if not chances:
+        return 0.0, "no items scored: chance taken as 0"
+    if not any(chances):
+        return 0.0, "generated answers: chance is 0"
+    return math.fsum(chances) / len(chances), f"mean of 1/choices over {len(chances)} items"
+
+
 def run_task(spec: Any, plan: EvalTaskPlan, engine: Engine, eval_data_path: str | None, out_dir: Path) -> TaskResult:
     """Evaluate one planned task with the spec's protocol; lm-eval's outputs go to ``out_dir``."""
     import lm_eval
@@ -409,6 +426,7 @@ def run_task(spec: Any, plan: EvalTaskPlan, engine: Engine, eval_data_path: str 
 
     out_dir.mkdir(parents=True, exist_ok=True)
     samples = results.pop("samples", None) or {}
+    baseline, baseline_source = chance_of(plan, results, samples)
     samples_path = out_dir / "lm_eval_samples.jsonl"
     with open(samples_path, "w", encoding="utf-8") as f:
         for task, rows in samples.items():
@@ -429,8 +447,8 @@ def run_task(spec: Any, plan: EvalTaskPlan, engine: Engine, eval_data_path: str 
             log.info("  %s %s = %.4f%s", s.task, s.metric, s.value, "" if s.stderr is None else f" ± {s.stderr:.4f}")
     return TaskResult(
         task=plan.name, engine_task=plan.engine_task, source=plan.source, metric=plan.metric,
-        value=primary.value, stderr=primary.stderr, random_baseline=plan.random_baseline,
-        normalized=normalized_score(primary.value, plan.random_baseline),
+        value=primary.value, stderr=primary.stderr, random_baseline=baseline, random_baseline_source=baseline_source,
+        normalized=normalized_score(primary.value, baseline),
         scores=scores,
         versions={report_name(plan, t): str(v) for t, v in (raw.get("versions") or {}).items()},
         num_fewshot=plan.num_fewshot, limit=plan.limit,

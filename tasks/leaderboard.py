@@ -19,9 +19,8 @@ leaderboard:
 * **Publication**: ``leaderboard.json`` / ``.md`` / ``.html`` (tasks/leaderboard_html.py), a Prefect
   table and markdown artifact, and the files logged to the night's MLflow run.
 
-Normalization is the evaluation stage's (``tasks.suites.normalized_score``). ``random_baseline`` and
-``comparable_protocol`` are still the leaderboard's own: folding them into the evaluation report's
-per-task baselines and ``protocols_match`` is open work.
+Normalization, baselines and protocols are the evaluation stage's: ``tasks.suites.normalized_score``
+with the baseline each report's task result carries, and ``tasks.evaluate.protocol_differences``.
 """
 
 from __future__ import annotations
@@ -40,6 +39,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ValidationError
 
+from tasks.evaluate import protocol_differences
 from tasks.refs import DatasetRef, EvalReport, ModelRef, Ref
 from tasks.suites import normalized_score  # the evaluation stage's normalization
 from tasks.spec import (
@@ -47,7 +47,7 @@ from tasks.spec import (
     PERF_RANK_KEYS,
     REGISTRY_SCHEME,
     REGISTRY_URI,
-    EvalSpec,
+    CalibrationSpec,
     LeaderboardCandidate,
     LeaderboardSpec,
     ModelSpec,
@@ -247,74 +247,35 @@ def variant_skip_reason(variant: str, data: DatasetRef | None) -> str | None:
     return None
 
 
-def quantize_for_leaderboard(variant: str, model: ModelRef, data: DatasetRef, run: RunContext,
-                             tags: list[str]) -> ModelRef:
+def quantize_for_leaderboard(variant: str, calibration: CalibrationSpec, model: ModelRef, data: DatasetRef,
+                             run: RunContext, tags: list[str]) -> ModelRef:
     """Produce ``variant`` of ``model`` with the pipeline's own (cached) quantize stage."""
     from tasks.quantize import QUANTIZE, quantize_task
-    from tasks.spec import CalibrationSpec
 
     return QUANTIZE.run(quantize_task.with_options(tags=tags), variant=quantization_of(variant),
-                        calibration=CalibrationSpec(), model=model, data=data, run=run)
+                        calibration=calibration, model=model, data=data, run=run)
 
 
 # ---------------------------------------------------------------------------------------------
-# normalisation and protocol (local until the evaluation stage offers them)
+# protocol: the evaluation stage's (tasks/evaluate.protocol_of, protocol_differences)
 # ---------------------------------------------------------------------------------------------
-
-
-def random_baseline(task_name: str, spec: EvalSpec, eval_data_path: str | None) -> tuple[float, str]:
-    """The expected score of guessing on ``task_name`` as evaluated (its first ``limit`` items).
-
-    Multiple choice: mean of 1/number of choices over the items (lm-eval builds the task, so the choices
-    are exactly those scored). Generative tasks: 0.
-    """
-    from tasks.eval_engine import offline, task_config
-    from tasks.suites import tasks_dir_of
-
-    config = task_config(task_name, tasks_dir_of(spec), eval_data_path)
-    if config.get("output_type") != "multiple_choice":
-        return 0.0, f"{config.get('output_type')}: chance is 0"
-    with offline():
-        from lm_eval.api.task import ConfigurableTask
-
-        lm_task = ConfigurableTask(config=config)
-        docs = list(lm_task.eval_docs)
-    docs = docs[: spec.limit] if spec.limit else docs
-    counts = [len(lm_task.doc_to_choice(doc)) for doc in docs]
-    if not counts or min(counts) < 1:
-        return 0.0, "no items with choices: chance taken as 0"
-    return mean(1.0 / n for n in counts), f"mean of 1/choices over {len(counts)} items"
-
-
-def comparable_protocol(report: EvalReport) -> dict:
-    """What must be equal for two reports to be ranked together."""
-    v = report.versions
-    return {"protocol": report.protocol, "lm_eval": v.get("lm_eval"), "task_versions": v.get("tasks"),
-            "device": v.get("device"), "dtype": v.get("dtype")}
 
 
 def protocol_id(report: EvalReport) -> str:
-    return sha256_json(comparable_protocol(report))[:12]
+    """A short name of the report's evaluation protocol: equal ids ⇔ ``protocols_match``."""
+    return sha256_json(report.protocol)[:12]
 
 
-def protocols_match(a: EvalReport, b: EvalReport) -> bool:
-    return comparable_protocol(a) == comparable_protocol(b)
-
-
-def _flat(obj: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(obj, dict):
-        out: dict[str, Any] = {}
-        for k, v in obj.items():
-            out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out
-    return {prefix: obj}
-
-
-def protocol_difference(a: dict, b: dict, limit: int = 4) -> str:
-    """``key: a vs b`` for the first differing keys of two comparable protocols."""
-    fa, fb = _flat(a), _flat(b)
-    diffs = [f"{k}: {fa.get(k)!r} vs {fb.get(k)!r}" for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)]
+def protocol_difference(a: EvalReport, b: EvalReport, limit: int = 4) -> str:
+    """The first differences between two reports' protocols, for the reason an unranked row shows."""
+    diffs = protocol_differences(a, b)
     return "; ".join(diffs[:limit]) + (f" (+{len(diffs) - limit} more)" if len(diffs) > limit else "")
+
+
+def task_baseline(report: EvalReport, task_name: str) -> tuple[float, str] | None:
+    """The random baseline the evaluation used for ``task_name`` and where it came from (None: not evaluated)."""
+    result = next((r for r in report.task_results if r.task == task_name), None)
+    return None if result is None else (result.random_baseline, result.random_baseline_source)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -391,13 +352,15 @@ def metric_of(spec: LeaderboardSpec, task_name: str) -> str:
     return spec.ranking.task_metrics.get(task_name, spec.ranking.metric)
 
 
-def _score_columns(row: BoardRow, report: EvalReport, spec: LeaderboardSpec, baselines: dict[str, float]) -> None:
+def _score_columns(row: BoardRow, report: EvalReport, spec: LeaderboardSpec) -> None:
+    """Raw and normalized scores (with the report's own per-task baselines), suite means, speed columns."""
     tasks = list(spec.eval.tasks)
     for t in tasks:
         value = report.score(t, metric_of(spec, t))
+        baseline = task_baseline(report, t)
         row.raw[t] = value
-        row.normalized[t] = None if value is None else normalized_score(value, baselines[t])
-        if value is None:
+        row.normalized[t] = None if value is None or baseline is None else normalized_score(value, baseline[0])
+        if row.normalized[t] is None:
             row.missing.append(f"{t}.{metric_of(spec, t)}")
     for suite, members in spec.ranking.suites.items():
         values = [row.normalized[t] for t in members]
@@ -479,11 +442,14 @@ def _deltas_and_trends(rows: list[BoardRow], night: str, history: list[Leaderboa
                 row.delta_note = "new weights"
 
 
-def build_leaderboard(spec: LeaderboardSpec, outcomes: list[CandidateOutcome], baselines: dict[str, tuple[float, str]],
-                      history: list[Leaderboard], night: str | None = None) -> Leaderboard:
-    """Normalise, group by protocol, rank, and compare with past nights (``history`` newest first)."""
+def build_leaderboard(spec: LeaderboardSpec, outcomes: list[CandidateOutcome], history: list[Leaderboard],
+                      night: str | None = None) -> Leaderboard:
+    """Normalise, group by protocol, rank, and compare with past nights (``history`` newest first).
+
+    Every score is normalised with the random baseline its own evaluation used (declared in the task
+    catalogue, or measured from the items); reports in the ranked group share one protocol, hence one
+    baseline per task, which the board lists."""
     night = night or datetime.now(timezone.utc).isoformat(timespec="seconds")
-    baseline_values = {t: b for t, (b, _) in baselines.items()}
     rows: list[BoardRow] = []
     reports: dict[str, EvalReport] = {}
     for o in outcomes:
@@ -491,7 +457,7 @@ def build_leaderboard(spec: LeaderboardSpec, outcomes: list[CandidateOutcome], b
                        model_sha=o.model_sha, status="failed" if o.status == "failed" else
                        "skipped" if o.status == "skipped" else "ranked", reason=o.reason)
         if o.report is not None:
-            _score_columns(row, o.report, spec, baseline_values)
+            _score_columns(row, o.report, spec)
             row.protocol_id = protocol_id(o.report)
             row.report_path, row.eval_run_id = o.report.report_path, o.report.mlflow_run_id
             reports[row.key] = o.report
@@ -511,7 +477,7 @@ def build_leaderboard(spec: LeaderboardSpec, outcomes: list[CandidateOutcome], b
             if r.protocol_id != protocol_id(reference):
                 r.status = "unranked"
                 r.reason = ("different protocol, not ranked with the others: "
-                            + protocol_difference(comparable_protocol(reports[r.key]), comparable_protocol(reference)))
+                            + protocol_difference(reports[r.key], reference))
 
     key = spec.ranking.key
     ranked = assign_ranks([r for r in rows if r.status == "ranked"], key, spec.ranking.tie_decimals)
@@ -524,8 +490,9 @@ def build_leaderboard(spec: LeaderboardSpec, outcomes: list[CandidateOutcome], b
         name=spec.name, title=spec.publish.title or f"Gauntlet leaderboard — {spec.name}", night=night,
         rank_key=key, higher_is_better=higher_is_better(key), tasks=list(spec.eval.tasks),
         task_metrics={t: metric_of(spec, t) for t in spec.eval.tasks}, suites=dict(spec.ranking.suites),
-        baselines={t: {"value": b, "source": src} for t, (b, src) in baselines.items()},
-        protocol=comparable_protocol(reference) if reference else None,
+        baselines={t: {"value": b[0], "source": b[1]} for t in spec.eval.tasks
+                   if reference and (b := task_baseline(reference, t)) is not None},
+        protocol=reference.protocol if reference else None,
         protocol_id=protocol_id(reference) if reference else None,
         versions={"gauntlet_commit": git_commit(), **({k: v for k, v in reference.versions.items() if k != "tasks"}
                                                       if reference else {})},
@@ -719,20 +686,14 @@ def ensure_gpu_limit_task(tag: str, slots: int) -> int:
 
 
 @task(name="rank", cache_policy=NO_CACHE)
-def rank_task(spec: LeaderboardSpec, outcomes: list[CandidateOutcome], data: DatasetRef,
-              run: RunContext) -> Leaderboard:
+def rank_task(spec: LeaderboardSpec, outcomes: list[CandidateOutcome], run: RunContext) -> Leaderboard:
     logger = get_run_logger()
     with stage_run(run, "rank", {"ranking.key": spec.ranking.key, "ranking.metric": spec.ranking.metric}) as (c, rid):
-        baselines = {}
-        for t in spec.eval.tasks:
-            if t in spec.ranking.random_baselines:
-                baselines[t] = (spec.ranking.random_baselines[t], "configured (ranking.random_baselines)")
-            else:
-                baselines[t] = random_baseline(t, spec.eval, data.eval_path)
-            c.log_metric(rid, f"baseline.{t}", baselines[t][0])
         history = load_history(run.tracking_uri, spec.tracking.experiment, spec.name, spec.publish.history_nights,
                                exclude_run_id=run.parent_run_id)
-        board = build_leaderboard(spec, outcomes, baselines, history)
+        board = build_leaderboard(spec, outcomes, history)
+        for t, b in board.baselines.items():
+            c.log_metric(rid, f"baseline.{t}", b["value"])
         c.log_metric(rid, "previous_nights", float(len(history)))
     logger.info(f"{len(board.ranked())} ranked, {len(history)} previous night(s) read from MLflow")
     return board.model_copy(update={"flow_run_id": run.flow_run_id, "mlflow_run_id": run.parent_run_id})

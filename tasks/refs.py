@@ -100,6 +100,7 @@ class TaskResult(Ref):
     value: float | None                    # its value, 0..1
     stderr: float | None = None
     random_baseline: float = 0.0
+    random_baseline_source: str = "declared"   # or how it was measured ("mean of 1/choices over 48 items")
     normalized: float | None = None        # 0 at the random baseline, 100 at a perfect score
     scores: list[TaskScore]                # every metric of the task and its subtasks
     versions: dict[str, str]               # lm-eval task versions (the task and its subtasks)

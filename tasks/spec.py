@@ -442,18 +442,8 @@ class RankingSpec(Strict):
                                             + " | ".join(PERF_RANK_KEYS))
     metric: str = Field("acc", description="the metric read from every task (acc, acc_norm, exact_match, …)")
     task_metrics: dict[str, str] = Field(default_factory=dict, description="task -> metric, where it differs")
-    random_baselines: dict[str, float] = Field(
-        default_factory=dict, description="task -> chance score in [0, 1); default: from the task's number of choices")
     suites: dict[str, list[str]] = Field(default_factory=dict, description="suite name -> tasks averaged together")
     tie_decimals: int = Field(2, ge=0, le=6, description="rank keys equal at this many decimals tie")
-
-    @field_validator("random_baselines")
-    @classmethod
-    def _baselines_in_range(cls, v: dict[str, float]) -> dict[str, float]:
-        bad = {t: b for t, b in v.items() if not 0 <= b < 1}
-        if bad:
-            raise ValueError(f"random baselines must be in [0, 1) (a fraction, as lm-eval reports acc): {bad}")
-        return v
 
 
 class PublishSpec(Strict):
@@ -474,6 +464,8 @@ class LeaderboardSpec(Strict):
     variants: list[str] = ["bf16"]
     data: DataSpec | None = Field(None, description="DVC data whose eval file the tasks read")
     eval_file: str | None = Field(None, description="or: a plain JSONL file of eval items (hashed, not DVC)")
+    calibration: CalibrationSpec = Field(CalibrationSpec(), description="rows of data.train that calibrate "
+                                                                       "the GPTQ/AWQ variants")
     eval: EvalSpec
     ranking: RankingSpec = RankingSpec()
     publish: PublishSpec = PublishSpec()
@@ -511,7 +503,6 @@ class LeaderboardSpec(Strict):
         tasks = set(ev.tasks)
         problems = [f"suite {s!r} names task(s) {sorted(set(ts) - tasks)} not in eval.tasks"
                     for s, ts in v.suites.items() if set(ts) - tasks or not ts]
-        problems += [f"random_baselines names {t!r}, not in eval.tasks" for t in v.random_baselines if t not in tasks]
         problems += [f"task_metrics names {t!r}, not in eval.tasks" for t in v.task_metrics if t not in tasks]
         key = v.key
         ok = (key == "average" or key in PERF_RANK_KEYS
@@ -599,9 +590,19 @@ FIELD_HINTS = {
 }
 
 
+# Keys that moved: the error says where they live now.
+MOVED_KEYS = {
+    "ranking.random_baselines": "random baselines are part of the evaluation protocol now: declare "
+                                "`random_baseline` in evals/suites.yaml or as metadata.random_baseline in the task "
+                                "YAML (left out, multiple-choice tasks use the mean of 1/choices over their items)",
+}
+
+
 def _hint(err: dict, schema: type[BaseModel] = RunSpec) -> str:
     loc = tuple(str(x) for x in err["loc"])
     kind = err["type"]
+    if kind == "extra_forbidden" and ".".join(loc) in MOVED_KEYS:
+        return MOVED_KEYS[".".join(loc)]
     if kind == "value_error" and ".".join(loc) in FIELD_HINTS:
         return FIELD_HINTS[".".join(loc)]
     if kind == "extra_forbidden":

@@ -43,7 +43,9 @@ class CatalogTask(_Strict):
     task: str = Field(..., description="lm-eval task or group run on the real data (registered, or a YAML here)")
     fixture: str | None = Field(None, description="offline stand-in: a task or group defined under fixtures/")
     metric: str = Field(..., description="the reported metric as lm-eval names it: 'acc', 'exact_match,strict-match'")
-    random_baseline: float = Field(0.0, ge=0, lt=1, description="score of random guessing (0 for generation)")
+    random_baseline: float | None = Field(
+        None, ge=0, lt=1, description="score of random guessing; default: mean of 1/choices over the items "
+                                      "scored (multiple choice), 0 (generation)")
     num_fewshot: int | None = Field(None, ge=0, description="default few-shot count (None: 0)")
     max_gen_tokens: int | None = Field(None, gt=0, description="default generation budget (None: 32)")
     description: str = ""
@@ -67,7 +69,7 @@ class EvalTaskPlan(_Strict):
     source: Literal["fixture", "engine", "local"]
     yaml_path: str | None = None                # the defining YAML (fixture or local task), else None
     metric: str
-    random_baseline: float = 0.0
+    random_baseline: float | None = None        # declared; None: measured from the items (eval_engine.chance_of)
     num_fewshot: int = 0
     limit: int | None = None
     max_gen_tokens: int = 32
@@ -273,7 +275,7 @@ def plan_tasks(spec: Any, tasks_dir: Path | None = None) -> list[EvalTaskPlan]:
     for name, own in wanted:
         entry = catalog.tasks.get(name)
         if entry is None:  # the user's own task: a YAML in the tasks folder, same in both modes
-            engine_task, source, metric, baseline, default_shots, default_gen = name, "local", None, 0.0, None, None
+            engine_task, source, metric, baseline, default_shots, default_gen = name, "local", None, None, None, None
         else:
             use_fixture = spec.fixtures and entry.fixture is not None
             engine_task = entry.fixture if use_fixture else entry.task
@@ -285,7 +287,8 @@ def plan_tasks(spec: Any, tasks_dir: Path | None = None) -> list[EvalTaskPlan]:
         if metric is None:
             metric = _first_metric(yaml_path) if yaml_path else "acc"
             meta = read_yaml(yaml_path).get("metadata") if yaml_path else None
-            baseline = float((meta or {}).get("random_baseline", 0.0)) if isinstance(meta, dict) else 0.0
+            declared = meta.get("random_baseline") if isinstance(meta, dict) else None
+            baseline = None if declared is None else float(declared)
         shots = own.get("num_fewshot", spec.num_fewshot if spec.num_fewshot is not None else default_shots) or 0
         if source == "fixture" and info.get("fewshot_pool") is not None:
             shots = min(shots, info["fewshot_pool"])

@@ -209,13 +209,12 @@ class ServeProcess:
             time.sleep(0.5)
 
 
-def register_stand_in(tracking: str, folder: Path, name: str) -> None:
-    """A tiny model registered as NAME@champion in the served MLflow (stands in for the demo's fine-tuned one)."""
-    from mlflow.tracking import MlflowClient
-
-    from conftest import register_as_champion
-
-    register_as_champion(MlflowClient(tracking), "serve-test", folder, name, {"test": "serve"})
+def deployment_run(name: str, config: Path, env: dict[str, str], timeout: float) -> str:
+    """`prefect deployment run NAME --param config=… --watch`, as a user or CI types it; the flow run's id."""
+    run = subprocess.run([sys.executable, "-m", "prefect", "deployment", "run", name, "--param", f"config={config}",
+                          "--watch"], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert run.returncode == 0, f"{name}:\n{run.stdout[-3000:]}{run.stderr[-3000:]}"
+    return re.search(r"UUID: ([0-9a-f-]{36})", run.stdout).group(1)
 
 
 def load_collector():
@@ -230,7 +229,11 @@ def load_collector():
 
 
 @pytest.mark.slow
-def test_gauntlet_serve_schedules_and_runs_the_nightly_leaderboard(tmp_path: Path, monkeypatch, capsys) -> None:
+def test_gauntlet_serve_schedules_and_runs_the_nightly_leaderboard(tmp_path: Path, quantize_env, monkeypatch,
+                                                                   capsys) -> None:
+    """The whole served set-up, as a team runs it: the demo fine-tuned through `finetune/manual`, then the
+    repository's leaderboard config through `leaderboard/nightly`, both executed by the process worker."""
+    from mlflow.tracking import MlflowClient
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (
         DeploymentFilter,
@@ -243,23 +246,30 @@ def test_gauntlet_serve_schedules_and_runs_the_nightly_leaderboard(tmp_path: Pat
     from prefect.client.schemas.objects import StateType
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from tasks import demo_data
+    from conftest import make_demo_dvc_repo, write_demo_config
+    from tasks.envs import QUANTIZE_ENV
     from tasks.leaderboard import Leaderboard
-    from tasks.models import build_demo_model
 
     prefect_port, mlflow_port = free_port(), free_port()
     api, tracking = f"http://127.0.0.1:{prefect_port}/api", f"http://127.0.0.1:{mlflow_port}"
     home = tmp_path / "home"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
     env.update({"GAUNTLET_HOME": str(home), "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",
-                "PREFECT_SERVER_ANALYTICS_ENABLED": "false"})
+                "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                "GAUNTLET_QUANT_VENV": str(QUANTIZE_ENV.path())})  # the session's quantize venv, made once
     serve = ServeProcess(["--prefect-port", str(prefect_port), "--mlflow-port", str(mlflow_port),
                           "--timezone", "Europe/Berlin"], env)
     try:
-        # While the servers start: the eval items and a tiny model standing in for the demo's fine-tuned one.
-        eval_file = tmp_path / "eval.jsonl"
-        demo_data.write_jsonl(eval_file, demo_data.build(48, 7)["eval"])
-        stand_in = build_demo_model("tiny-llama", out=tmp_path / "stand-in", seed=1)
+        # While the servers start: the demo config and the leaderboard config, with the DVC data in a
+        # repo of their own (the worker runs in the checkout; the test leaves the checkout's data alone).
+        repo = make_demo_dvc_repo(tmp_path / "dvc-repo")
+        demo = write_demo_config(tmp_path, lambda raw: raw["data"].update(repo=str(repo)), "demo.yaml")
+        board_config = yaml.safe_load((PROJECT_ROOT / "configs" / "leaderboard.yaml").read_text())
+        board_config["data"]["repo"] = str(repo)
+        board_config["publish"] = {**board_config.get("publish", {}), "dir": str(tmp_path / "site")}
+        board_config["eval"]["speed_probe"] = {"prompts": 2, "max_new_tokens": 8}
+        leaderboard_yaml = tmp_path / "leaderboard.yaml"
+        leaderboard_yaml.write_text(yaml.safe_dump(board_config))
         serve.wait_for("READY", timeout=400)
         client_env = {**env, "PREFECT_API_URL": api, "MLFLOW_TRACKING_URI": tracking,
                       "PREFECT_HOME": str(home / "prefect")}
@@ -285,42 +295,47 @@ def test_gauntlet_serve_schedules_and_runs_the_nightly_leaderboard(tmp_path: Pat
             assert client.read_concurrency_limit_by_tag("gpu").concurrency_limit == 1
             assert {d.name for d in client.read_deployments()} == {"nightly", "manual", "ci"}
 
-        # Candidates: the demo's tiny model, the registered stand-in for its fine-tuned version, GPTQ variants.
-        register_stand_in(tracking, stand_in, "served-demo")
-        config = tmp_path / "leaderboard.yaml"
-        config.write_text(yaml.safe_dump({
-            "name": "served", "variants": ["bf16", "gptq-int4"], "eval_file": str(eval_file),
-            "candidates": [{"source": "demo://tiny-llama", "name": "tiny-llama"},
-                           {"source": "models:/served-demo@champion", "name": "demo-champion"}],
-            "eval": {"tasks": ["demo_facts"], "limit": 16, "speed_probe": {"prompts": 2, "max_new_tokens": 8}},
-            "publish": {"dir": str(tmp_path / "site")}}))
-        run = subprocess.run([sys.executable, "-m", "prefect", "deployment", "run", "leaderboard/nightly",
-                              "--param", f"config={config}", "--watch"], cwd=PROJECT_ROOT, env=client_env,
-                             capture_output=True, text=True, timeout=480)
-        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:] + serve.output
-        flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", run.stdout).group(1)
+        # The demo, fine-tuned, quantized, gated and promoted by the worker: gauntlet-demo@champion.
+        finetune_run_id = deployment_run("finetune/manual", demo, client_env, timeout=480)
+        champion = MlflowClient(tracking).get_model_version_by_alias("gauntlet-demo", "champion")
+        assert champion.version == "1" and champion.tags["prefect.flow_run_id"] == finetune_run_id
 
+        # The nightly board on the demo candidates: the tiny base model and the fine-tuned champion, each
+        # as bf16 and as GPTQ int4 calibrated on the DVC data.
+        flow_run_id = deployment_run("leaderboard/nightly", leaderboard_yaml, client_env, timeout=480)
         with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
             flow_run = client.read_flow_run(flow_run_id)
             artifacts = client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
         assert flow_run.state.is_completed() and flow_run.deployment_id == deployment.id
-        assert {(a.key, a.type) for a in artifacts} >= {("leaderboard-served", "table"),
-                                                       ("leaderboard-served-summary", "markdown")}
+        assert {(a.key, a.type) for a in artifacts} >= {("leaderboard-nightly", "table"),
+                                                       ("leaderboard-nightly-summary", "markdown")}
         board = Leaderboard.model_validate_json((tmp_path / "site" / "leaderboard.json").read_text())
-        assert {r.candidate for r in board.ranked()} == {"tiny-llama", "demo-champion"}
-        assert board.row("demo-champion", "bf16").note.startswith("models:/served-demo@champion → version 1")
-        assert all(board.row(c, "gptq-int4").status != "ok" for c in ("tiny-llama", "demo-champion"))
+        rows = {(r.candidate, r.variant): r for r in board.rows}
+        assert set(rows) == {(c, v) for c in ("tiny-llama-base", "demo-champion") for v in ("bf16", "gptq-int4")}
+        assert all(r.status == "ranked" and r.average is not None for r in rows.values()), \
+            [(r.key, r.status, r.reason) for r in board.rows]
+        assert rows["demo-champion", "bf16"].note.startswith("models:/gauntlet-demo@champion → version 1")
+        assert board.baselines["demo_facts"]["value"] == pytest.approx(0.25)
+        # the fine-tuned model leads its base, in both variants; GPTQ is the smaller file
+        assert board.ranked()[0].candidate == "demo-champion"
+        for variant in ("bf16", "gptq-int4"):
+            assert rows["demo-champion", variant].average > rows["tiny-llama-base", variant].average + 20
+        for name in ("tiny-llama-base", "demo-champion"):
+            assert rows[name, "gptq-int4"].size_on_disk_gb < rows[name, "bf16"].size_on_disk_gb
+            assert rows[name, "gptq-int4"].model_sha != rows[name, "bf16"].model_sha
         assert (tmp_path / "site" / "leaderboard.html").stat().st_size > 5000
 
         # What CI collects from a finished run: state, markdown artifacts, the MLflow JSON.
         collect = load_collector()
         with temporary_settings({PREFECT_API_URL: api}):
             monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking)
+            assert collect.main([finetune_run_id, "--out", str(tmp_path / "ci-demo"), "--title", "demo"]) == 0
+            assert "verdict=passed" in capsys.readouterr().out
             code = collect.main([flow_run_id, "--out", str(tmp_path / "ci"), "--title", "leaderboard"])
         assert code == 0
         assert "verdict=unknown" in capsys.readouterr().out  # a leaderboard run has no gate
         comment = (tmp_path / "ci" / "comment.md").read_text()
-        assert "ended **Completed**" in comment and "| tiny-llama | bf16 |" in comment
+        assert "ended **Completed**" in comment and "| demo-champion | bf16 |" in comment
         assert list((tmp_path / "ci" / "mlflow").rglob("leaderboard.json"))
     finally:
         if serve.proc.poll() is None:

@@ -245,6 +245,13 @@ def test_every_suite_fixture_runs_through_the_engine(all_suites_report) -> None:
         assert Path(r.results_path).is_file() and Path(r.samples_path).is_file()
         assert report.score(r.task, r.metric) == r.value
     by_name = {r.task: r for r in report.task_results}
+    # baselines: declared in suites.yaml / the task YAML, or measured from the items scored (demo_facts
+    # declares none: 4 choices per item)
+    assert (by_name["mmlu"].random_baseline, by_name["mmlu"].random_baseline_source) == (0.25, "declared")
+    assert (by_name["demo_facts_gen"].random_baseline, by_name["demo_facts_gen"].random_baseline_source) == \
+        (0.0, "declared")
+    assert by_name["demo_facts"].random_baseline == pytest.approx(0.25)
+    assert by_name["demo_facts"].random_baseline_source == f"mean of 1/choices over {LIMIT} items"
     # groups: subtasks reported under the real tasks' names, aggregated by the engine (weighted mean)
     for group, subtasks in {"mmlu": ["mmlu_elementary_mathematics", "mmlu_high_school_geography"],
                             "ceval-valid": ["ceval-valid_computer_network", "ceval-valid_high_school_mathematics"],

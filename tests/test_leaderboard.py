@@ -27,9 +27,9 @@ from tasks.leaderboard import (
     build_leaderboard,
     normalized_score,
     pareto_front,
-    protocols_match,
 )
-from tasks.refs import EvalReport, PerfProbe, TaskScore
+from tasks.evaluate import protocols_match
+from tasks.refs import EvalReport, PerfProbe, TaskResult, TaskScore
 from tasks.spec import LeaderboardSpec, SpecError, load_leaderboard_spec
 
 
@@ -44,7 +44,13 @@ VERSIONS = {"lm_eval": "0.4.13", "tasks": {"demo_facts": "1.0"}, "device": "cpu"
 def report(acc: float | None, tokens: float = 10.0, memory: float = 1.0, protocol: dict | None = None,
            stamp: str = "2026-01-01T02:00:00+00:00") -> EvalReport:
     scores = [] if acc is None else [TaskScore(task="demo_facts", metric="acc", value=acc)]
-    return EvalReport(model="m", model_sha="sha", scores=scores, protocol=protocol or PROTOCOL, versions=VERSIONS,
+    # the evaluation's own baseline for the task: the board normalizes with it
+    results = [TaskResult(task="demo_facts", engine_task="demo_facts", source="local", metric="acc", value=acc,
+                          random_baseline=0.25, random_baseline_source="mean of 1/choices over 48 items",
+                          scores=scores, versions={"demo_facts": "1.0"}, num_fewshot=0, results_path="/dev/null",
+                          samples_path="/dev/null")]
+    return EvalReport(model="m", model_sha="sha", scores=scores, task_results=results, protocol=protocol or PROTOCOL,
+                      versions=VERSIONS,
                       perf=PerfProbe(backend="hf", device="cpu", tokens_per_s=tokens, first_token_latency_ms=5.0,
                                      peak_memory_gb=memory, size_on_disk_gb=0.01),
                       timestamp=stamp, report_path="/dev/null")
@@ -63,14 +69,11 @@ def spec_for(tmp_path: Path, **ranking) -> LeaderboardSpec:
         "eval": {"tasks": ["demo_facts"]}, "ranking": ranking})
 
 
-BASELINE = {"demo_facts": (0.25, "configured")}
-
-
 def test_ties_share_a_rank_and_missing_scores_are_listed_not_ranked(tmp_path: Path) -> None:
-    spec = spec_for(tmp_path, random_baselines={"demo_facts": 0.25})
+    spec = spec_for(tmp_path)
     board = build_leaderboard(spec, [outcome("a", report(0.625)), outcome("b", report(0.625)),
                                      outcome("c", report(0.4)), outcome("d", report(None)),
-                                     outcome("e", None, "failed", "ValueError: weights do not load")], BASELINE, [])
+                                     outcome("e", None, "failed", "ValueError: weights do not load")], [])
     rows = {r.candidate: r for r in board.rows}
     assert (rows["a"].rank, rows["b"].rank, rows["c"].rank) == (1, 1, 3)
     assert rows["a"].tie and rows["b"].tie and not rows["c"].tie
@@ -79,12 +82,14 @@ def test_ties_share_a_rank_and_missing_scores_are_listed_not_ranked(tmp_path: Pa
     assert rows["d"].missing == ["demo_facts.acc"] and "missing demo_facts.acc" in rows["d"].reason
     assert rows["e"].status == "failed" and rows["e"].reason == "ValueError: weights do not load"
     assert [r.candidate for r in board.rows] == ["a", "b", "c", "d", "e"]
+    # the baseline is the one the evaluation used, not the leaderboard's own
+    assert board.baselines == {"demo_facts": {"value": 0.25, "source": "mean of 1/choices over 48 items"}}
 
 
 def test_lower_is_better_keys_rank_ascending(tmp_path: Path) -> None:
     spec = spec_for(tmp_path, key="peak_memory_gb")
     board = build_leaderboard(spec, [outcome("big", report(0.5, memory=3.0)), outcome("small", report(0.3, memory=1.0))],
-                              BASELINE, [])
+                              [])
     assert not board.higher_is_better
     assert [(r.candidate, r.rank) for r in board.ranked()] == [("small", 1), ("big", 2)]
 
@@ -94,19 +99,19 @@ def test_reports_with_another_protocol_are_listed_apart_with_the_difference(tmp_
     odd = report(0.9, protocol={**PROTOCOL, "limit": 8})
     assert not protocols_match(odd, report(0.5))
     board = build_leaderboard(spec, [outcome("a", report(0.5)), outcome("b", report(0.4)), outcome("odd", odd)],
-                              BASELINE, [])
+                              [])
     row = board.row("odd", "bf16")
     assert row.status == "unranked" and row.rank is None
-    assert "protocol.limit: 8 vs None" in row.reason
+    assert "limit: 8 != None" in row.reason
     assert [r.candidate for r in board.ranked()] == ["a", "b"]
 
 
 def test_deltas_and_trend_against_previous_nights(tmp_path: Path) -> None:
     spec = spec_for(tmp_path)
-    night1 = build_leaderboard(spec, [outcome("a", report(0.5)), outcome("b", report(0.4))], BASELINE, [],
+    night1 = build_leaderboard(spec, [outcome("a", report(0.5)), outcome("b", report(0.4))], [],
                                night="2026-01-01T02:00:00+00:00")
     night2 = build_leaderboard(spec, [outcome("a", report(0.625)), outcome("b", report(0.4, protocol={**PROTOCOL, "limit": 4})),
-                                      outcome("c", report(0.3))], BASELINE, [night1], night="2026-01-02T02:00:00+00:00")
+                                      outcome("c", report(0.3))], [night1], night="2026-01-02T02:00:00+00:00")
     a, b, c = night2.row("a", "bf16"), night2.row("b", "bf16"), night2.row("c", "bf16")
     assert a.delta_average == pytest.approx(50.0 - 100 / 3)
     assert [p.night for p in a.trend] == [night1.night, night2.night]
@@ -128,7 +133,7 @@ def test_pareto_front() -> None:
     ({"candidates": [{"source": "demo://tiny-llama"}, {"source": "demo://tiny-llama"}]}, "used more than once"),
     ({"ranking": {"key": "task:nope"}}, "key 'task:nope' is not one of"),
     ({"ranking": {"suites": {"core": ["nope"]}}}, "suite 'core' names task(s) ['nope']"),
-    ({"ranking": {"random_baselines": {"demo_facts": 1.5}}}, "must be in [0, 1)"),
+    ({"ranking": {"random_baselines": {"demo_facts": 0.25}}}, "declare `random_baseline` in evals/suites.yaml"),
     ({"eval_file": "missing.jsonl"}, "does not exist"),
 ])
 def test_invalid_leaderboard_configs_name_the_field(tmp_path: Path, change: dict, message: str) -> None:
