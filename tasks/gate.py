@@ -16,7 +16,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from tasks.evaluate import metric_key
-from tasks.refs import EvalReport, GateDecision, GateRule, PromotionResult, RegisteredVersion
+from tasks.refs import EvalReport, GateDecision, GateRule, PromotionResult, RegisteredVersion, TaskScore
 from tasks.registry import (SCORE_TAG, champion_of, clear_challenger, record_verdict, registry_lock,  # noqa: F401
                             set_champion, version_with_sha)
 from tasks.spec import GateSpec, RegistrySpec
@@ -26,6 +26,16 @@ log = logging.getLogger(__name__)
 
 
 EPS = 1e-9  # scores come back from tags with 6 decimals: 0.55 - 0.50 must not exceed 0.05
+
+
+def gated_scores(report: EvalReport, metric: str) -> list[TaskScore]:
+    """The scores the averaged and compared rules judge: one per evaluated task (a group's aggregate,
+    e.g. MMLU's, not its 57 subtasks'), or every row of a report that lists no task results."""
+    rows = [s for s in report.scores if s.metric == metric]
+    if not report.task_results:
+        return rows
+    tasks = {r.task for r in report.task_results}
+    return [s for s in rows if s.task in tasks]
 
 
 def decide(spec: GateSpec, report: EvalReport, base: EvalReport | None,
@@ -47,7 +57,7 @@ def decide(spec: GateSpec, report: EvalReport, base: EvalReport | None,
             detail=f"required task {task_name!r} has no {spec.metric} score in the report" if value is None
             else f"{spec.metric}={value:.4f} vs minimum {limit:.4f}"))
     if spec.min_average is not None:
-        values = [s.value for s in report.scores if s.metric == spec.metric]
+        values = [s.value for s in gated_scores(report, spec.metric)]
         mean = sum(values) / len(values) if values else None
         rules.append(GateRule(
             rule="min_average", measured=mean, limit=spec.min_average,
@@ -64,18 +74,18 @@ def decide(spec: GateSpec, report: EvalReport, base: EvalReport | None,
             detail="the report has no speed probe (eval.speed_probe.enabled)" if value is None
             else f"{value:.4g} vs ceiling {limit:.4g}"))
     if spec.min_gain_over_base is not None and base is not None:
-        for s in report.scores:
+        for s in gated_scores(report, spec.metric):
             before = base.score(s.task, s.metric)
-            if s.metric != spec.metric or before is None:
+            if before is None:
                 continue
             gain = s.value - before
             rules.append(GateRule(rule=f"gain_over_base[{s.task}]", measured=gain, limit=spec.min_gain_over_base,
                                   passed=gain >= spec.min_gain_over_base - EPS,
                                   detail=f"{s.value:.4f} vs base {before:.4f} (gain {gain:+.4f})"))
     if champion_version is not None:
-        for s in report.scores:
+        for s in gated_scores(report, spec.metric):
             key = metric_key(s.task, s.metric)  # as the registry tags store it
-            if s.metric != spec.metric or key not in champion_scores:
+            if key not in champion_scores:
                 continue
             allowed = spec.max_regression_by_task.get(s.task, spec.max_regression)
             delta = s.value - champion_scores[key]

@@ -98,6 +98,29 @@ def unique(name: str) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
+def test_gain_and_regression_rules_judge_each_task_not_its_subtasks() -> None:
+    from tasks.gate import decide
+    from tasks.refs import TaskResult
+
+    # MMLU as a group: the group's aggregate and two subtasks; one subtask drops a lot, the group does not
+    scores = {"mmlu": 0.60, "mmlu_anatomy": 0.30, "mmlu_astronomy": 0.90, "facts": 0.80}
+    report = make_report(scores)
+    report = report.model_copy(update={"task_results": [
+        TaskResult(task=t, engine_task=t, source="engine", metric="acc", value=scores[t], random_baseline=0.25,
+                   scores=[s for s in report.scores if s.task == t or s.task.startswith(t + "_")], versions={},
+                   num_fewshot=0, results_path="/dev/null", samples_path="/dev/null") for t in ("mmlu", "facts")]})
+    champion = {"mmlu.acc": 0.58, "mmlu_anatomy.acc": 0.50, "mmlu_astronomy.acc": 0.60, "facts.acc": 0.79}
+    base = make_report({"mmlu": 0.40, "mmlu_anatomy": 0.45, "mmlu_astronomy": 0.40, "facts": 0.30})
+    spec = GateSpec(max_regression=0.05, min_gain_over_base=0.1, min_average=0.7)
+    decision = decide(spec, report, base, "3", champion)
+    assert [r.rule for r in decision.rules] == ["min_average", "gain_over_base[mmlu]", "gain_over_base[facts]",
+                                                "no_regression[mmlu]", "no_regression[facts]"]
+    assert decision.passed, decision.reasons  # mmlu_anatomy's -0.20 and -0.15 vs base are not rules
+    assert decision.rules[0].measured == pytest.approx(0.70) and "over 2 task(s)" in decision.rules[0].detail
+    # a report without task results (hand-made, or older) is judged on every row, as before
+    assert not decide(spec, make_report(scores), base, "3", champion).passed
+
+
 def test_required_task_missing_from_report_fails_with_that_reason() -> None:
     from tasks.gate import decide
 
