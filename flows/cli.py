@@ -52,10 +52,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-days", type=float, default=7.0, help="keep outputs used within this many days (7)")
 
     p = sub.add_parser("eval", help="evaluate one model on a suite (cached per task)",
-                       description="Evaluate a model folder or hub model (hf://org/name@revision) with lm-eval on a "
+                       description="Evaluate a model folder, hub model (hf://org/name@revision) or registered "
+                                   "model (models:/NAME@alias, models:/NAME/VERSION) with lm-eval on a "
                                    "suite of evals/suites.yaml and/or listed tasks; print and save the report. "
                                    "Tasks evaluated before on the same model with the same protocol come from the cache.")
-    p.add_argument("model", help="model folder (save_pretrained layout) or hf://org/name@revision")
+    p.add_argument("model", help="model folder (save_pretrained layout), hf://org/name@revision, or "
+                                 "models:/NAME@alias (the MLflow Model Registry, e.g. models:/gauntlet-demo@champion)")
     p.add_argument("--suite", help="suite name: en-core, zh-core, reasoning, demo (see evals/suites.yaml)")
     p.add_argument("--task", dest="tasks", action="append", default=[], metavar="NAME",
                    help="a task to evaluate (with or instead of a suite; repeatable)")
@@ -232,7 +234,8 @@ def _eval_spec(args: argparse.Namespace) -> tuple[object, object]:
     raw = apply_overrides(raw, [o.removeprefix("eval.") for o in args.overrides])
     problems = []
     specs = []
-    source = args.model if "://" in args.model else str(Path(args.model).resolve())  # a folder: from here
+    is_path = "://" not in args.model and not args.model.startswith("models:/")
+    source = str(Path(args.model).resolve()) if is_path else args.model  # a folder: from here
     for section, model, data in (("model", ModelSpec, {"source": source}), ("eval", EvalSpec, raw)):
         try:
             specs.append(model.model_validate(data, context={"root": Path.cwd()}))

@@ -10,7 +10,7 @@ from prefect import flow
 from prefect.runtime import flow_run
 
 from tasks.evaluate import EVAL, evaluate_task
-from tasks.models import FETCH, fetch_model_task
+from tasks.models import fetch_model_stage
 from tasks.refs import EvalReport
 from tasks.spec import EvalSpec, ModelSpec
 from tasks.state import sha256_json
@@ -31,5 +31,5 @@ def evaluate_flow(model: ModelSpec, spec: EvalSpec, variant: str = "base",
             "gauntlet.flow": "evaluate"}
     params = {**flatten_params("model", model.model_dump(mode="json")), "variant": variant}
     with parent_run(tracking_uri(), experiment, f"eval-{flow_run.name}", tags, params) as run:
-        ref = FETCH.run(fetch_model_task, spec=model, run=run)
+        ref = fetch_model_stage(model, run)
         return EVAL.run(evaluate_task, spec=spec, model=ref, data=None, variant=variant, run=run)

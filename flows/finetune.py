@@ -12,7 +12,7 @@ from tasks.checks import CHECK, check_data_task
 from tasks.data import DATA, pull_data_task
 from tasks.evaluate import EVAL, evaluate_task
 from tasks.gate import gate, promote
-from tasks.models import FETCH, fetch_model_task
+from tasks.models import fetch_model_stage
 from tasks.notify import notify_failed_run, notify_outcome
 from tasks.registry import register_challenger
 from tasks.quantize import QUANTIZE, quantize_task
@@ -29,7 +29,7 @@ def run_pipeline(spec: RunSpec) -> RunSummary:
     with parent_run(uri, spec.tracking.experiment, f"{spec.name}-{flow_run.name}", tags,
                     flatten_params("", spec.model_dump(mode="json"))) as run:
         data = DATA.run(pull_data_task, spec=spec.data, run=run)
-        base = FETCH.run(fetch_model_task, spec=spec.model, run=run)
+        base = fetch_model_stage(spec.model, run)
         CHECK.run(check_data_task, checks=spec.data.checks, max_seq_len=spec.train.max_seq_len, data=data,
                   model=base, run=run)
         trained = TRAIN.run(train, spec=spec.train, model=base, data=data, run=run)

@@ -21,6 +21,7 @@ from tasks.leaderboard import (
     CandidateOutcome,
     Leaderboard,
     PreparedCandidate,
+    candidate_model,
     ensure_gpu_limit_task,
     eval_file_task,
     failed_outcome,
@@ -31,12 +32,11 @@ from tasks.leaderboard import (
     quantization_of,
     quantize_for_leaderboard,
     rank_task,
-    resolve_candidate_task,
     skipped_outcome,
     variant_skip_reason,
     variants_of,
 )
-from tasks.models import FETCH, fetch_model_task
+from tasks.models import fetch_resolved_model, resolve_model_task
 from tasks.refs import DatasetRef
 from tasks.spec import LeaderboardCandidate, LeaderboardSpec, load_leaderboard_spec
 from tasks.state import sha256_json
@@ -45,11 +45,10 @@ from tasks.tracking import RunContext, flatten_params, parent_run, tracking_uri
 
 @task(name="prepare_candidate", task_run_name="candidate-{name}", cache_policy=NO_CACHE)
 def prepare_candidate(name: str, candidate: LeaderboardCandidate, run: RunContext) -> PreparedCandidate:
-    resolved = resolve_candidate_task(candidate, run)
-    # An unpinned source (local folder, object store, hub main) is re-fetched and re-hashed every night.
-    fetch = fetch_model_task if resolved.stable else fetch_model_task.with_options(refresh_cache=True)
-    model = FETCH.run(fetch, spec=resolved.model, run=run)
-    return PreparedCandidate(resolved=resolved, model=model)
+    # The same resolve → fetch as every flow: a registry alias is looked up again each night, and an
+    # unpinned source (local folder, object store, hub main) is re-fetched and re-hashed.
+    resolved = resolve_model_task(candidate_model(candidate), run)
+    return PreparedCandidate(resolved=resolved, model=fetch_resolved_model(resolved, run))
 
 
 @task(name="score_variant", task_run_name="score-{name}-{variant}", cache_policy=NO_CACHE)

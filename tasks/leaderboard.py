@@ -4,9 +4,8 @@ The flow (flows/leaderboard.py) runs, for every candidate × variant, the same c
 (quantize) → evaluate tasks as the fine-tune flow. This module holds what is specific to the
 leaderboard:
 
-* **Resolving candidates**: ``models:/NAME@alias`` (or ``/VERSION``) is looked up in the MLflow Model
-  Registry and the version's files are downloaded once per version; other sources become a
-  :class:`~tasks.spec.ModelSpec` for ``fetch_model``. A candidate that cannot be resolved fails alone.
+* **Candidates** are model sources like any flow's (``tasks.models.resolve_model``: registry aliases
+  resolved each night, unpinned sources re-hashed). A candidate that cannot be resolved fails alone.
 * **Ranking**: scores normalised as the Open LLM Leaderboard does (random baseline → 0, perfect → 100,
   below chance → 0), averaged per suite and over all tasks; speed, latency, memory and size in their own
   columns; ranked by the configured key; ties share a rank; a row lacking the key's value is listed
@@ -28,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
@@ -40,13 +38,12 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ValidationError
 
 from tasks.evaluate import protocol_differences
+from tasks.models import ResolvedModel
 from tasks.refs import DatasetRef, EvalReport, ModelRef, Ref
 from tasks.suites import normalized_score  # the evaluation stage's normalization
 from tasks.spec import (
     LEADERBOARD_VARIANTS,
     PERF_RANK_KEYS,
-    REGISTRY_SCHEME,
-    REGISTRY_URI,
     CalibrationSpec,
     LeaderboardCandidate,
     LeaderboardSpec,
@@ -54,13 +51,12 @@ from tasks.spec import (
     QuantizeVariant,
     problems_from,
 )
-from tasks.state import PROJECT_ROOT, gauntlet_home, is_complete, mark_complete, models_cache, sha256_json
+from tasks.state import PROJECT_ROOT, gauntlet_home, sha256_json
 from tasks.tracking import RunContext, client, git_commit, stage_run
 
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
-FLOATING_REVISIONS = {None, "main", "master"}
 
 
 class CandidateError(RuntimeError):
@@ -72,15 +68,8 @@ class CandidateError(RuntimeError):
 # ---------------------------------------------------------------------------------------------
 
 
-class ResolvedCandidate(Ref):
-    candidate: str
-    model: ModelSpec               # what fetch_model receives
-    note: str | None = None        # e.g. "models:/demo@champion → version 3"
-    stable: bool                   # the same source always names the same files: the fetch cache may answer
-
-
 class PreparedCandidate(Ref):
-    resolved: ResolvedCandidate
+    resolved: ResolvedModel
     model: ModelRef
 
 
@@ -131,67 +120,14 @@ def failure_reason(state: Any) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def is_stable_source(spec: ModelSpec) -> bool:
-    """True when the source always names the same files (demo builds, pinned hub revisions, registry
-    versions); a local folder or object-store prefix may change under the same name, so it is re-hashed."""
-    scheme = spec.source.split("://", 1)[0] if "://" in spec.source else "local"
-    if scheme == "demo":
-        return True
-    if scheme in ("hf", "modelscope"):
-        at_rev = spec.source.split("://", 1)[1].partition("@")[2] or None
-        return (spec.revision or at_rev) not in FLOATING_REVISIONS
-    return False
-
-
-def download_registry_model(uri: str, tracking_uri: str) -> tuple[Path, str]:
-    """``models:/NAME@alias`` or ``models:/NAME/VERSION`` → the version's files on local disk (once per version)."""
-    from mlflow.artifacts import download_artifacts
-    from mlflow.exceptions import MlflowException
-
-    match = REGISTRY_URI.match(uri)
-    if not match:
-        raise CandidateError(f"{uri}: not a registry URI; use models:/NAME@alias or models:/NAME/VERSION")
-    name, alias, number = match["name"], match["alias"], match["version"]
-    c = client(tracking_uri)
+def candidate_model(candidate: LeaderboardCandidate) -> ModelSpec:
+    """The candidate as a model source; CandidateError (its row fails, not the night) when it cannot exist."""
+    raw = {"source": candidate.source, "revision": candidate.revision, "trust_remote_code": candidate.trust_remote_code}
     try:
-        mv = c.get_model_version_by_alias(name, alias) if alias else c.get_model_version(name, number)
-    except MlflowException as e:
-        what = f"alias @{alias}" if alias else f"version {number}"
-        raise CandidateError(
-            f"{uri}: registered model {name!r} has no {what} in the MLflow registry at {tracking_uri} "
-            f"({e.message.splitlines()[0]}). Register a version first (gauntlet run …) or fix the candidate's source."
-        ) from None
-    target = models_cache() / "registry" / name / str(mv.version)
-    if not is_complete(target):
-        partial = target.with_name(target.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-        source_uri = c.get_model_version_download_uri(name, mv.version)
-        local = Path(download_artifacts(artifact_uri=source_uri, dst_path=str(partial), tracking_uri=tracking_uri))
-        shutil.rmtree(target, ignore_errors=True)
-        local.rename(target)
-        shutil.rmtree(partial, ignore_errors=True)
-        mark_complete(target)
-    note = f"{uri} → version {mv.version}" + (f" (run {mv.run_id[:12]})" if mv.run_id else "")
-    return target, note
-
-
-def resolve_candidate(candidate: LeaderboardCandidate, tracking_uri: str) -> ResolvedCandidate:
-    """The ModelSpec that fetch_model gets for this candidate; CandidateError when it cannot exist."""
-    note = None
-    if candidate.source.startswith(REGISTRY_SCHEME):
-        path, note = download_registry_model(candidate.source, tracking_uri)
-        raw = {"source": str(path), "trust_remote_code": candidate.trust_remote_code}
-    else:
-        raw = {"source": candidate.source, "revision": candidate.revision,
-               "trust_remote_code": candidate.trust_remote_code}
-    try:
-        spec = ModelSpec.model_validate(raw, context={"root": PROJECT_ROOT})
+        return ModelSpec.model_validate(raw, context={"root": PROJECT_ROOT})
     except ValidationError as e:
         raise CandidateError(f"candidate {candidate.display_name}: "
                              + "; ".join(f"{p.path}: {p.message}" for p in problems_from(e, ModelSpec))) from None
-    stable = True if note else is_stable_source(spec)
-    return ResolvedCandidate(candidate=candidate.display_name, model=spec, note=note, stable=stable)
 
 
 def preload_model_libraries() -> None:
@@ -643,15 +579,6 @@ def _metric_name(*parts: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # the Prefect tasks
 # ---------------------------------------------------------------------------------------------
-
-
-@task(name="resolve_candidate", cache_policy=NO_CACHE, task_run_name="resolve-{candidate.source}")
-def resolve_candidate_task(candidate: LeaderboardCandidate, run: RunContext) -> ResolvedCandidate:
-    """Not cached: a registry alias can move between nights."""
-    resolved = resolve_candidate(candidate, run.tracking_uri)
-    get_run_logger().info(f"{candidate.display_name}: {resolved.note or resolved.model.source}"
-                          f"{'' if resolved.stable else ' (re-hashed every night)'}")
-    return resolved
 
 
 @task(name="eval_data", cache_policy=NO_CACHE)

@@ -1,5 +1,11 @@
-"""Stage 2, model fetch: a base model from a hub, an object store, a local path, or the demo builder.
+"""Stage 2, model fetch: a base model from a hub, an object store, a local path, the MLflow Model
+Registry, or the demo builder.
 
+``resolve_model`` runs first, uncached: a registry source (``models:/NAME@alias``, ``models:/NAME/VERSION``)
+becomes the version's files on local disk (downloaded once per version), and every source is marked
+*stable* (the same name always means the same files: demo builds, pinned hub revisions, registry
+versions) or not (a local folder, an object-store prefix, a hub branch), in which case the cached fetch
+is refreshed and the model re-hashed, so changed weights never hide behind an unchanged name.
 ``fetch_model`` always returns a :class:`ModelRef` pointing at a local directory with a content hash,
 so the rest of the pipeline never cares where a model came from. Hub downloads are pinned to a
 revision and resumable (``snapshot_download`` resumes partial files); tokens come from the
@@ -15,12 +21,13 @@ import shutil
 from pathlib import Path
 
 from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 
 from tasks.caching import Stage, retry_unless
-from tasks.refs import ModelRef
-from tasks.spec import ModelSpec
+from tasks.refs import ModelRef, Ref
+from tasks.spec import REGISTRY_SCHEME, REGISTRY_URI, ModelSpec
 from tasks.state import PROJECT_ROOT, is_complete, mark_complete, models_cache, sha256_dir
-from tasks.tracking import RunContext, stage_run
+from tasks.tracking import RunContext, client, stage_run
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +40,73 @@ class ModelFetchError(RuntimeError):
 
 class ModelDownloadError(RuntimeError):
     """A download that failed on the way (network, hub): the task retries it."""
+
+
+FLOATING_REVISIONS = {None, "main", "master"}
+
+
+class ResolvedModel(Ref):
+    """A model source made fetchable: what ``fetch_model`` receives, and whether its cache may answer."""
+
+    source: str                    # as the config gave it
+    name: str | None = None        # a registry version's name in reports: "NAME-vVERSION"
+    model: ModelSpec               # what fetch_model receives (a registry source: the version's local folder)
+    note: str | None = None        # e.g. "models:/demo@champion → version 3 (run 1a2b…)"
+    stable: bool                   # the same source always names the same files: the fetch cache may answer
+
+
+def is_stable_source(spec: ModelSpec) -> bool:
+    """True when the source always names the same files (demo builds, pinned hub revisions); a local folder
+    or object-store prefix may change under the same name, so it is re-hashed."""
+    scheme = spec.source.split("://", 1)[0] if "://" in spec.source else "local"
+    if scheme == "demo":
+        return True
+    if scheme in ("hf", "modelscope"):
+        at_rev = spec.source.split("://", 1)[1].partition("@")[2] or None
+        return (spec.revision or at_rev) not in FLOATING_REVISIONS
+    return False
+
+
+def download_registry_model(uri: str, tracking_uri: str) -> tuple[Path, str, str]:
+    """``models:/NAME@alias`` or ``models:/NAME/VERSION`` → the version's files on local disk (once per version)."""
+    from mlflow.artifacts import download_artifacts
+    from mlflow.exceptions import MlflowException
+
+    match = REGISTRY_URI.match(uri)
+    if not match:
+        raise ModelFetchError(f"{uri}: not a registry URI; use models:/NAME@alias or models:/NAME/VERSION")
+    name, alias, number = match["name"], match["alias"], match["version"]
+    c = client(tracking_uri)
+    try:
+        mv = c.get_model_version_by_alias(name, alias) if alias else c.get_model_version(name, number)
+    except MlflowException as e:
+        what = f"alias @{alias}" if alias else f"version {number}"
+        raise ModelFetchError(
+            f"{uri}: registered model {name!r} has no {what} in the MLflow registry at {tracking_uri} "
+            f"({e.message.splitlines()[0]}). Register a version first (gauntlet run …) or fix the model source."
+        ) from None
+    target = models_cache() / "registry" / name / str(mv.version)
+    if not is_complete(target):
+        partial = target.with_name(target.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        source_uri = c.get_model_version_download_uri(name, mv.version)
+        local = Path(download_artifacts(artifact_uri=source_uri, dst_path=str(partial), tracking_uri=tracking_uri))
+        shutil.rmtree(target, ignore_errors=True)
+        local.rename(target)
+        shutil.rmtree(partial, ignore_errors=True)
+        mark_complete(target)
+    note = f"{uri} → version {mv.version}" + (f" (run {mv.run_id[:12]})" if mv.run_id else "")
+    return target, note, f"{name}-v{mv.version}"
+
+
+def resolve_model(spec: ModelSpec, tracking_uri: str) -> ResolvedModel:
+    """The ModelSpec that fetch_model gets for ``spec``; ModelFetchError when a registry source has no such version."""
+    if not spec.source.startswith(REGISTRY_SCHEME):
+        return ResolvedModel(source=spec.source, model=spec, stable=is_stable_source(spec))
+    path, note, name = download_registry_model(spec.source, tracking_uri)
+    local = spec.model_copy(update={"source": str(path), "revision": None})
+    return ResolvedModel(source=spec.source, name=name, model=local, note=note, stable=True)
 
 
 def split_source(source: str, revision: str | None) -> tuple[str, str, str | None]:
@@ -48,7 +122,10 @@ def looks_like_model_dir(path: Path) -> bool:
 
 
 def fetch_model(spec: ModelSpec) -> ModelRef:
-    """Bring the model to local disk and hash it."""
+    """Bring the model to local disk and hash it (a registry source is resolved first: ``resolve_model``)."""
+    if spec.source.startswith(REGISTRY_SCHEME):
+        raise ModelFetchError(f"{spec.source}: resolve registry sources with resolve_model() before fetching "
+                              "(the alias may move; the fetch cache must not answer for it)")
     scheme, name, revision = split_source(spec.source, spec.revision)
     if scheme == "demo":
         path = build_demo_model(name)
@@ -218,3 +295,28 @@ def fetch_model_task(spec: ModelSpec, run: RunContext) -> ModelRef:
     logger.info(f"model {spec.source} ready at {ref.path} (sha {ref.sha[:12]})")
     FETCH.write_receipt({"spec": spec}, [ref.path])
     return ref.model_copy(update={"mlflow_run_id": rid})
+
+
+@task(name="resolve_model", cache_policy=NO_CACHE, task_run_name="resolve-{spec.source}")
+def resolve_model_task(spec: ModelSpec, run: RunContext) -> ResolvedModel:
+    """Not cached: a registry alias can move, and a local folder can change, between runs."""
+    resolved = resolve_model(spec, run.tracking_uri)
+    get_run_logger().info(f"{spec.source}: {resolved.note or 'fetched as given'}"
+                          f"{'' if resolved.stable else ' (not pinned: fetched and hashed again)'}")
+    return resolved
+
+
+def fetch_resolved_model(resolved: ResolvedModel, run: RunContext) -> ModelRef:
+    """The fetch stage for a resolved source: from the cache when the source is stable, fetched and
+    re-hashed otherwise (the cache is refreshed, so later runs see the new content too)."""
+    fetch = fetch_model_task if resolved.stable else fetch_model_task.with_options(refresh_cache=True)
+    ref = FETCH.run(fetch, spec=resolved.model, run=run)
+    # reports and lineage name the source as configured (models:/NAME@alias), not the download folder
+    if resolved.source == ref.source:
+        return ref
+    return ref.model_copy(update={"source": resolved.source, "name": resolved.name or ref.name})
+
+
+def fetch_model_stage(spec: ModelSpec, run: RunContext) -> ModelRef:
+    """Resolve, then fetch: what every flow calls for a model source."""
+    return fetch_resolved_model(resolve_model_task(spec, run), run)

@@ -42,11 +42,24 @@ def require_unique(names: list[str], what: str, fix: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 SOURCE_SCHEMES = ("demo://", "hf://", "modelscope://", "file://", "s3://", "gs://")
+REGISTRY_SCHEME = "models:/"
+REGISTRY_URI = re.compile(r"^models:/(?P<name>[^/@\s]+)(?:@(?P<alias>[\w.-]+)|/(?P<version>\d+))$")
+
+
+def check_source_scheme(v: str) -> None:
+    """ValueError naming the accepted forms when ``v`` is neither a known scheme, a registry URI nor a path."""
+    if v.startswith(REGISTRY_SCHEME):
+        if not REGISTRY_URI.match(v):
+            raise ValueError(f"registry source {v!r} must look like models:/NAME@alias or models:/NAME/VERSION")
+    elif "://" in v and not v.startswith(SOURCE_SCHEMES):
+        raise ValueError(f"unsupported scheme in {v!r}; use one of {', '.join(SOURCE_SCHEMES)}, "
+                         f"{REGISTRY_SCHEME}NAME@alias or a local path")
 
 
 class ModelSpec(Strict):
-    """The base model: ``demo://tiny-llama`` (built locally), ``hf://org/name@revision``,
-    ``modelscope://org/name@revision``, ``s3://…``/``gs://…`` or a local directory."""
+    """A model: ``demo://tiny-llama`` (built locally), ``hf://org/name@revision``,
+    ``modelscope://org/name@revision``, ``s3://…``/``gs://…``, ``models:/NAME@alias`` or
+    ``models:/NAME/VERSION`` (the MLflow Model Registry), or a local directory."""
 
     source: str
     revision: str | None = Field(None, description="hub revision (commit sha or tag); '@rev' in source also works")
@@ -55,9 +68,8 @@ class ModelSpec(Strict):
     @field_validator("source")
     @classmethod
     def _known_scheme(cls, v: str, info: ValidationInfo) -> str:
-        if "://" in v and not v.startswith(SOURCE_SCHEMES):
-            raise ValueError(f"unsupported scheme in {v!r}; use one of {', '.join(SOURCE_SCHEMES)} or a local path")
-        if "://" not in v:
+        check_source_scheme(v)
+        if "://" not in v and not v.startswith(REGISTRY_SCHEME):
             path = _resolve(v, info)
             if not path.exists():
                 raise ValueError(f"local model directory {str(path)!r} does not exist")
@@ -369,9 +381,6 @@ class RunSpec(Strict):
 # the leaderboard config (configs/leaderboard.yaml)
 # ---------------------------------------------------------------------------------------------
 
-REGISTRY_SCHEME = "models:/"
-REGISTRY_URI = re.compile(r"^models:/(?P<name>[^/@\s]+)(?:@(?P<alias>[\w.-]+)|/(?P<version>\d+))$")
-
 # A leaderboard variant name -> how the candidate is turned into it (None: evaluated as stored, unquantized).
 LEADERBOARD_VARIANTS: dict[str, QuantizeVariant | None] = {
     "bf16": None,                     # as stored; the hf backend loads dtype=auto on a GPU, float32 on the CPU
@@ -412,12 +421,7 @@ class LeaderboardCandidate(Strict):
     @field_validator("source")
     @classmethod
     def _known_source(cls, v: str) -> str:
-        if v.startswith(REGISTRY_SCHEME):
-            if not REGISTRY_URI.match(v):
-                raise ValueError(f"registry source {v!r} must look like models:/NAME@alias or models:/NAME/VERSION")
-        elif "://" in v and not v.startswith(SOURCE_SCHEMES):
-            raise ValueError(f"unsupported scheme in {v!r}; use one of {', '.join(SOURCE_SCHEMES)}, "
-                             f"{REGISTRY_SCHEME}NAME@alias or a local path")
+        check_source_scheme(v)
         return v
 
     @field_validator("variants")

@@ -45,7 +45,7 @@ def task_states(state) -> dict[str, str]:
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
-    return {r.name: r.state.name for r in runs if not r.name.startswith("fetch_model")}
+    return {r.name: r.state.name for r in runs if not r.name.startswith(("fetch_model", "resolve-"))}
 
 
 def mlflow_run(run_id: str):
@@ -102,6 +102,35 @@ def test_unchanged_suite_costs_nothing_and_an_added_task_runs_alone(prefect_api,
     changed = run_eval(model_dir, spec_with({"name": "arc_challenge", "num_fewshot": 1}, "gsm8k"))
     assert task_states(changed) == {"evaluate-base": "Completed", "score-base-arc_challenge": "Completed",
                                     "score-base-gsm8k": "Cached", "speed-probe-base": "Cached"}
+
+
+def test_a_registered_model_is_evaluated_by_its_alias(prefect_api, model_dir, capsys) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from conftest import register_as_champion
+    from flows.cli import main
+    from tasks.tracking import tracking_uri
+
+    spec = spec_with("arc_challenge")
+    assert run_eval(model_dir, spec).is_completed()
+    version = register_as_champion(MlflowClient(tracking_uri()), "eval-registry-tests", model_dir, "eval-by-alias",
+                                   {"test": "eval"})
+    state = run_eval("models:/eval-by-alias@champion", spec)
+    assert state.is_completed(), state.message
+    # the version's files are the folder evaluated above: the same content hash, so nothing is evaluated again
+    assert task_states(state) == {"evaluate-base": "Cached"}
+    assert state.result().model_sha == run_eval(model_dir, spec).result().model_sha
+    c = MlflowClient(tracking_uri())
+    resolved = c.search_runs([c.get_experiment_by_name("gauntlet-eval-tests").experiment_id],
+                             "attributes.run_name = 'fetch_model'", order_by=["attributes.start_time DESC"])
+    assert any(r.data.tags.get("model.path", "").endswith(f"registry/eval-by-alias/{version}") for r in resolved)
+
+    # the command line takes the same URI; an alias that is not set fails clearly, before any evaluation
+    assert main(["eval", "models:/eval-by-alias@nope", "--fixtures", "--task", "arc_challenge"]) == 1
+    err = capsys.readouterr().err
+    assert "models:/eval-by-alias@nope: registered model 'eval-by-alias' has no alias @nope" in err
+    assert main(["eval", "models:/eval-by-alias", "--fixtures", "--task", "arc_challenge"]) == 2
+    assert "must look like models:/NAME@alias or models:/NAME/VERSION" in capsys.readouterr().err
 
 
 def _failed_runs(report_experiment: str = "gauntlet-eval-tests"):
