@@ -301,8 +301,8 @@ def fetch_model_task(spec: ModelSpec, run: RunContext) -> ModelRef:
 def resolve_model_task(spec: ModelSpec, run: RunContext) -> ResolvedModel:
     """Not cached: a registry alias can move, and a local folder can change, between runs."""
     resolved = resolve_model(spec, run.tracking_uri)
-    get_run_logger().info(f"{spec.source}: {resolved.note or 'fetched as given'}"
-                          f"{'' if resolved.stable else ' (not pinned: fetched and hashed again)'}")
+    get_run_logger().info((resolved.note or f"{spec.source}: as given")
+                          + ("" if resolved.stable else " (not pinned: fetched and hashed again)"))
     return resolved
 
 

@@ -34,7 +34,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from tasks.evaluate import metric_key
-from tasks.refs import DatasetRef, EvalReport, GateDecision, RegisteredVersion, TrainedModel
+from tasks.refs import DatasetRef, EvalReport, GateDecision, ModelRef, QuantizedModel, RegisteredVersion, TrainedModel
 from tasks.spec import RegistrySpec
 from tasks.tracking import RunContext, git_commit, stage_run
 
@@ -328,7 +328,11 @@ def model_card(model_name: str, lineage: dict[str, str], report: EvalReport) -> 
         f"- config hash: `{lineage.get('config_hash')}`",
         f"- git commit: `{lineage.get('git_commit')}`",
         f"- Prefect flow run: `{lineage.get('prefect.flow_run_id')}`; MLflow run: `{lineage.get('mlflow.parent_run_id')}`",
-        f"- model files sha256: `{lineage.get('model.sha')}`", "",
+        f"- model files sha256: `{lineage.get('model.sha')}`",
+        *([f"- quantized: {lineage['quantization.variant']} ({lineage['quantization.method']}, "
+           f"{lineage['quantization.bits']} bits, group size {lineage['quantization.group_size']}) from "
+           f"`{lineage['quantization.from_sha']}`, calibration md5 `{lineage['quantization.calibration_md5']}`, "
+           f"{lineage['quantization.size_ratio']}x the size"] if "quantization.variant" in lineage else []), "",
         "## Scores", "", "| task | metric | value | stderr |", "|---|---|---|---|", *rows, "",
         "## Speed", "", *perf, "",
         "## Evaluation protocol", "", "```json", json.dumps(report.protocol, indent=2, sort_keys=True, default=str),
@@ -475,11 +479,25 @@ def rollback(c, registry: RegistrySpec, reason: str = "", by: str | None = None)
 
 
 def lineage_of(trained: TrainedModel, data: DatasetRef, config_hash: str, run: RunContext) -> dict[str, str]:
-    return {"base_model.source": trained.base.source, "base_model.sha": trained.base.sha,
-            "base_model.revision": trained.base.revision or "unversioned (see base_model.sha)",
-            "data.md5": data.md5, "config_hash": config_hash, "git_commit": git_commit(),
-            "model.sha": trained.merged.sha, "model.path": trained.output_dir, "prefect.flow_run_id": str(run.flow_run_id),
-            "mlflow.parent_run_id": run.parent_run_id}
+    lineage = {"base_model.source": trained.base.source, "base_model.sha": trained.base.sha,
+               "base_model.revision": trained.base.revision or "unversioned (see base_model.sha)",
+               "data.md5": data.md5, "config_hash": config_hash, "git_commit": git_commit(),
+               "model.sha": trained.merged.sha, "model.path": trained.output_dir,
+               "prefect.flow_run_id": str(run.flow_run_id), "mlflow.parent_run_id": run.parent_run_id}
+    return {**lineage, **quantization_tags(trained.merged)}
+
+
+def quantization_tags(model: ModelRef) -> dict[str, str]:
+    """How a quantized variant was made (method, bits, group size, what it was quantized from and
+    calibrated on); nothing for an unquantized model."""
+    if not isinstance(model, QuantizedModel):
+        return {}
+    return {"quantization.variant": model.variant, "quantization.method": model.method,
+            "quantization.bits": str(model.bits),
+            "quantization.group_size": "none" if model.group_size is None else str(model.group_size),
+            "quantization.from_sha": model.base_sha,
+            "quantization.calibration_md5": model.calibration_md5 or "none (calibration-free)",
+            "quantization.size_ratio": f"{model.size_ratio:.3f}"}
 
 
 @task(name="register_challenger", cache_policy=NO_CACHE)

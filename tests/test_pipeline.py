@@ -121,6 +121,14 @@ def test_first_run_trains_evaluates_and_promotes(first_run, dvc_repo) -> None:
     assert "gauntlet-demo-gptq-w4g64 v1 is now @champion" in variant.registry
     registered = c.get_model_version_by_alias("gauntlet-demo-gptq-w4g64", "champion")
     assert registered.tags["model.sha"] == sha256_dir(Path(variant.path))
+    # how the variant was made, on the version: method, bits, group size, what it came from, calibration
+    quant = {k.removeprefix("quantization."): v for k, v in registered.tags.items() if k.startswith("quantization.")}
+    assert quant == {"variant": "gptq-w4g64", "method": "gptq", "bits": "4", "group_size": "64",
+                     "from_sha": sha256_dir(Path(summary.merged_model)), "calibration_md5": quant["calibration_md5"],
+                     "size_ratio": f"{variant.size_ratio:.3f}"}
+    assert len(quant["calibration_md5"]) == 32
+    assert not any(k.startswith("quantization.") for k in c.get_model_version_by_alias("gauntlet-demo",
+                                                                                         "champion").tags)
 
     version = c.get_model_version_by_alias("gauntlet-demo", "champion")
     assert str(version.version) == summary.registered_version
