@@ -49,6 +49,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 EVAL_REQUIRED_FIELDS = ("instruction",)
+ALPACA_FIELDS = ("instruction", "input", "output")
 MAX_REPORTED_PROBLEMS = 20
 
 # os.chdir is process-wide: one DVC operation at a time in this process.
@@ -116,7 +117,7 @@ def pull_data(spec: DataSpec, root: Path = PROJECT_ROOT) -> DatasetRef:
     )
 
 
-def validate_jsonl(path: Path, required_fields: tuple[str, ...]) -> tuple[int, float]:
+def validate_jsonl(path: Path, required_fields: tuple[str, ...] | None) -> tuple[int, float]:
     """Check one JSON Lines file; return (rows, duplicate rate). Raises DataError listing problems."""
     problems: list[str] = []
     rows, dup = _check_file(path, required_fields, problems)
@@ -367,13 +368,13 @@ def _missing_message(repo: Repo, remote: str, missing: list[_Target], states: di
 # ---------------------------------------------------------------------------------------------
 
 
-def _validate(targets: list[_Target], required_fields: tuple[str, ...],
+def _validate(targets: list[_Target], required_fields: tuple[str, ...] | None,
               max_row_bytes: int) -> tuple[dict[str, int], float]:
     problems: list[str] = []
     rows: dict[str, int] = {}
     duplicate_rate = 0.0
     for t in targets:
-        required = EVAL_REQUIRED_FIELDS if t.role == "eval" else tuple(required_fields)
+        required = EVAL_REQUIRED_FIELDS if t.role == "eval" else required_fields
         n, dup = _check_file(t.path, required, problems, max_row_bytes)
         rows[t.role] = n
         if t.role == "train":
@@ -393,9 +394,15 @@ def _problems_message(problems: list[str]) -> str:
     return "\n".join(lines)
 
 
-def _check_file(path: Path, required: tuple[str, ...], problems: list[str],
+def _check_file(path: Path, required: tuple[str, ...] | None, problems: list[str],
                 max_row_bytes: int = 1 << 20) -> tuple[int, float]:
-    """Append problems ('file:line: what — fix') to ``problems``; return (rows, duplicate rate)."""
+    """Append problems ('file:line: what — fix') to ``problems``; return (rows, duplicate rate).
+
+    ``required``: string fields every row must have; None: by the file's layout, read off its first row
+    (alpaca: ``ALPACA_FIELDS``; chat: the training stage's own turn rules, ``sft_data.row_problem``)."""
+    from tasks.sft_data import detect_format, row_problem
+
+    layout = None
     if not path.is_file():
         problems.append(f"{path}: file not found — run `dvc pull`/`dvc repro` for it")
         return 0, 0.0
@@ -434,11 +441,19 @@ def _check_file(path: Path, required: tuple[str, ...], problems: list[str],
                                 "must be one JSON object (JSON Lines)")
                 continue
             if not isinstance(row, dict):
+                fields = ", ".join(required) if required is not None else f"{', '.join(ALPACA_FIELDS)} (or a chat " \
+                                                                                          "messages list)"
                 problems.append(f"{path}:{lineno}: a JSON {type(row).__name__}, not an object — each line must "
-                                "be one JSON object with the fields " + ", ".join(required))
+                                f"be one JSON object with the fields {fields}")
                 continue
-            absent = [k for k in required if k not in row]
-            wrong = [k for k in required if k in row and not isinstance(row[k], str)]
+            layout = layout or ("fields" if required is not None else detect_format(row))
+            if layout == "chat":
+                if problem := row_problem(row, "chat"):
+                    problems.append(f"{path}:{lineno}: {problem} — chat rows need a messages (or ShareGPT "
+                                    "conversations) list of role/content turns with an assistant answer")
+            fields = () if layout == "chat" else required if required is not None else ALPACA_FIELDS
+            absent = [k for k in fields if k not in row]
+            wrong = [k for k in fields if k in row and not isinstance(row[k], str)]
             if absent:
                 problems.append(f"{path}:{lineno}: missing required field(s) {', '.join(absent)} — add them to "
                                 "every row, or change data.required_fields")

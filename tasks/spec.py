@@ -94,7 +94,9 @@ class DataSpec(Strict):
     eval: str | None = Field(None, description="evaluation items produced by the same data version (optional)")
     reproducible: bool = Field(True, description="reproduce the DVC stage when the remote lacks the data")
     remote: str | None = Field(None, description="DVC remote name (default: the repo's default remote)")
-    required_fields: tuple[str, ...] = ("instruction", "input", "output")
+    required_fields: tuple[str, ...] | None = Field(
+        None, description="string fields every train/validation row must have; default: by the file's layout "
+                          "(alpaca: instruction, input, output; chat: a messages/conversations list of turns)")
     max_row_bytes: int = Field(1 << 20, gt=0, description="a longer JSONL row is an error, not a memory spike")
     checks: DataChecksSpec = DataChecksSpec()
 

@@ -234,6 +234,23 @@ def test_missing_required_field_names_file_and_line(repo, home):
     assert ":1:" not in msg and ":3:" not in msg
 
 
+def test_chat_rows_pass_as_they_are_and_broken_turns_name_file_and_line(repo, home):
+    produce(repo, home, push=True)
+    turn = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    good = [{"messages": turn}, {"conversations": [{"from": "human", "value": "q2"}, {"from": "gpt", "value": "a2"}]}]
+    track(repo, home, "data/chat/train.jsonl", "".join(json.dumps(r) + "\n" for r in good))
+    ref = pull_data(spec_for(repo, train="data/chat/train.jsonl"), root=repo)  # no data.required_fields needed
+    assert ref.rows["train"] == 2
+
+    bad = good + [{"messages": [{"role": "user", "content": "q3"}]}, {"messages": [{"role": "robot", "content": "x"}]}]
+    track(repo, home, "data/chat2/train.jsonl", "".join(json.dumps(r) + "\n" for r in bad))
+    with pytest.raises(DataError) as err:
+        pull_data(spec_for(repo, train="data/chat2/train.jsonl"), root=repo)
+    msg = str(err.value)
+    assert "data/chat2/train.jsonl:3: no response: no assistant turn" in msg
+    assert "data/chat2/train.jsonl:4: turn 0: unknown role 'robot'" in msg and ":1:" not in msg
+
+
 def test_invalid_json_and_empty_files_are_errors(repo, home):
     produce(repo, home, push=True)
     track(repo, home, "data/bad/empty.jsonl", "")
