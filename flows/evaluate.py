@@ -9,7 +9,7 @@ from __future__ import annotations
 from prefect import flow
 from prefect.runtime import flow_run
 
-from tasks.evaluate import EVAL, evaluate_task
+from tasks.evaluate import evaluate_stage
 from tasks.models import fetch_model_stage
 from tasks.refs import EvalReport
 from tasks.spec import EvalSpec, ModelSpec
@@ -32,4 +32,4 @@ def evaluate_flow(model: ModelSpec, spec: EvalSpec, variant: str = "base",
     params = {**flatten_params("model", model.model_dump(mode="json")), "variant": variant}
     with parent_run(tracking_uri(), experiment, f"eval-{flow_run.name}", tags, params) as run:
         ref = fetch_model_stage(model, run)
-        return EVAL.run(evaluate_task, spec=spec, model=ref, data=None, variant=variant, run=run)
+        return evaluate_stage(spec, ref, None, variant, run)

@@ -10,7 +10,7 @@ from prefect.runtime import flow_run
 
 from tasks.checks import CHECK, check_data_task
 from tasks.data import DATA, pull_data_task
-from tasks.evaluate import EVAL, evaluate_task
+from tasks.evaluate import evaluate_stage
 from tasks.gate import gate, promote
 from tasks.models import fetch_model_stage
 from tasks.notify import notify_failed_run, notify_outcome
@@ -33,14 +33,13 @@ def run_pipeline(spec: RunSpec) -> RunSummary:
         CHECK.run(check_data_task, checks=spec.data.checks, max_seq_len=spec.train.max_seq_len, data=data,
                   model=base, run=run)
         trained = TRAIN.run(train, spec=spec.train, model=base, data=data, run=run)
-        base_report = (EVAL.run(evaluate_task, spec=spec.eval, model=base, data=data, variant="base", run=run)
+        base_report = (evaluate_stage(spec.eval, base, data, "base", run)
                        if spec.eval.compare_with_base else None)
-        report = EVAL.run(evaluate_task, spec=spec.eval, model=trained.merged, data=data, variant="finetuned",
-                          run=run)
+        report = evaluate_stage(spec.eval, trained.merged, data, "finetuned", run)
         # Quantized variants are evaluated exactly like the unquantized model.
         variants = [QUANTIZE.run(quantize_task, variant=v, calibration=spec.quantize.calibration,
                                  model=trained.merged, data=data, run=run) for v in spec.quantize.variants]
-        variant_reports = [EVAL.run(evaluate_task, spec=spec.eval, model=q, data=data, variant=q.variant, run=run)
+        variant_reports = [evaluate_stage(spec.eval, q, data, q.variant, run)
                            for q in variants]
         candidate = register_challenger(spec.registry, trained, report, data, spec.config_hash(), run)
         decision = gate(spec.gate, spec.registry, report, base_report, run)

@@ -16,7 +16,7 @@ from prefect.futures import as_completed
 from prefect.runtime import flow_run
 
 from tasks.data import DATA, pull_data_task
-from tasks.evaluate import EVAL, evaluate_task
+from tasks.evaluate import evaluate_stage
 from tasks.leaderboard import (
     CandidateOutcome,
     Leaderboard,
@@ -58,8 +58,7 @@ def score_variant(name: str, candidate: LeaderboardCandidate, variant: str, prep
     model = prepared.model
     if quantization_of(variant) is not None:
         model = quantize_for_leaderboard(variant, spec.calibration, model, data, run, tags=gpu)
-    report = EVAL.run(evaluate_task.with_options(tags=gpu), spec=spec.eval, model=model, data=data,
-                      variant=variant, run=run)
+    report = evaluate_stage(spec.eval, model, data, variant, run, tags=gpu)
     return ok_outcome(candidate, variant, prepared, report)
 
 

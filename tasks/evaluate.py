@@ -387,3 +387,13 @@ def evaluate_task(spec: EvalSpec, model: ModelRef, data: DatasetRef | None, vari
                    else "") + f"; model loaded {loads}x")
     EVAL.write_receipt(params, [report.report_path])
     return report.model_copy(update={"mlflow_run_id": rid})
+
+
+def evaluate_stage(spec: EvalSpec, model: ModelRef, data: DatasetRef | None, variant: str, run: RunContext,
+                   tags: list[str] | None = None) -> EvalReport:
+    """The cached evaluation stage, as flows call it. The cache is keyed on the model's content, not its
+    name, so a hit may be a report of the same files under another name (a registry version of a model
+    evaluated in its training run): the report returned names the model it was asked about."""
+    report = EVAL.run(evaluate_task.with_options(tags=tags) if tags else evaluate_task, spec=spec, model=model,
+                      data=data, variant=variant, run=run)
+    return report if report.model == model.name else report.model_copy(update={"model": model.name})

@@ -120,6 +120,8 @@ def test_a_registered_model_is_evaluated_by_its_alias(prefect_api, model_dir, ca
     # the version's files are the folder evaluated above: the same content hash, so nothing is evaluated again
     assert task_states(state) == {"evaluate-base": "Cached"}
     assert state.result().model_sha == run_eval(model_dir, spec).result().model_sha
+    # a cache hit from the folder's evaluation, named as asked: the registered version
+    assert state.result().model == f"eval-by-alias-v{version}"
     c = MlflowClient(tracking_uri())
     resolved = c.search_runs([c.get_experiment_by_name("gauntlet-eval-tests").experiment_id],
                              "attributes.run_name = 'fetch_model'", order_by=["attributes.start_time DESC"])
