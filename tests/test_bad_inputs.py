@@ -35,6 +35,7 @@ CONFIG_MUTATIONS = {
     "model_path_missing": lambda r, t: r["model"].__setitem__("source", str(t / "no-such-model")),
     "eval_task_missing": lambda r, t: r["eval"].__setitem__("tasks", ["no_such_task"]),
     "dvc_target_missing": lambda r, t: r["data"].__setitem__("train", "data/demo/nothing.jsonl"),
+    "registry_uri_malformed": lambda r, t: r["model"].__setitem__("source", "models:/gauntlet-demo"),
 }
 
 
@@ -90,6 +91,8 @@ def runtime_overrides(name: str, repo: Path, tmp_path: Path) -> list[str]:
         weights = model / "model.safetensors"
         weights.write_bytes(weights.read_bytes()[:-1000])
         return [f"model.source={model}"]
+    if name == "registry_alias_unset":
+        return ["model.source=models:/no-such-model@champion"]
     no_variants = ["quantize.variants=[]", "gate.register_variants=[]"]   # the subject is the training config
     if name == "lora_target_missing":
         return ["train.lora.target_modules=[q_proj, wq]", *no_variants]
@@ -102,6 +105,9 @@ def runtime_overrides(name: str, repo: Path, tmp_path: Path) -> list[str]:
         "rows_missing_fields": jsonl([{"instruction": "q", "input": ""}] * 3),
         "data_not_utf8": jsonl(splits["train"][:2]) + b'{"instruction": "caf\xe9", "input": "", "output": "x"}\n',
         "enormous_row": jsonl(splits["train"][:2] + [{"instruction": "x" * (2 << 20), "input": "", "output": "y"}]),
+        "chat_turns_broken": jsonl([{"messages": [{"role": "user", "content": "q"},
+                                                  {"role": "assistant", "content": "a"}]},
+                                    {"messages": [{"role": "user", "content": "q2"}]}]),
         "contaminated_eval": jsonl(splits["train"] + [{"instruction": r["instruction"], "input": "",
                                                        "output": r["output"]} for r in splits["eval"]]),
     }[name]
