@@ -19,6 +19,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -67,9 +68,9 @@ def is_stable_source(spec: ModelSpec) -> bool:
     return False
 
 
-def download_registry_model(uri: str, tracking_uri: str) -> tuple[Path, str, str]:
-    """``models:/NAME@alias`` or ``models:/NAME/VERSION`` → the version's files on local disk (once per version)."""
-    from mlflow.artifacts import download_artifacts
+def registry_version(uri: str, tracking_uri: str) -> tuple[Any, Any]:
+    """``models:/NAME@alias`` or ``models:/NAME/VERSION`` → (MLflow client, the model version);
+    ModelFetchError naming the registry and the fix when there is no such version."""
     from mlflow.exceptions import MlflowException
 
     match = REGISTRY_URI.match(uri)
@@ -78,26 +79,47 @@ def download_registry_model(uri: str, tracking_uri: str) -> tuple[Path, str, str
     name, alias, number = match["name"], match["alias"], match["version"]
     c = client(tracking_uri)
     try:
-        mv = c.get_model_version_by_alias(name, alias) if alias else c.get_model_version(name, number)
+        return c, c.get_model_version_by_alias(name, alias) if alias else c.get_model_version(name, number)
     except MlflowException as e:
         what = f"alias @{alias}" if alias else f"version {number}"
         raise ModelFetchError(
             f"{uri}: registered model {name!r} has no {what} in the MLflow registry at {tracking_uri} "
             f"({e.message.splitlines()[0]}). Register a version first (gauntlet run …) or fix the model source."
         ) from None
-    target = models_cache() / "registry" / name / str(mv.version)
+
+
+def registry_config(uri: str, tracking_uri: str) -> Path:
+    """The folder holding a registered version's config.json, without downloading its weights
+    (``gauntlet plan`` on a ``models:/`` source)."""
+    from mlflow.artifacts import download_artifacts
+
+    c, mv = registry_version(uri, tracking_uri)
+    target = models_cache() / "configs" / "registry" / mv.name / str(mv.version)
+    if not (target / "config.json").is_file():
+        source_uri = c.get_model_version_download_uri(mv.name, mv.version)
+        download_artifacts(artifact_uri=f"{source_uri}/config.json", dst_path=str(target), tracking_uri=tracking_uri)
+    return target
+
+
+def download_registry_model(uri: str, tracking_uri: str) -> tuple[Path, str, str]:
+    """``models:/NAME@alias`` or ``models:/NAME/VERSION`` → the version's files on local disk (once per
+    version), how it was resolved, and its name in reports (``NAME-vVERSION``)."""
+    from mlflow.artifacts import download_artifacts
+
+    c, mv = registry_version(uri, tracking_uri)
+    target = models_cache() / "registry" / mv.name / str(mv.version)
     if not is_complete(target):
         partial = target.with_name(target.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
-        source_uri = c.get_model_version_download_uri(name, mv.version)
+        source_uri = c.get_model_version_download_uri(mv.name, mv.version)
         local = Path(download_artifacts(artifact_uri=source_uri, dst_path=str(partial), tracking_uri=tracking_uri))
         shutil.rmtree(target, ignore_errors=True)
         local.rename(target)
         shutil.rmtree(partial, ignore_errors=True)
         mark_complete(target)
     note = f"{uri} → version {mv.version}" + (f" (run {mv.run_id[:12]})" if mv.run_id else "")
-    return target, note, f"{name}-v{mv.version}"
+    return target, note, f"{mv.name}-v{mv.version}"
 
 
 def resolve_model(spec: ModelSpec, tracking_uri: str) -> ResolvedModel:

@@ -96,8 +96,15 @@ class ModelShape:
 
 def fetch_model_config(spec: ModelSpec) -> Path:
     """The folder holding the model's config.json; downloads that one file for remote sources."""
-    from tasks.models import build_demo_model, split_source
+    from tasks.models import ModelFetchError, build_demo_model, registry_config, split_source
+    from tasks.spec import REGISTRY_SCHEME
+    from tasks.tracking import tracking_uri
 
+    if spec.source.startswith(REGISTRY_SCHEME):
+        try:
+            return registry_config(spec.source, tracking_uri())
+        except ModelFetchError as e:
+            raise PlanError(f"model.source {e}") from None
     scheme, name, revision = split_source(spec.source, spec.revision)
     if scheme == "demo":
         return build_demo_model(name)   # tiny and local: building it is the cheapest way to its config

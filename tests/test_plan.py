@@ -147,6 +147,31 @@ def test_hf_source_reads_only_its_config_json(session_home: Path, capsys) -> Non
     assert [p.name for p in (repo / "snapshots" / revision).iterdir()] == ["config.json"]
 
 
+def test_registry_source_reads_only_its_config_json(session_home: Path, tmp_path: Path, capsys) -> None:
+    """models:/NAME@alias plans download the registered version's config.json alone, not its weights."""
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+
+    from conftest import register_as_champion
+    from tasks.tracking import tracking_uri
+
+    folder = tmp_path / "registered-7b"
+    shutil.copytree(FIXTURES / "llama-2-7b", folder)
+    (folder / "model.safetensors").write_bytes(b"\0" * 4096)  # stands for the weights: must stay remote
+    version = register_as_champion(MlflowClient(tracking_uri()), "plan-tests", folder, "plan-7b", {"test": "plan"})
+    config = str(PROJECT_ROOT / "configs" / "llama-7b-qlora.yaml")
+    assert cli(["plan", config, "--set", "model.source=models:/plan-7b@champion", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["model"]["total_params"] == 6_738_415_616
+    downloaded = session_home / "models" / "configs" / "registry" / "plan-7b" / version
+    assert [p.name for p in downloaded.iterdir()] == ["config.json"]
+    assert not (session_home / "models" / "registry" / "plan-7b").exists()
+    # an alias nobody set: invalid input (exit 2), named with the registry and the fix
+    assert cli(["plan", config, "--set", "model.source=models:/plan-7b@nope"]) == 2
+    assert "has no alias @nope" in capsys.readouterr().err
+
+
 def test_accelerate_profiles_load_with_accelerates_own_loaders() -> None:
     """The YAMLs parse with accelerate's config loader and launch-argument validation, and produce
     the plugin settings they are meant to (the GPU-only profiles cannot run here)."""
