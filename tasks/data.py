@@ -44,7 +44,7 @@ from tasks.tracking import RunContext, stage_run
 if TYPE_CHECKING:
     from dvc.output import Output
     from dvc.repo import Repo
-    from dvc.stage import Stage
+    from dvc.stage import Stage as DvcStage
 
 logger = logging.getLogger(__name__)
 
@@ -187,7 +187,7 @@ def _find_out(repo: Repo, target: _Target) -> Output:
     return outs[0]
 
 
-def _stage_target(stage: Stage) -> str:
+def _stage_target(stage: DvcStage) -> str:
     """An unambiguous, cwd-independent address for ``repo.reproduce``: '/abs/dvc.yaml:name' or '/abs/x.dvc'."""
     name = getattr(stage, "name", None)
     return f"{stage.path}:{name}" if name else str(stage.path)
@@ -261,7 +261,7 @@ def _pull_or_reproduce(repo: Repo, spec: DataSpec, targets: list[_Target], outs:
     return "reproduced"
 
 
-def _reproduce(repo: Repo, stages: list[Stage]) -> None:
+def _reproduce(repo: Repo, stages: list[DvcStage]) -> None:
     from dvc.exceptions import DvcException
 
     names = ", ".join(s.addressing for s in stages)

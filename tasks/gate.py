@@ -17,8 +17,7 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks.evaluate import metric_key
 from tasks.refs import EvalReport, GateDecision, GateRule, PromotionResult, RegisteredVersion, TaskScore
-from tasks.registry import (SCORE_TAG, champion_of, clear_challenger, record_verdict, registry_lock,  # noqa: F401
-                            set_champion, version_with_sha)
+from tasks.registry import champion_of, clear_challenger, record_verdict, registry_lock, set_champion
 from tasks.spec import GateSpec, RegistrySpec
 from tasks.tracking import RunContext, stage_run
 
