@@ -7,7 +7,7 @@ VENV   ?= .venv
 # On a GPU box install the torch build you want first; this step then does nothing.
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
-# The quantize stage's own venv (llm-compressor; tasks/envs.py creates it on first use): one folder shared
+# The quantize stage's own venv (llm-compressor; gauntlet/envs.py creates it on first use): one folder shared
 # by the demo and the tests, so the pip install (1-3 min) is paid once per checkout, not per test session.
 export GAUNTLET_QUANT_VENV ?= $(CURDIR)/.venv-quantize
 

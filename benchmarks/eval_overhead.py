@@ -31,9 +31,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def _ours(args: argparse.Namespace) -> None:
     """Child process: our wrapper (evaluate_model) on the suite; prints nothing but lm-eval's logs."""
-    from tasks.evaluate import evaluate_model
-    from tasks.refs import ModelRef
-    from tasks.spec import EvalSpec, SpeedProbeSpec
+    from gauntlet.eval.report import evaluate_model
+    from gauntlet.refs import ModelRef
+    from gauntlet.config.eval import EvalSpec, SpeedProbeSpec
 
     spec = EvalSpec(suite=args.suite, fixtures=True, num_fewshot=args.num_fewshot, limit=args.limit,
                     batch_size=args.batch_size, max_gen_tokens=args.max_gen_tokens,
@@ -69,9 +69,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     os.environ.setdefault("GAUNTLET_HOME", str(ROOT / ".gauntlet"))
-    from tasks.models import build_demo_model
-    from tasks.suites import plan_tasks
-    from tasks.spec import EvalSpec
+    from gauntlet.demo.model import build_demo_model
+    from gauntlet.eval.suites import plan_tasks
+    from gauntlet.config.eval import EvalSpec
 
     model = args.model or str(build_demo_model("tiny-llama"))
     plans = plan_tasks(EvalSpec(suite=args.suite, fixtures=True))

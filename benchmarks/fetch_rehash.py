@@ -51,8 +51,8 @@ def read_all(root: Path) -> None:
 
 
 def fetch(root: Path) -> None:
-    from tasks.models import fetch_model
-    from tasks.spec import ModelSpec
+    from gauntlet.models import fetch_model
+    from gauntlet.config.model import ModelSpec
 
     fetch_model(ModelSpec(source=str(root)))
 

@@ -47,7 +47,7 @@ def build_model(out: Path) -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from tasks.models import build_demo_model
+    from gauntlet.demo.model import build_demo_model
 
     if (out / "config.json").exists():
         return out
@@ -73,12 +73,12 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         sys.exit("no CUDA device: this benchmark measures the GPU path")
     os.environ.setdefault("GAUNTLET_HOME", str(Path(args.out) / "home"))
-    from tasks.eval_engine import engine_for
-    from tasks.evaluate import evaluate_model
-    from tasks.refs import ModelRef
-    from tasks.spec import EvalSpec, SpeedProbeSpec
-    from tasks.speed import probe_speed
-    from tasks.state import sha256_dir
+    from gauntlet.eval.engine import engine_for
+    from gauntlet.eval.report import evaluate_model
+    from gauntlet.refs import ModelRef
+    from gauntlet.config.eval import EvalSpec, SpeedProbeSpec
+    from gauntlet.eval.speed import probe_speed
+    from gauntlet.hashing import sha256_dir
 
     path = build_model(Path(args.out) / "llama-1b-random")
     params = sum(p.numel() for p in __import__("transformers").AutoModelForCausalLM.from_pretrained(

@@ -25,7 +25,7 @@ def timed_demo(home: Path) -> float:
     env.pop("MLFLOW_TRACKING_URI", None)
     env.pop("PREFECT_API_URL", None)
     started = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "flows.cli", "demo"], cwd=ROOT, env=env,
+    proc = subprocess.run([sys.executable, "-m", "gauntlet.cli", "demo"], cwd=ROOT, env=env,
                           capture_output=True, text=True)
     elapsed = time.perf_counter() - started
     if proc.returncode != 0:

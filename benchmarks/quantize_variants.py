@@ -22,8 +22,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tasks import demo_data  # noqa: E402
-from tasks.models import DEMO_CONFIG, build_demo_model  # noqa: E402
+from gauntlet.demo import data as demo_data  # noqa: E402
+from gauntlet.demo.model import build_demo_model, DEMO_CONFIG  # noqa: E402
 
 SIZES = {
     "tiny": {},
@@ -61,7 +61,7 @@ def measure(path: str, probe) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from tasks.evaluate import probe_speed
+    from gauntlet.eval.speed import probe_speed
 
     cuda = torch.cuda.is_available()
     started = time.perf_counter()
@@ -85,10 +85,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="gauntlet-bench-") as tmp:
         work = Path(tmp)
         os.environ.setdefault("GAUNTLET_HOME", str(work / "home"))
-        from tasks.quantize import quantize_model
-        from tasks.refs import DatasetRef, ModelRef
-        from tasks.spec import CalibrationSpec, QuantizeVariant, SpeedProbeSpec
-        from tasks.state import sha256_dir
+        from gauntlet.quantization import quantize_model
+        from gauntlet.refs import DatasetRef, ModelRef
+        from gauntlet.config.eval import SpeedProbeSpec
+        from gauntlet.config.quantize import CalibrationSpec, QuantizeVariant
+        from gauntlet.hashing import sha256_dir
 
         path = build_model(args.size, work)
         train = work / "train.jsonl"

@@ -2,7 +2,7 @@
 
     python benchmarks/train_methods.py [--steps 60]
 
-Runs `tasks.trainer` under `accelerate launch` for qlora, lora and full fine-tuning and prints
+Runs `gauntlet.programs.trainer` under `accelerate launch` for qlora, lora and full fine-tuning and prints
 tokens/s, wall time, final train loss and peak memory; ratios are against lora (the baseline).
 """
 
@@ -19,10 +19,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tasks import demo_data  # noqa: E402
-from tasks.models import build_demo_model  # noqa: E402
-from tasks.spec import AccelerateSpec, TrainSpec  # noqa: E402
-from tasks.train import launch_command  # noqa: E402
+from gauntlet.demo import data as demo_data  # noqa: E402
+from gauntlet.demo.model import build_demo_model  # noqa: E402
+from gauntlet.config.train import AccelerateSpec, TrainSpec  # noqa: E402
+from gauntlet.training import launch_command  # noqa: E402
 
 
 def run(method: str, steps: int, work: Path, model: Path, data: Path) -> dict:

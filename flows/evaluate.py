@@ -1,7 +1,6 @@
-"""The evaluate flow: one model (a local folder or a hub model), one suite, one report.
+"""The evaluate flow: one model (a local folder, a hub or registry model), one suite, one report.
 
-Composition only: the model fetch and the evaluation stage are the same cached tasks the finetune
-flow uses (``tasks/models.py``, ``tasks/evaluate.py``); ``gauntlet eval`` runs this flow.
+Composition only: the same resolve → fetch → evaluate stages as the finetune flow; ``gauntlet eval`` runs it.
 """
 
 from __future__ import annotations
@@ -9,12 +8,13 @@ from __future__ import annotations
 from prefect import flow
 from prefect.runtime import flow_run
 
-from tasks.evaluate import evaluate_stage
-from tasks.models import fetch_model_stage
-from tasks.refs import EvalReport
-from tasks.spec import EvalSpec, ModelSpec
-from tasks.state import sha256_json
-from tasks.tracking import flatten_params, parent_run, tracking_uri
+from gauntlet.config.eval import EvalSpec
+from gauntlet.config.model import ModelSpec
+from gauntlet.hashing import sha256_json
+from gauntlet.refs import EvalReport
+from gauntlet.tracking import flatten_params, parent_run, tracking_uri
+from gauntlet.tasks.evaluate import evaluate
+from gauntlet.tasks.models import fetch_model, resolve_model
 
 
 @flow(name="evaluate", log_prints=True)
@@ -22,7 +22,7 @@ def evaluate_flow(model: ModelSpec, spec: EvalSpec, variant: str = "base",
                   experiment: str = "gauntlet-eval") -> EvalReport:
     """Evaluate one model with one evaluation config.
 
-    model: where the model comes from (a local folder, hf://org/name@revision, …).
+    model: where the model comes from (a local folder, hf://org/name@revision, models:/NAME@alias, …).
     spec: the evaluation (suite and/or tasks, fixtures or real data, backend, protocol settings).
     variant: the report's variant label (base, finetuned, gptq-int4, …).
     experiment: the MLflow experiment of the run.
@@ -31,5 +31,5 @@ def evaluate_flow(model: ModelSpec, spec: EvalSpec, variant: str = "base",
             "gauntlet.flow": "evaluate"}
     params = {**flatten_params("model", model.model_dump(mode="json")), "variant": variant}
     with parent_run(tracking_uri(), experiment, f"eval-{flow_run.name}", tags, params) as run:
-        ref = fetch_model_stage(model, run)
-        return evaluate_stage(spec, ref, None, variant, run)
+        ref = fetch_model(resolved=resolve_model(spec=model, run=run), run=run)
+        return evaluate(spec=spec, model=ref, data=None, variant=variant, run=run)

@@ -1,133 +1,31 @@
-"""Data checks before training: duplicates, length distribution against the limits, contamination.
+"""Stage ``check_data``: duplicates, token lengths and contamination, before any training.
 
-Contamination: an evaluation item whose normalized prompt (lower case, punctuation and whitespace
-collapsed) is also a training prompt makes the evaluation measure memory of that line, not the
-skill. The rate is reported always and fails the run above ``data.checks.max_contamination_rate``.
+Key: the ``data.checks`` section, ``train.max_seq_len``, the data version and the model's content hash
+(its tokenizer measures the lengths). A failed check fails the run here, naming each problem.
 """
 
 from __future__ import annotations
 
-import json
-import re
-import statistics
-from pathlib import Path
-
-from prefect import get_run_logger, task
-from pydantic import BaseModel
-
-from tasks.caching import Stage
-from tasks.refs import DatasetRef, ModelRef
-from tasks.sft_data import prompt_and_response, question
-from tasks.spec import DataChecksSpec
-from tasks.tracking import RunContext, stage_run
+from gauntlet.config.data import DataChecksSpec
+from gauntlet.data.checks import DataCheckError, DataReport, check_data as run_checks
+from gauntlet.refs import DatasetRef, ModelRef
+from gauntlet.tasks._stage import StageRun, stage
 
 
-class DataCheckError(ValueError):
-    pass
-
-
-class DataReport(BaseModel):
-    rows: dict[str, int]
-    duplicate_rate: float
-    prompt_tokens: dict[str, float]          # p50, p95, max
-    truncated_rate: float                    # rows longer than train.max_seq_len
-    contamination_rate: float
-    contaminated_examples: list[str]
-    passed: bool
-    problems: list[str]
-
-
-def normalize(text: str) -> str:
-    return re.sub(r"\s+", " ", re.sub(r"[^\w\s]", " ", text.lower())).strip()
-
-
-def _rows(path: str | None) -> list[dict]:
-    if not path:
-        return []
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
+@stage("check_data", key=lambda checks, max_seq_len, data, model: [checks, max_seq_len, data.md5, model.sha],
+       outputs=lambda _, st: [st.out / "data_report.json"],
+       params=lambda checks, **_: {f"checks.{k}": v for k, v in checks.model_dump().items()})
 def check_data(checks: DataChecksSpec, max_seq_len: int, data: DatasetRef, model: ModelRef,
-               out: Path | None = None) -> DataReport:
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model.path)
-    train = _rows(data.train_path)
-    evaluation = _rows(data.eval_path)
-    texts = [prompt_and_response(r) for r in train]   # alpaca or chat rows
-    prompt_lens = [len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) for prompt, _ in texts]
-    total_lens = [n + len(tokenizer(response, add_special_tokens=False)["input_ids"]) + 1
-                  for n, (_, response) in zip(prompt_lens, texts)]
-    ordered = sorted(prompt_lens)
-    p95 = ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
-    lengths = {"p50": float(statistics.median(ordered)), "p95": float(p95), "max": float(ordered[-1])}
-    truncated = sum(n > max_seq_len for n in total_lens) / len(total_lens)
-
-    seen = {normalize(question(r)) for r in train}
-    hits = [r["instruction"] for r in evaluation if normalize(r["instruction"] + " " + r.get("input", "")) in seen]
-    contamination = len(hits) / len(evaluation) if evaluation else 0.0
-
-    problems = []
-    if data.duplicate_rate > checks.max_duplicate_rate:
-        problems.append(f"duplicate rate {data.duplicate_rate:.3f} > data.checks.max_duplicate_rate "
-                        f"{checks.max_duplicate_rate}: deduplicate the training data")
-    limit = checks.max_prompt_tokens_p95 or max_seq_len
-    if p95 > limit:
-        problems.append(f"95th percentile prompt length {p95} tokens > {limit}: most responses would be cut; "
-                        "raise train.max_seq_len or shorten the prompts")
-    if contamination > checks.max_contamination_rate:
-        problems.append(f"{len(hits)} of {len(evaluation)} eval items ({contamination:.1%}) appear in the training "
-                        f"data (> data.checks.max_contamination_rate {checks.max_contamination_rate}); e.g. "
-                        f"{hits[:3]}: remove them from the training data")
-    if out is not None:
-        plot_lengths(total_lens, max_seq_len, out / "length_histogram.png")
-    return DataReport(rows=data.rows, duplicate_rate=data.duplicate_rate, prompt_tokens=lengths,
-                      truncated_rate=truncated, contamination_rate=contamination,
-                      contaminated_examples=hits[:10], passed=not problems, problems=problems)
-
-
-def plot_lengths(lengths: list[int], limit: int, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.hist(lengths, bins=30)
-    ax.axvline(limit, color="red", linestyle="--", label=f"max_seq_len={limit}")
-    ax.set_xlabel("tokens per training row (prompt + response)")
-    ax.set_ylabel("rows")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-CHECK = Stage("check_data", modules=("checks", "prompting", "sft_data"),
-              key_parts=lambda p: [p["checks"].model_dump(mode="json"), p["max_seq_len"], p["data"].md5,
-                                   p["model"].sha])
-
-
-@task(name="check_data", cache_key_fn=CHECK.cache_key_fn, persist_result=True)
-def check_data_task(checks: DataChecksSpec, max_seq_len: int, data: DatasetRef, model: ModelRef,
-                    run: RunContext) -> DataReport:
-    logger = get_run_logger()
-    params = {"checks": checks, "max_seq_len": max_seq_len, "data": data, "model": model}
-    out = CHECK.output_dir(params)
-    with stage_run(run, "check_data", {f"checks.{k}": v for k, v in checks.model_dump().items()}) as (c, rid):
-        report = check_data(checks, max_seq_len, data, model, out)
-        for k, v in report.prompt_tokens.items():
-            c.log_metric(rid, f"prompt_tokens.{k}", v)
-        c.log_metric(rid, "truncated_rate", report.truncated_rate)
-        c.log_metric(rid, "contamination_rate", report.contamination_rate)
-        c.log_metric(rid, "duplicate_rate", report.duplicate_rate)
-        c.log_dict(rid, report.model_dump(), "data_report.json")
-        c.log_artifact(rid, str(out / "length_histogram.png"))
-        if not report.passed:
-            raise DataCheckError("data checks failed:\n  " + "\n  ".join(report.problems))
-    logger.info(f"data checks passed: prompt tokens {report.prompt_tokens}, contamination "
-                f"{report.contamination_rate:.1%}, truncated {report.truncated_rate:.1%}")
-    (out / "data_report.json").write_text(report.model_dump_json(indent=2))
-    CHECK.write_receipt(params, [str(out / "data_report.json")])
+               stage: StageRun) -> DataReport:
+    report = run_checks(checks, max_seq_len, data, model, stage.out)
+    stage.metrics(report.prompt_tokens, prefix="prompt_tokens.")
+    stage.metrics({"truncated_rate": report.truncated_rate, "contamination_rate": report.contamination_rate,
+                   "duplicate_rate": report.duplicate_rate})
+    stage.json(report, "data_report.json")
+    stage.artifacts(stage.out / "length_histogram.png")
+    if not report.passed:
+        raise DataCheckError("data checks failed:\n  " + "\n  ".join(report.problems))
+    stage.log.info(f"data checks passed: prompt tokens {report.prompt_tokens}, contamination "
+                   f"{report.contamination_rate:.1%}, truncated {report.truncated_rate:.1%}")
+    (stage.out / "data_report.json").write_text(report.model_dump_json(indent=2))
     return report

@@ -1,344 +1,41 @@
-"""Stage 2, model fetch: a base model from a hub, an object store, a local path, the MLflow Model
-Registry, or the demo builder.
+"""Stages ``resolve_model`` and ``fetch_model``: a model source made local, with its content hash.
 
-``resolve_model`` runs first, uncached: a registry source (``models:/NAME@alias``, ``models:/NAME/VERSION``)
-becomes the version's files on local disk (downloaded once per version), and every source is marked
-*stable* (the same name always means the same files: demo builds, pinned hub revisions, registry
-versions) or not (a local folder, an object-store prefix, a hub branch), in which case the cached fetch
-is refreshed and the model re-hashed, so changed weights never hide behind an unchanged name.
-``fetch_model`` always returns a :class:`ModelRef` pointing at a local directory with a content hash,
-so the rest of the pipeline never cares where a model came from. Hub downloads are pinned to a
-revision and resumable (``snapshot_download`` resumes partial files); tokens come from the
-environment (``HF_TOKEN``, ``MODELSCOPE_API_TOKEN``) and are never logged.
+``resolve_model`` is never cached: a registry alias can move, and a local folder can change, between
+runs. ``fetch_model`` is keyed on the resolved source (and revision); an unpinned source (a local folder,
+an object store, a hub branch) refreshes it, so changed weights never hide behind an unchanged name.
 """
 
 from __future__ import annotations
 
-import json
-import logging
-import os
-import shutil
-from pathlib import Path
-from typing import Any
-
-from prefect import get_run_logger, task
-from prefect.cache_policies import NO_CACHE
-
-from tasks.caching import Stage, retry_unless
-from tasks.refs import ModelRef, Ref
-from tasks.spec import REGISTRY_SCHEME, REGISTRY_URI, ModelSpec
-from tasks.state import PROJECT_ROOT, is_complete, mark_complete, models_cache, sha256_dir
-from tasks.tracking import RunContext, client, stage_run
-
-log = logging.getLogger(__name__)
-
-DEMO_MODELS = {"tiny-llama"}
+from gauntlet.config.model import ModelSpec
+from gauntlet.models import ModelFetchError, ResolvedModel, fetch_model as fetch, resolve_model as resolve
+from gauntlet.refs import ModelRef
+from gauntlet.tasks._stage import StageRun, stage
 
 
-class ModelFetchError(RuntimeError):
-    """A model source that a retry cannot fix (not a model directory, unknown demo model, ...)."""
-
-
-class ModelDownloadError(RuntimeError):
-    """A download that failed on the way (network, hub): the task retries it."""
-
-
-FLOATING_REVISIONS = {None, "main", "master"}
-
-
-class ResolvedModel(Ref):
-    """A model source made fetchable: what ``fetch_model`` receives, and whether its cache may answer."""
-
-    source: str                    # as the config gave it
-    name: str | None = None        # a registry version's name in reports: "NAME-vVERSION"
-    model: ModelSpec               # what fetch_model receives (a registry source: the version's local folder)
-    note: str | None = None        # e.g. "models:/demo@champion → version 3 (run 1a2b…)"
-    stable: bool                   # the same source always names the same files: the fetch cache may answer
-
-
-def is_stable_source(spec: ModelSpec) -> bool:
-    """True when the source always names the same files (demo builds, pinned hub revisions); a local folder
-    or object-store prefix may change under the same name, so it is re-hashed."""
-    scheme = spec.source.split("://", 1)[0] if "://" in spec.source else "local"
-    if scheme == "demo":
-        return True
-    if scheme in ("hf", "modelscope"):
-        at_rev = spec.source.split("://", 1)[1].partition("@")[2] or None
-        return (spec.revision or at_rev) not in FLOATING_REVISIONS
-    return False
-
-
-def registry_version(uri: str, tracking_uri: str) -> tuple[Any, Any]:
-    """``models:/NAME@alias`` or ``models:/NAME/VERSION`` → (MLflow client, the model version);
-    ModelFetchError naming the registry and the fix when there is no such version."""
-    from mlflow.exceptions import MlflowException
-
-    match = REGISTRY_URI.match(uri)
-    if not match:
-        raise ModelFetchError(f"{uri}: not a registry URI; use models:/NAME@alias or models:/NAME/VERSION")
-    name, alias, number = match["name"], match["alias"], match["version"]
-    c = client(tracking_uri)
-    try:
-        return c, c.get_model_version_by_alias(name, alias) if alias else c.get_model_version(name, number)
-    except MlflowException as e:
-        what = f"alias @{alias}" if alias else f"version {number}"
-        raise ModelFetchError(
-            f"{uri}: registered model {name!r} has no {what} in the MLflow registry at {tracking_uri} "
-            f"({e.message.splitlines()[0]}). Register a version first (gauntlet run …) or fix the model source."
-        ) from None
-
-
-def registry_config(uri: str, tracking_uri: str) -> Path:
-    """The folder holding a registered version's config.json, without downloading its weights
-    (``gauntlet plan`` on a ``models:/`` source)."""
-    from mlflow.artifacts import download_artifacts
-
-    c, mv = registry_version(uri, tracking_uri)
-    target = models_cache() / "configs" / "registry" / mv.name / str(mv.version)
-    if not (target / "config.json").is_file():
-        source_uri = c.get_model_version_download_uri(mv.name, mv.version)
-        download_artifacts(artifact_uri=f"{source_uri}/config.json", dst_path=str(target), tracking_uri=tracking_uri)
-    return target
-
-
-def download_registry_model(uri: str, tracking_uri: str) -> tuple[Path, str, str]:
-    """``models:/NAME@alias`` or ``models:/NAME/VERSION`` → the version's files on local disk (once per
-    version), how it was resolved, and its name in reports (``NAME-vVERSION``)."""
-    from mlflow.artifacts import download_artifacts
-
-    c, mv = registry_version(uri, tracking_uri)
-    target = models_cache() / "registry" / mv.name / str(mv.version)
-    if not is_complete(target):
-        partial = target.with_name(target.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-        source_uri = c.get_model_version_download_uri(mv.name, mv.version)
-        local = Path(download_artifacts(artifact_uri=source_uri, dst_path=str(partial), tracking_uri=tracking_uri))
-        shutil.rmtree(target, ignore_errors=True)
-        local.rename(target)
-        shutil.rmtree(partial, ignore_errors=True)
-        mark_complete(target)
-    note = f"{uri} → version {mv.version}" + (f" (run {mv.run_id[:12]})" if mv.run_id else "")
-    return target, note, f"{mv.name}-v{mv.version}"
-
-
-def resolve_model(spec: ModelSpec, tracking_uri: str) -> ResolvedModel:
-    """The ModelSpec that fetch_model gets for ``spec``; ModelFetchError when a registry source has no such version."""
-    if not spec.source.startswith(REGISTRY_SCHEME):
-        return ResolvedModel(source=spec.source, model=spec, stable=is_stable_source(spec))
-    path, note, name = download_registry_model(spec.source, tracking_uri)
-    local = spec.model_copy(update={"source": str(path), "revision": None})
-    return ResolvedModel(source=spec.source, name=name, model=local, note=note, stable=True)
-
-
-def split_source(source: str, revision: str | None) -> tuple[str, str, str | None]:
-    """``hf://org/name@rev`` → ("hf", "org/name", "rev"); an explicit ``revision`` wins."""
-    scheme, _, rest = source.partition("://") if "://" in source else ("local", "", source)
-    name, _, at_rev = rest.partition("@") if scheme != "local" else (rest, "", "")
-    return scheme, name, revision or at_rev or None
-
-
-def looks_like_model_dir(path: Path) -> bool:
-    has_weights = any(path.glob("*.safetensors")) or any(path.glob("*.bin"))
-    return ((path / "config.json").exists() and has_weights) or (path / "adapter_config.json").exists()
-
-
-def fetch_model(spec: ModelSpec) -> ModelRef:
-    """Bring the model to local disk and hash it (a registry source is resolved first: ``resolve_model``)."""
-    if spec.source.startswith(REGISTRY_SCHEME):
-        raise ModelFetchError(f"{spec.source}: resolve registry sources with resolve_model() before fetching "
-                              "(the alias may move; the fetch cache must not answer for it)")
-    scheme, name, revision = split_source(spec.source, spec.revision)
-    if scheme == "demo":
-        path = build_demo_model(name)
-    elif scheme == "hf":
-        path = _from_hf(name, revision)
-    elif scheme == "modelscope":
-        path = _from_modelscope(name, revision)
-    elif scheme in ("s3", "gs"):
-        path = _from_object_store(spec.source)
-    else:  # local directory or file://
-        path = Path(name if scheme == "local" else spec.source.removeprefix("file://"))
-        if not path.is_absolute():
-            path = PROJECT_ROOT / path
-        path = path.resolve()
-    if not path.is_dir() or not looks_like_model_dir(path):
-        raise ModelFetchError(
-            f"{spec.source}: {path} is not a model directory (no config.json with *.safetensors/*.bin); "
-            "point model.source at a folder saved with save_pretrained()"
-        )
-    check_weight_files(path, spec.source)
-    sha = sha256_dir(path)
-    log.info("model %s at %s (sha %s)", spec.source, path, sha[:12])
-    return ModelRef(name=name.replace("/", "--"), path=str(path), source=spec.source, revision=revision, sha=sha)
-
-
-def check_weight_files(path: Path, source: str) -> None:
-    """Refuse truncated or corrupt safetensors files now, not deep inside training."""
-    import struct
-
-    for f in sorted(path.glob("*.safetensors")):
-        size = f.stat().st_size
-        with open(f, "rb") as fh:
-            head = fh.read(8)
-            header_len = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
-            try:
-                if not 0 < header_len <= size - 8:
-                    raise ValueError("bad header length")
-                header = json.loads(fh.read(header_len))
-                end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
-            except (ValueError, KeyError, TypeError) as e:
-                raise ModelFetchError(f"{source}: {f.name} is not a valid safetensors file ({e}); "
-                                      "re-download or re-save the model") from None
-        if size < 8 + header_len + end:
-            raise ModelFetchError(f"{source}: {f.name} is truncated ({size} bytes, header says "
-                                  f"{8 + header_len + end}); delete it and fetch the model again")
-
-
-def _from_hf(repo_id: str, revision: str | None) -> Path:
-    from huggingface_hub import snapshot_download
-
-    if revision is None:
-        log.warning("hf://%s has no pinned revision: results are not reproducible; pin one with @<sha>", repo_id)
-    try:
-        # snapshot_download resumes partial files and skips complete ones; the token is read from HF_TOKEN.
-        return Path(snapshot_download(repo_id=repo_id, revision=revision,
-                                      cache_dir=str(models_cache() / "hf"),
-                                      allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.py"]))
-    except Exception as e:  # network, auth or missing repo: say which and what to check
-        raise ModelDownloadError(
-            f"could not download hf://{repo_id}@{revision or 'main'}: {type(e).__name__}: {e}. "
-            "Check the repo id and revision, network access to the Hub, and HF_TOKEN for gated models."
-        ) from e
-
-
-def _from_modelscope(model_id: str, revision: str | None) -> Path:
-    try:
-        from modelscope import snapshot_download  # optional dependency
-    except ImportError as e:
-        raise ModelFetchError("modelscope:// sources need `pip install modelscope`") from e
-    return Path(snapshot_download(model_id, revision=revision or "master", cache_dir=str(models_cache() / "ms")))
-
-
-def _from_object_store(uri: str) -> Path:
-    import fsspec
-
-    target = models_cache() / "objects" / uri.replace("://", "/").rstrip("/")
-    if is_complete(target):
-        return target
-    fs, _, (root,) = fsspec.get_fs_token_paths(uri)
-    target.mkdir(parents=True, exist_ok=True)
-    for remote in fs.find(root):
-        local = target / os.path.relpath(remote, root)
-        local.parent.mkdir(parents=True, exist_ok=True)
-        if not local.exists() or local.stat().st_size != fs.size(remote):
-            fs.get(remote, str(local))  # per-file: an interrupted copy resumes at the next file
-    mark_complete(target)
-    return target
-
-
-# ---------------------------------------------------------------------------------------------
-# the demo's tiny model: random-init Llama + a byte-level BPE tokenizer trained here
-# ---------------------------------------------------------------------------------------------
-
-DEMO_CONFIG = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                   num_key_value_heads=4, max_position_embeddings=256, tie_word_embeddings=False,
-                   # a wider init than 0.02 lets a frozen random lm_head reach confident logits
-                   initializer_range=0.1)
-
-
-def _tokenizer_corpus() -> list[str]:
-    from tasks import demo_data
-
-    rng_names = demo_data.SYLLABLES
-    text = [
-        "### Instruction:\n", "### Response:\n", "### Input:\n",
-        " ".join(demo_data.COLOURS), " ".join(rng_names),
-        "The quick brown fox jumps over the lazy dog. What is the answer? Tell me which one it is.",
-    ]
-    text += [t.format(name="".join(rng_names[i:i + 3]).capitalize()) for t in
-             demo_data.TRAIN_TEMPLATES + [demo_data.HELD_OUT_TEMPLATE] for i in range(len(rng_names) - 2)]
-    return text * 4
-
-
-def build_demo_model(name: str, out: Path | None = None, seed: int = 0) -> Path:
-    """Build (once) the demo base model deterministically and return its folder."""
-    if name not in DEMO_MODELS:
-        raise ModelFetchError(f"demo://{name}: unknown demo model; available: {sorted(DEMO_MODELS)}")
-    out = out or models_cache() / "demo" / name
-    if is_complete(out):
-        return out
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<pad>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(_tokenizer_corpus(), trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **DEMO_CONFIG)
-    model = LlamaForCausalLM(config)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "README.md").write_text(
-        f"# demo://{name}\n\nRandom-init Llama ({sum(p.numel() for p in model.parameters()):,} parameters) "
-        "with a byte-level BPE tokenizer trained locally. Built by Gauntlet for the demo; it knows nothing.\n")
-    (tmp / "gauntlet-build.json").write_text(json.dumps({"builder": "demo", "name": name, "seed": seed}))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    mark_complete(out)
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# the Prefect task
-# ---------------------------------------------------------------------------------------------
-
-FETCH = Stage("fetch_model", modules=("models",),
-              key_parts=lambda p: p["spec"].model_dump(mode="json"))
-
-
-@task(name="fetch_model", cache_key_fn=FETCH.cache_key_fn, persist_result=True, retries=2, retry_delay_seconds=10,
-      retry_condition_fn=retry_unless(ModelFetchError))
-def fetch_model_task(spec: ModelSpec, run: RunContext) -> ModelRef:
-    logger = get_run_logger()
-    with stage_run(run, "fetch_model", {"model.source": spec.source, "model.revision": spec.revision}) as (c, rid):
-        ref = fetch_model(spec)
-        c.set_tag(rid, "model.sha", ref.sha)
-        c.set_tag(rid, "model.path", ref.path)
-    logger.info(f"model {spec.source} ready at {ref.path} (sha {ref.sha[:12]})")
-    FETCH.write_receipt({"spec": spec}, [ref.path])
-    return ref.model_copy(update={"mlflow_run_id": rid})
-
-
-@task(name="resolve_model", cache_policy=NO_CACHE, task_run_name="resolve-{spec.source}")
-def resolve_model_task(spec: ModelSpec, run: RunContext) -> ResolvedModel:
-    """Not cached: a registry alias can move, and a local folder can change, between runs."""
-    resolved = resolve_model(spec, run.tracking_uri)
-    get_run_logger().info((resolved.note or f"{spec.source}: as given")
-                          + ("" if resolved.stable else " (not pinned: fetched and hashed again)"))
+@stage("resolve_model", run_name="resolve-{spec.source}", mlflow=False)
+def resolve_model(spec: ModelSpec, stage: StageRun) -> ResolvedModel:
+    resolved = resolve(spec, stage.flow.tracking_uri)
+    stage.log.info((resolved.note or f"{spec.source}: as given")
+                   + ("" if resolved.stable else " (not pinned: fetched and hashed again)"))
     return resolved
 
 
-def fetch_resolved_model(resolved: ResolvedModel, run: RunContext) -> ModelRef:
-    """The fetch stage for a resolved source: from the cache when the source is stable, fetched and
-    re-hashed otherwise (the cache is refreshed, so later runs see the new content too)."""
-    fetch = fetch_model_task if resolved.stable else fetch_model_task.with_options(refresh_cache=True)
-    ref = FETCH.run(fetch, spec=resolved.model, run=run)
-    # reports and lineage name the source as configured (models:/NAME@alias), not the download folder
+def _named_as_configured(ref: ModelRef, resolved: ResolvedModel) -> ModelRef:
+    """Reports and lineage name the source as configured (models:/NAME@alias), not the download folder."""
     if resolved.source == ref.source:
         return ref
     return ref.model_copy(update={"source": resolved.source, "name": resolved.name or ref.name})
 
 
-def fetch_model_stage(spec: ModelSpec, run: RunContext) -> ModelRef:
-    """Resolve, then fetch: what every flow calls for a model source."""
-    return fetch_resolved_model(resolve_model_task(spec, run), run)
+@stage("fetch_model", key=lambda resolved: resolved.model, refresh=lambda resolved: not resolved.stable,
+       after=_named_as_configured, outputs=lambda ref, _: [ref.path],
+       params=lambda resolved: {"model.source": resolved.model.source, "model.revision": resolved.model.revision},
+       retries=2, retry_delay_seconds=10, permanent=(ModelFetchError,))
+def fetch_model(resolved: ResolvedModel, stage: StageRun) -> ModelRef:
+    spec = resolved.model
+    ref = fetch(spec)
+    stage.tag("model.sha", ref.sha)
+    stage.tag("model.path", ref.path)
+    stage.log.info(f"model {spec.source} ready at {ref.path} (sha {ref.sha[:12]})")
+    return ref

@@ -1,242 +1,56 @@
-"""Notifications: a Slack-compatible (or DingTalk/Feishu) JSON message to each configured webhook.
-
-Sent on a promotion, on a failed gate (``notify_outcome``, after ``promote``) and on a failed run (the
-flow's ``on_failure``/``on_crashed`` hook, :func:`notify_failed_run`). The message names the model, the
-verdict, the three biggest score deltas and links to the MLflow run and the Prefect flow run.
-
-Webhook URLs are secrets: they come from an environment variable or a Prefect Secret block, are never
-logged (a webhook is named by where its URL comes from) and never reach MLflow. A webhook that cannot be
-reached is a warning, never a failed run.
+"""Stage ``notify`` and the finetune flow's failure hook: webhook messages on promotion, failed gate and
+failed run (gauntlet.notify renders and sends them). Secret blocks and the Prefect UI's links are read
+here, where Prefect is.
 """
 
 from __future__ import annotations
 
-import json
-import logging
-import os
-import urllib.error
-import urllib.request
-from typing import Literal
-from urllib.parse import urlparse
-
-from prefect import get_run_logger, task
-from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel
-
-from tasks.refs import EvalReport, PromotionResult
-from tasks.spec import NotifySpec, RegistrySpec, WebhookSpec
-from tasks.tracking import RunContext
-
-log = logging.getLogger(__name__)
-Event = Literal["promoted", "gate_failed", "run_failed"]
+from gauntlet.config.gate import RegistrySpec
+from gauntlet.config.notify import NotifySpec
+from gauntlet.notify import failed_run_notice, outcome_notice, send
+from gauntlet.refs import EvalReport, PromotionResult
+from gauntlet.tasks._stage import StageRun, stage
 
 
-class ScoreDelta(BaseModel):
-    key: str                      # task.metric
-    before: float
-    after: float
-
-    @property
-    def delta(self) -> float:
-        return self.after - self.before
-
-
-class Notice(BaseModel):
-    """What a message says, before it is rendered for one webhook format."""
-
-    event: Event
-    model_name: str
-    version: str | None = None
-    verdict: str                  # one line: "promoted: v3 is now @champion (replaced v2)"
-    reasons: list[str] = []
-    compared_with: str | None = None   # "champion v2", "base model"
-    deltas: list[ScoreDelta] = []
-    mlflow_run_id: str | None = None
-    mlflow_url: str | None = None
-    flow_run_id: str | None = None
-    prefect_url: str | None = None
-
-    @property
-    def title(self) -> str:
-        icon = {"promoted": "✅", "gate_failed": "⛔", "run_failed": "❌"}[self.event]
-        label = {"promoted": "promoted", "gate_failed": "gate FAILED", "run_failed": "run FAILED"}[self.event]
-        return f"{icon} Gauntlet: {self.model_name}" + (f" v{self.version}" if self.version else "") + f" — {label}"
-
-    def lines(self, link) -> list[str]:
-        out = [f"Verdict: {self.verdict}"]
-        out += [f"• {r}" for r in self.reasons[:5]]
-        if self.deltas:
-            out.append(f"Biggest score changes vs {self.compared_with}:")
-            out += [f"• {d.key}: {d.before:.4f} → {d.after:.4f} ({d.delta:+.4f})" for d in self.deltas]
-        else:
-            out.append("Score changes: none to show" + (" (the run failed before evaluation)"
-                                                        if self.event == "run_failed" else ""))
-        mlflow = link(self.mlflow_url, f"MLflow run {self.mlflow_run_id}") if self.mlflow_run_id else "MLflow run: unknown"
-        prefect = link(self.prefect_url, f"Prefect flow run {self.flow_run_id}") if self.flow_run_id else None
-        out.append(" | ".join(x for x in (mlflow, prefect) if x))
-        return out
-
-
-def biggest_deltas(report: EvalReport, reference: dict[str, float], n: int = 3) -> list[ScoreDelta]:
-    """The ``n`` scores that moved most (by absolute change) against ``reference`` ({task.metric: value})."""
-    deltas = [ScoreDelta(key=f"{s.task}.{s.metric}", before=reference[f"{s.task}.{s.metric}"], after=s.value)
-              for s in report.scores if f"{s.task}.{s.metric}" in reference]
-    return sorted(deltas, key=lambda d: (-abs(d.delta), d.key))[:n]
-
-
-def mlflow_run_url(spec: NotifySpec, tracking_uri: str, experiment_id: str | None, run_id: str | None) -> str | None:
-    base = spec.mlflow_ui_url or (tracking_uri if urlparse(tracking_uri).scheme in ("http", "https") else None)
-    if not base or not run_id or not experiment_id:
-        return None
-    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
-
-
-def flow_run_url(spec: NotifySpec, flow_run_id: str | None) -> str | None:
-    if not flow_run_id:
-        return None
-    if spec.prefect_ui_url:
-        return f"{spec.prefect_ui_url.rstrip('/')}/runs/flow-run/{flow_run_id}"
-    try:
-        from prefect.utilities.urls import url_for
-
-        return url_for("flow-run", obj_id=flow_run_id)
-    except Exception:  # no UI configured (ephemeral API)
-        return None
-
-
-# ---------------------------------------------------------------------------------------------
-# rendering and sending
-# ---------------------------------------------------------------------------------------------
-
-
-def render(notice: Notice, fmt: str) -> dict:
-    if fmt == "dingtalk":
-        md = (lambda url, text: f"[{text}]({url})" if url else text)
-        return {"msgtype": "markdown", "markdown": {"title": notice.title,
-                                                    "text": "\n\n".join([f"### {notice.title}", *notice.lines(md)])}}
-    if fmt == "feishu":
-        plain = (lambda url, text: f"{text}: {url}" if url else text)
-        return {"msg_type": "text", "content": {"text": "\n".join([notice.title, *notice.lines(plain)])}}
-    slack = (lambda url, text: f"<{url}|{text}>" if url else text)
-    body = "\n".join(notice.lines(slack))
-    return {"text": f"{notice.title}: {notice.verdict}",
-            "blocks": [{"type": "header", "text": {"type": "plain_text", "text": notice.title[:150]}},
-                       {"type": "section", "text": {"type": "mrkdwn", "text": body[:2900]}}]}
-
-
-def describe(hook: WebhookSpec) -> str:
-    """How a webhook is named in logs: by where its URL comes from, never by the URL."""
-    return f"webhook from ${hook.url_env}" if hook.url_env else f"webhook from Secret block {hook.secret_block!r}"
-
-
-def webhook_url(hook: WebhookSpec) -> str | None:
-    if hook.url_env:
-        return os.environ.get(hook.url_env) or None
+def read_secret(block: str) -> str:
+    """A Prefect Secret block's value (a webhook URL): never logged."""
     from prefect.blocks.system import Secret
 
-    return str(Secret.load(hook.secret_block).get())
+    return str(Secret.load(block).get())
 
 
-def post_json(url: str, payload: dict, timeout_s: float) -> int:
-    request = urllib.request.Request(url, data=json.dumps(payload).encode(), method="POST",
-                                     headers={"Content-Type": "application/json", "User-Agent": "gauntlet"})
-    with urllib.request.urlopen(request, timeout=timeout_s) as response:  # noqa: S310 (the user's own webhook)
-        return response.status
+def prefect_ui_url() -> str | None:
+    """The Prefect UI's base URL, when there is one (an ephemeral API has none)."""
+    from prefect.settings import PREFECT_UI_URL
+
+    return PREFECT_UI_URL.value() or None
 
 
-def send(spec: NotifySpec, notice: Notice, logger: logging.Logger | logging.LoggerAdapter = log) -> int:
-    """Post ``notice`` to every webhook subscribed to its event; returns how many accepted it."""
-    delivered = 0
-    for hook in spec.webhooks:
-        if notice.event not in hook.events:
-            continue
-        name = describe(hook)
-        try:
-            url = webhook_url(hook)
-            if not url:
-                logger.warning(f"notification not sent: ${hook.url_env} is not set ({name})")
-                continue
-            post_json(url, render(notice, hook.format), spec.timeout_s)
-            delivered += 1
-            logger.info(f"notified {name} ({hook.format}): {notice.event}")
-        except urllib.error.HTTPError as e:
-            logger.warning(f"notification to {name} was refused: HTTP {e.code}")
-        except Exception as e:  # the message of a URLError may quote the host: name only the kind of error
-            logger.warning(f"notification to {name} failed: {type(e).__name__}")
-    return delivered
-
-
-# ---------------------------------------------------------------------------------------------
-# the two places that notify
-# ---------------------------------------------------------------------------------------------
-
-
-def outcome_notice(spec: NotifySpec, registry: RegistrySpec, promotion: PromotionResult, report: EvalReport,
-                   base: EvalReport | None, run: RunContext) -> Notice | None:
-    """The message for a run that finished: promoted, or gate failed; None when nothing changed."""
-    decision = promotion.decision
-    if decision is None or (decision.passed and not promotion.registered):
-        return None  # e.g. the model already is the champion: nothing to tell
-    if decision.compared_to is not None:
-        reference, compared_with = decision.champion_scores, f"champion v{decision.compared_to}"
-    elif base is not None:
-        reference, compared_with = {f"{s.task}.{s.metric}": s.value for s in base.scores}, "the base model"
-    else:
-        reference, compared_with = {}, None
-    if promotion.registered:
-        event, verdict = "promoted", promotion.message
-    else:
-        event, verdict = "gate_failed", f"not promoted; {len(decision.reasons)} gate rule(s) failed"
-    return Notice(event=event, model_name=registry.model_name, version=promotion.version, verdict=verdict,
-                  reasons=[] if promotion.registered else decision.reasons, compared_with=compared_with,
-                  deltas=biggest_deltas(report, reference), mlflow_run_id=run.parent_run_id,
-                  mlflow_url=mlflow_run_url(spec, run.tracking_uri, run.experiment_id, run.parent_run_id),
-                  flow_run_id=run.flow_run_id, prefect_url=flow_run_url(spec, run.flow_run_id))
-
-
-@task(name="notify", cache_policy=NO_CACHE)
+@stage("notify", mlflow=False)
 def notify_outcome(spec: NotifySpec, registry: RegistrySpec, promotion: PromotionResult, report: EvalReport,
-                   base: EvalReport | None, run: RunContext) -> int:
-    notice = outcome_notice(spec, registry, promotion, report, base, run)
+                   base: EvalReport | None, stage: StageRun) -> int:
+    notice = outcome_notice(spec, registry, promotion, report, base, stage.flow, prefect_ui_url())
     if notice is None or not spec.webhooks:
         return 0
-    return send(spec, notice, get_run_logger())
-
-
-def failed_run_notice(spec_notify: NotifySpec, model_name: str, error: str, flow_run_id: str,
-                      tracking_uri: str, experiment: str) -> Notice:
-    """The message for a failed run; links to its MLflow parent run when one was created."""
-    experiment_id = run_id = None
-    try:
-        from tasks.tracking import client
-
-        c = client(tracking_uri)
-        exp = c.get_experiment_by_name(experiment)
-        if exp is not None:
-            experiment_id = exp.experiment_id
-            runs = c.search_runs([experiment_id], f"tags.`prefect.flow_run_id` = '{flow_run_id}'", max_results=50)
-            parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-            run_id = parents[0].info.run_id if parents else None
-    except Exception as e:  # the tracking store may be what failed
-        log.warning("no MLflow run to link for the failed run: %s", type(e).__name__)
-    return Notice(event="run_failed", model_name=model_name, verdict=f"run failed: {error}"[:1000],
-                  mlflow_run_id=run_id, mlflow_url=mlflow_run_url(spec_notify, tracking_uri, experiment_id, run_id),
-                  flow_run_id=flow_run_id, prefect_url=flow_run_url(spec_notify, flow_run_id))
+    return send(spec, notice, stage.log, read_secret)
 
 
 def notify_failed_run(flow, flow_run, state) -> None:
     """Prefect ``on_failure``/``on_crashed`` hook of the finetune flow: re-reads the run's config for its
     ``notify`` section (a config that does not validate has none to use)."""
-    from tasks.spec import SpecError, load_spec
-    from tasks.tracking import tracking_uri
+    from gauntlet.config.load import load_spec
+    from gauntlet.config.problems import SpecError
+    from gauntlet.project import ProjectError, in_project
+    from gauntlet.tracking import tracking_uri
 
     params = flow_run.parameters or {}
     try:
-        spec = load_spec(params.get("config", "configs/demo.yaml"), params.get("overrides") or [])
-    except (SpecError, OSError):
+        spec = load_spec(in_project(params.get("config", "configs/demo.yaml")), params.get("overrides") or [])
+    except (SpecError, OSError, ProjectError):
         return
     if not spec.notify.webhooks:
         return
     notice = failed_run_notice(spec.notify, spec.registry.model_name, state.message or state.name,
-                               str(flow_run.id), tracking_uri(spec.tracking.tracking_uri), spec.tracking.experiment)
-    send(spec.notify, notice)
+                               str(flow_run.id), tracking_uri(spec.tracking.tracking_uri), spec.tracking.experiment,
+                               prefect_ui_url())
+    send(spec.notify, notice, read_secret=read_secret)

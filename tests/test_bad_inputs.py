@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows.cli import main as gauntlet
-from tasks import demo_data
-from tasks.state import PROJECT_ROOT
+from gauntlet.cli import main as gauntlet
+from gauntlet.demo import data as demo_data
+from tests.helpers import REPO
 
 CASES = yaml.safe_load((Path(__file__).parent / "bad_inputs" / "cases.yaml").read_text())
-DEMO = PROJECT_ROOT / "configs" / "demo.yaml"
+DEMO = REPO / "configs" / "demo.yaml"
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
@@ -85,7 +85,7 @@ def runtime_overrides(name: str, repo: Path, tmp_path: Path) -> list[str]:
         (tmp_path / "empty-model" / "notes.txt").write_text("no weights")
         return [f"model.source={tmp_path / 'empty-model'}"]
     if name == "truncated_safetensors":
-        from tasks.models import build_demo_model
+        from gauntlet.demo.model import build_demo_model
 
         model = build_demo_model("tiny-llama", out=tmp_path / "model")
         weights = model / "model.safetensors"
@@ -126,7 +126,7 @@ def registry_versions() -> int:
 @pytest.mark.slow
 @pytest.mark.parametrize("name", [n for n, c in CASES.items() if c["kind"] == "runtime"])
 def test_runtime_case(name: str, prefect_api, dvc_repo: Path, tmp_path: Path) -> None:
-    from flows.finetune import finetune
+    from gauntlet.flows.finetune import finetune
 
     before = registry_versions()
     overrides = [f"data.repo={dvc_repo}", *runtime_overrides(name, dvc_repo, tmp_path)]
@@ -138,6 +138,6 @@ def test_runtime_case(name: str, prefect_api, dvc_repo: Path, tmp_path: Path) ->
 
 def test_corpus_is_documented() -> None:
     """docs/reliability.md lists every case with its message, so the table and the tests agree."""
-    doc = (PROJECT_ROOT / "docs" / "reliability.md").read_text()
+    doc = (REPO / "docs" / "reliability.md").read_text()
     for name, case in CASES.items():
         assert f"`{name}`" in doc and case["expect"] in doc, name

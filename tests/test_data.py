@@ -1,7 +1,7 @@
-"""tasks.data.pull_data against real DVC repositories built in tmp_path (nothing mocked).
+"""gauntlet.data.dvc.pull_data against real DVC repositories built in tmp_path (nothing mocked).
 
 Each test builds a git + DVC repo with a local remote folder and a copy of the demo stage: its
-command runs this interpreter on ``tasks.demo_data`` (found through PYTHONPATH = the project root).
+command runs this interpreter on ``gauntlet.demo.data`` (the installed package).
 """
 
 from __future__ import annotations
@@ -20,10 +20,13 @@ import yaml
 # dvc's use of pygtrie emits hundreds of these per test.
 pytestmark = pytest.mark.filterwarnings("ignore:_NoneStep.value:DeprecationWarning")
 
-PROJECT = Path(__file__).resolve().parent.parent
+from gauntlet.config.base import dvc_produces
+from gauntlet.config.data import DataSpec
+from gauntlet.config.load import load_spec
+from gauntlet.data.dvc import pull_data
+from gauntlet.data.jsonl import DataError
+from tests.helpers import REPO
 
-from tasks.data import DataError, pull_data  # noqa: E402
-from tasks.spec import DataSpec, dvc_produces, load_spec  # noqa: E402
 N_ENTITIES = 6  # demo_data writes 3 train rows and 1 validation / eval row per entity
 SPLITS = ("train", "validation", "eval")
 
@@ -38,7 +41,6 @@ def home(tmp_path, monkeypatch) -> Path:
     home = tmp_path / "home"
     monkeypatch.setenv("GAUNTLET_HOME", str(home))
     monkeypatch.delenv("DVC_SITE_CACHE_DIR", raising=False)
-    monkeypatch.setenv("PYTHONPATH", str(PROJECT))
     return home
 
 
@@ -55,7 +57,7 @@ def repo(tmp_path, home) -> Path:
     (root / ".dvc" / ".gitignore").write_text("/config.local\n/tmp\n/cache\n")
     (root / ".dvcignore").write_text("")
     (root / "params.yaml").write_text(yaml.safe_dump({"demo_data": {"n_entities": N_ENTITIES, "seed": 3}}))
-    cmd = f"{shlex.quote(sys.executable)} -m tasks.demo_data --params params.yaml --out data/demo"
+    cmd = f"{shlex.quote(sys.executable)} -m gauntlet.demo.data --params params.yaml --out data/demo"
     (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"prepare-demo": {
         "cmd": cmd,
         "params": ["demo_data"],
@@ -281,11 +283,11 @@ def test_duplicate_rate_is_reported(repo, home):
 
 
 def test_demo_config_data_are_dvc_stage_outputs():
-    spec = load_spec(PROJECT / "configs" / "demo.yaml")
-    stages = yaml.safe_load((PROJECT / "dvc.yaml").read_text())["stages"]
+    spec = load_spec(REPO / "configs" / "demo.yaml")
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     outs = stages["prepare-demo"]["outs"]
     for path in (spec.data.train, spec.data.validation, spec.data.eval):
         assert path in outs
-        assert dvc_produces(PROJECT / spec.data.repo, path)
-    config = (PROJECT / ".dvc" / "config").read_text()
+        assert dvc_produces(REPO / spec.data.repo, path)
+    config = (REPO / ".dvc" / "config").read_text()
     assert "remote = local" in config and "../.gauntlet/dvc-remote" in config

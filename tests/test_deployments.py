@@ -26,12 +26,12 @@ from zoneinfo import ZoneInfo
 import pytest
 import yaml
 
-from tasks.state import PROJECT_ROOT
+from tests.helpers import REPO
 
-PREFECT_YAML = PROJECT_ROOT / "deployments" / "prefect.yaml"
-DOCKERFILE = PROJECT_ROOT / "deployments" / "Dockerfile"
-POOLS = PROJECT_ROOT / "deployments" / "work-pools"
-MODEL_CI = PROJECT_ROOT / ".github" / "workflows" / "model-ci.yml"
+PREFECT_YAML = REPO / "deployments" / "prefect.yaml"
+DOCKERFILE = REPO / "deployments" / "Dockerfile"
+POOLS = REPO / "deployments" / "work-pools"
+MODEL_CI = REPO / ".github" / "workflows" / "model-ci.yml"
 
 
 def prefect_yaml() -> dict:
@@ -50,7 +50,7 @@ def step(steps: list[dict], name: str) -> dict:
 def test_every_deployment_entrypoint_imports_and_its_parameters_fit_the_flow(monkeypatch) -> None:
     from prefect.flows import load_flow_from_entrypoint
 
-    monkeypatch.chdir(PROJECT_ROOT)  # `prefect deploy` resolves entrypoints from the repository root
+    monkeypatch.chdir(REPO)  # `prefect deploy` resolves entrypoints from the repository root
     names = set()
     for d in prefect_yaml()["deployments"]:
         flow = load_flow_from_entrypoint(d["entrypoint"])
@@ -61,7 +61,7 @@ def test_every_deployment_entrypoint_imports_and_its_parameters_fit_the_flow(mon
         required = {n for n, p in params.items() if p.default is inspect.Parameter.empty}
         assert required <= set(given)
         flow.validate_parameters(given)  # types, as the server enforces them (enforce_parameter_schema)
-        assert (PROJECT_ROOT / given["config"]).is_file()
+        assert (REPO / given["config"]).is_file()
         assert d["work_pool"]["name"] == "process"
     assert names == {"leaderboard/nightly", "finetune/manual", "finetune/ci"}
 
@@ -140,9 +140,9 @@ def test_dockerfile_builds_what_the_pools_and_pull_step_expect() -> None:
     assert index["pyproject.toml README.md ./"] < deps < index[". ."]  # dependencies cached before the code
     for k, a in instructions:
         if k == "COPY" and a != ". .":
-            assert all((PROJECT_ROOT / src).exists() for src in a.split()[:-1])
+            assert all((REPO / src).exists() for src in a.split()[:-1])
     assert "gauntlet --help" in instructions[-2][1] or "gauntlet --help" in instructions[-1][1]
-    ignored = (PROJECT_ROOT / ".dockerignore").read_text().split()
+    ignored = (REPO / ".dockerignore").read_text().split()
     assert {".gauntlet", ".venv", ".git"} <= set(ignored)
 
 
@@ -156,14 +156,14 @@ def test_model_ci_workflow_runs_the_ci_deployment_and_reports_back() -> None:
     steps = wf["jobs"]["finetune"]["steps"]
     scripts = "\n".join(s.get("run", "") for s in steps)
     assert "prefect deployment run 'finetune/ci'" in scripts and '--param config="$f"' in scripts
-    assert "--watch" in scripts and "python -m flows.cli validate" in scripts
+    assert "--watch" in scripts and "python -m gauntlet.cli validate" in scripts
     assert "deployments/ci/collect_results.py" in scripts
-    assert (PROJECT_ROOT / "deployments" / "ci" / "collect_results.py").is_file()
+    assert (REPO / "deployments" / "ci" / "collect_results.py").is_file()
     uses = [s.get("uses", "") for s in steps]
     assert any(u.startswith("actions/upload-artifact@") for u in uses)
     comment = next(s for s in steps if s.get("uses", "").startswith("actions/github-script@"))
     assert "createComment" in comment["with"]["script"] and "comment.md" in comment["with"]["script"]
-    tests_wf = yaml.safe_load((PROJECT_ROOT / ".github" / "workflows" / "tests.yml").read_text())
+    tests_wf = yaml.safe_load((REPO / ".github" / "workflows" / "tests.yml").read_text())
     assert any(s.get("run") == ".ci/run" for s in tests_wf["jobs"]["test"]["steps"])
 
 
@@ -185,10 +185,10 @@ def port_open(port: int) -> bool:
 
 
 class ServeProcess:
-    """`python -m flows.cli serve …` with its output collected by a thread."""
+    """`python -m gauntlet.cli serve …` with its output collected by a thread."""
 
     def __init__(self, args: list[str], env: dict[str, str]):
-        self.proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", *args], cwd=PROJECT_ROOT, env=env,
+        self.proc = subprocess.Popen([sys.executable, "-m", "gauntlet.cli", "serve", *args], cwd=REPO, env=env,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.lines: list[str] = []
         threading.Thread(target=self._read, daemon=True).start()
@@ -212,7 +212,7 @@ class ServeProcess:
 def deployment_run(name: str, config: Path, env: dict[str, str], timeout: float) -> str:
     """`prefect deployment run NAME --param config=… --watch`, as a user or CI types it; the flow run's id."""
     run = subprocess.run([sys.executable, "-m", "prefect", "deployment", "run", name, "--param", f"config={config}",
-                          "--watch"], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+                          "--watch"], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     assert run.returncode == 0, f"{name}:\n{run.stdout[-3000:]}{run.stderr[-3000:]}"
     return re.search(r"UUID: ([0-9a-f-]{36})", run.stdout).group(1)
 
@@ -221,7 +221,7 @@ def load_collector():
     """deployments/ci/collect_results.py as a module (CI runs it as a script)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("collect_results", PROJECT_ROOT / "deployments" / "ci" /
+    spec = importlib.util.spec_from_file_location("collect_results", REPO / "deployments" / "ci" /
                                                   "collect_results.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -246,9 +246,9 @@ def test_gauntlet_serve_schedules_and_runs_the_nightly_leaderboard(tmp_path: Pat
     from prefect.client.schemas.objects import StateType
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from conftest import make_demo_dvc_repo, write_demo_config
-    from tasks.envs import QUANTIZE_ENV
-    from tasks.leaderboard import Leaderboard
+    from tests.helpers import make_demo_dvc_repo, write_demo_config
+    from gauntlet.envs import QUANTIZE_ENV
+    from gauntlet.leaderboard.board import Leaderboard
 
     prefect_port, mlflow_port = free_port(), free_port()
     api, tracking = f"http://127.0.0.1:{prefect_port}/api", f"http://127.0.0.1:{mlflow_port}"
@@ -264,7 +264,7 @@ def test_gauntlet_serve_schedules_and_runs_the_nightly_leaderboard(tmp_path: Pat
         # repo of their own (the worker runs in the checkout; the test leaves the checkout's data alone).
         repo = make_demo_dvc_repo(tmp_path / "dvc-repo")
         demo = write_demo_config(tmp_path, lambda raw: raw["data"].update(repo=str(repo)), "demo.yaml")
-        board_config = yaml.safe_load((PROJECT_ROOT / "configs" / "leaderboard.yaml").read_text())
+        board_config = yaml.safe_load((REPO / "configs" / "leaderboard.yaml").read_text())
         board_config["data"]["repo"] = str(repo)
         board_config["publish"] = {**board_config.get("publish", {}), "dir": str(tmp_path / "site")}
         board_config["eval"]["speed_probe"] = {"prompts": 2, "max_new_tokens": 8}
@@ -280,7 +280,7 @@ def test_gauntlet_serve_schedules_and_runs_the_nightly_leaderboard(tmp_path: Pat
             (schedule,) = deployment.schedules
             assert schedule.schedule.cron == "0 2 * * *" and schedule.schedule.timezone == "Europe/Berlin"
             assert deployment.pull_steps == [{"prefect.deployments.steps.set_working_directory":
-                                              {"directory": str(PROJECT_ROOT)}}]
+                                              {"directory": str(REPO)}}]
             deadline, scheduled = time.monotonic() + 90, []
             while not scheduled and time.monotonic() < deadline:
                 scheduled = client.read_flow_runs(

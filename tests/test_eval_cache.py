@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from tasks.spec import EvalSpec, ModelSpec, SpeedProbeSpec
-from tasks.state import PROJECT_ROOT
+from gauntlet.config.eval import EvalSpec, SpeedProbeSpec
+from gauntlet.config.model import ModelSpec
+from tests.helpers import REPO
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 PROBE = SpeedProbeSpec(prompts=2, max_new_tokens=4, large_batch=4)
@@ -21,7 +22,7 @@ PROBE = SpeedProbeSpec(prompts=2, max_new_tokens=4, large_batch=4)
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    from tasks.models import build_demo_model
+    from gauntlet.demo.model import build_demo_model
 
     return build_demo_model("tiny-llama", out=tmp_path_factory.mktemp("cache-models") / "tiny-llama")
 
@@ -31,7 +32,7 @@ def spec_with(*tasks: str | dict, **kw) -> EvalSpec:
 
 
 def run_eval(model: Path | str, spec: EvalSpec, variant: str = "base"):
-    from flows.evaluate import evaluate_flow
+    from gauntlet.flows.evaluate import evaluate_flow
 
     return evaluate_flow(model=ModelSpec(source=str(model)), spec=spec, variant=variant,
                          experiment="gauntlet-eval-tests", return_state=True)
@@ -107,9 +108,9 @@ def test_unchanged_suite_costs_nothing_and_an_added_task_runs_alone(prefect_api,
 def test_a_registered_model_is_evaluated_by_its_alias(prefect_api, model_dir, capsys) -> None:
     from mlflow.tracking import MlflowClient
 
-    from conftest import register_as_champion
-    from flows.cli import main
-    from tasks.tracking import tracking_uri
+    from tests.helpers import register_as_champion
+    from gauntlet.cli import main
+    from gauntlet.tracking import tracking_uri
 
     spec = spec_with("arc_challenge")
     assert run_eval(model_dir, spec).is_completed()
@@ -147,7 +148,7 @@ def _failed_runs(report_experiment: str = "gauntlet-eval-tests"):
 def test_missing_data_file_fails_naming_the_task_and_keeps_what_was_done(prefect_api, model_dir, tmp_path) -> None:
     tasks_dir = tmp_path / "evals"
     tasks_dir.mkdir()
-    shutil.copy(PROJECT_ROOT / "evals" / "fixtures" / "arc_challenge" / "fixture_arc_challenge.yaml", tasks_dir)
+    shutil.copy(REPO / "evals" / "fixtures" / "arc_challenge" / "fixture_arc_challenge.yaml", tasks_dir)
     (tasks_dir / "my_task.yaml").write_text(
         "task: my_task\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: data/nowhere/my_task.jsonl\n"
         "output_type: multiple_choice\ndoc_to_text: '{{q}}'\ndoc_to_choice: '{{choices}}'\ndoc_to_target: 0\n")

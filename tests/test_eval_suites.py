@@ -14,22 +14,18 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks import demo_data
-from tasks.evaluate import (
-    EvalError,
-    evaluate_model,
-    load_report,
-    protocol_differences,
-    protocol_of,
-    protocols_match,
-    require_same_protocol,
-)
-from tasks.refs import ModelRef
-from tasks.spec import EvalSpec, SpecError, SpeedProbeSpec, load_spec
-from tasks.state import PROJECT_ROOT
-from tasks.suites import load_catalog, normalized_score, plan_tasks
+from gauntlet.demo import data as demo_data
+from gauntlet.eval.engine import EvalError
+from gauntlet.eval.protocol import protocol_differences, protocol_of, protocols_match, require_same_protocol
+from gauntlet.eval.report import evaluate_model, load_report
+from gauntlet.refs import ModelRef
+from gauntlet.config.eval import EvalSpec, SpeedProbeSpec
+from gauntlet.config.load import load_spec
+from gauntlet.config.problems import SpecError
+from tests.helpers import REPO
+from gauntlet.eval.suites import load_catalog, normalized_score, plan_tasks
 
-EVALS = PROJECT_ROOT / "evals"
+EVALS = REPO / "evals"
 FIXTURE_DATA = EVALS / "fixtures" / "data"
 ALL_SUITES = ("en-core", "zh-core", "reasoning", "demo")
 LIMIT = 4
@@ -65,7 +61,7 @@ def test_fixture_yamls_are_the_engines_own_and_up_to_date() -> None:
             assert ours.get(key) == engine.get(key), (path.name, key)
         assert ours["dataset_path"] == "json" and engine["dataset_path"] != "json"
         for files in ours["dataset_kwargs"]["data_files"].values():
-            assert (PROJECT_ROOT / files).is_file(), files
+            assert (REPO / files).is_file(), files
     # groups aggregate like the engine's groups
     for path in sorted((EVALS / "fixtures").rglob("_fixture_*.yaml")):
         ours = yaml.safe_load(path.read_text())
@@ -152,7 +148,7 @@ def test_per_task_settings_override_the_suite_and_the_section() -> None:
 
 
 def test_config_errors_name_the_yaml_path(tmp_path: Path) -> None:
-    raw = yaml.safe_load((PROJECT_ROOT / "configs" / "demo.yaml").read_text())
+    raw = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
     cases = {
         "eval.suite": {"suite": "en-cor", "tasks": []},
         "eval.tasks": {"tasks": ["mmlu", "no_such_task"]},
@@ -206,7 +202,7 @@ def test_protocol_records_the_choices_and_says_when_two_differ() -> None:
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> ModelRef:
-    from tasks.models import build_demo_model
+    from gauntlet.demo.model import build_demo_model
 
     path = build_demo_model("tiny-llama", out=tmp_path_factory.mktemp("models") / "tiny-llama")
     return ModelRef(name="tiny-llama", path=str(path), source="demo://tiny-llama", sha="tiny-test")
@@ -324,7 +320,7 @@ def test_wrapper_scores_equal_the_engines_cli(tiny_model, tmp_path: Path) -> Non
            "--tasks", "fixture_arc_challenge", "fixture_mmlu", "--include_path", "evals",
            "--num_fewshot", "1", "--limit", "6", "--batch_size", "8", "--device", "cpu", "--seed", "1234",
            "--output_path", str(cli_out)]
-    done = subprocess.run(cmd, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     (results_file,) = cli_out.rglob("results_*.json")
     cli = json.loads(results_file.read_text())["results"]

@@ -9,21 +9,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks import demo_data
-from tasks.evaluate import (
-    EvalError,
-    evaluate_model,
-    load_report,
-    protocol_of,
-    scores_from_results,
-    task_config,
-)
-from tasks.prompting import format_prompt
-from tasks.refs import ModelRef
-from tasks.spec import EvalSpec, SpeedProbeSpec
-from tasks.state import PROJECT_ROOT
+from gauntlet.demo import data as demo_data
+from gauntlet.eval.engine import EvalError, scores_from_results, task_config
+from gauntlet.eval.protocol import protocol_of
+from gauntlet.eval.report import evaluate_model, load_report
+from gauntlet.prompting import format_prompt
+from gauntlet.refs import ModelRef
+from gauntlet.config.eval import EvalSpec, SpeedProbeSpec
+from tests.helpers import REPO
 
-EVALS = PROJECT_ROOT / "evals"
+EVALS = REPO / "evals"
 
 ROWS = [
     {"instruction": "What is the favourite colour of Kaloter?", "input": "",
@@ -90,7 +85,7 @@ def test_scores_from_results_reads_metrics_filters_and_na_stderr() -> None:
 
 
 def test_evaluate_tiny_model_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from tasks.models import build_demo_model
+    from gauntlet.demo.model import build_demo_model
 
     monkeypatch.setenv("GAUNTLET_HOME", str(tmp_path / "home"))
     splits = demo_data.build(48, 7)
@@ -141,7 +136,7 @@ def test_vllm_backend_receives_the_protocol_and_says_when_it_cannot_run(tmp_path
     """What vllm would be handed (it is not installed here: the `gpu` extra), and the error without it."""
     from importlib.util import find_spec
 
-    from tasks.eval_engine import check_backend, engine_model_args
+    from gauntlet.eval.engine import check_backend, engine_model_args
 
     spec = EvalSpec(tasks=["demo_facts"], backend="vllm", tensor_parallel_size=4, gpu_memory_utilization=0.8,
                     max_model_len=4096, batch_size=32, fewshot_seed=7)
@@ -163,7 +158,7 @@ def test_vllm_backend_receives_the_protocol_and_says_when_it_cannot_run(tmp_path
 
 
 def test_normalization_is_the_open_llm_leaderboards() -> None:
-    from tasks.suites import normalized_score
+    from gauntlet.eval.suites import normalized_score
 
     assert normalized_score(0.25, 0.25) == 0.0
     assert normalized_score(1.0, 0.25) == 100.0
@@ -175,7 +170,7 @@ def test_normalization_is_the_open_llm_leaderboards() -> None:
 
 
 def test_eval_cli_rejects_bad_input_with_exit_2(capsys: pytest.CaptureFixture) -> None:
-    from flows.cli import main
+    from gauntlet.cli import main
 
     assert main(["eval", "/no/such/model", "--suite", "en-cor", "--set", "limit=0"]) == 2
     err = capsys.readouterr().err

@@ -12,19 +12,19 @@ from pathlib import Path
 
 import pytest
 
-from tasks.state import PROJECT_ROOT
+from tests.helpers import REPO
 
 pytestmark = pytest.mark.slow
 
 
 def cli_env(home: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
-    return {**env, "GAUNTLET_HOME": str(home), "PYTHONPATH": str(PROJECT_ROOT)}
+    return {**env, "GAUNTLET_HOME": str(home)}
 
 
 def test_killed_during_evaluation_then_rerun(dvc_repo: Path, tmp_path: Path) -> None:
     home = tmp_path / "home"
-    cmd = [sys.executable, "-m", "flows.cli", "run", str(PROJECT_ROOT / "configs" / "demo.yaml"),
+    cmd = [sys.executable, "-m", "gauntlet.cli", "run", str(REPO / "configs" / "demo.yaml"),
            "--set", f"data.repo={dvc_repo}"]
     log = open(tmp_path / "first.log", "w")
     proc = subprocess.Popen(cmd, env=cli_env(home), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

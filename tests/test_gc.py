@@ -6,7 +6,7 @@ import os
 import time
 from pathlib import Path
 
-from tasks.gc import apply_gc, plan_gc
+from gauntlet.gc import apply_gc, plan_gc
 
 
 def stage(home: Path, name: str, key: str, age_days: float) -> Path:

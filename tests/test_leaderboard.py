@@ -18,19 +18,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks import demo_data
-from tasks.leaderboard import (
-    BoardRow,
-    CandidateOutcome,
-    Leaderboard,
-    assign_ranks,
-    build_leaderboard,
-    normalized_score,
-    pareto_front,
-)
-from tasks.evaluate import protocols_match
-from tasks.refs import EvalReport, PerfProbe, TaskResult, TaskScore
-from tasks.spec import LeaderboardSpec, SpecError, load_leaderboard_spec
+from gauntlet.demo import data as demo_data
+from gauntlet.eval.suites import normalized_score
+from gauntlet.leaderboard.board import assign_ranks, BoardRow, build_leaderboard, Leaderboard, pareto_front
+from gauntlet.leaderboard.candidates import CandidateOutcome
+from gauntlet.eval.protocol import protocols_match
+from gauntlet.refs import EvalReport, PerfProbe, TaskResult, TaskScore
+from gauntlet.config.leaderboard import LeaderboardSpec
+from gauntlet.config.load import load_leaderboard_spec
+from gauntlet.config.problems import SpecError
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,15 +162,15 @@ def register_model(folder: Path, name: str) -> str:
     """Register ``folder`` as a new version of ``name`` @champion in the session's MLflow registry."""
     from mlflow.tracking import MlflowClient
 
-    from conftest import register_as_champion
-    from tasks.tracking import tracking_uri
+    from tests.helpers import register_as_champion
+    from gauntlet.tracking import tracking_uri
 
     return register_as_champion(MlflowClient(tracking_uri()), "lb-test-registry", folder, name, {"test": "leaderboard"})
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, prefect_api) -> dict:
-    from tasks.models import build_demo_model
+    from gauntlet.demo.model import build_demo_model
 
     root = tmp_path_factory.mktemp("leaderboard")
     eval_file = root / "eval.jsonl"
@@ -207,7 +203,7 @@ def world(tmp_path_factory, prefect_api) -> dict:
 
 
 def run_night(config_path: Path):
-    from flows.leaderboard import leaderboard
+    from gauntlet.flows.leaderboard import leaderboard
 
     state = leaderboard(config=str(config_path), return_state=True)
     assert state.is_completed(), state.message
@@ -428,7 +424,7 @@ def test_html_leaderboard_sorts_and_draws_in_chromium(night3, browser) -> None:
 
 
 def test_cli_validates_leaderboard_configs_before_running(tmp_path: Path, capsys) -> None:
-    from flows.cli import main
+    from gauntlet.cli import main
 
     assert main(["validate", str(Path(__file__).parent.parent / "configs" / "leaderboard.yaml")]) == 0
     assert "valid leaderboard config" in capsys.readouterr().out

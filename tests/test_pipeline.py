@@ -15,10 +15,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks.state import PROJECT_ROOT, sha256_dir
+from gauntlet.hashing import sha256_dir
+from tests.helpers import REPO
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
-DEMO = str(PROJECT_ROOT / "configs" / "demo.yaml")
+DEMO = str(REPO / "configs" / "demo.yaml")
 HEAVY = ("pull_data", "fetch_model", "check_data", "train", "evaluate-base", "evaluate-finetuned",
          "quantize-gptq-w4g64", "evaluate-gptq-w4g64")
 
@@ -40,7 +41,7 @@ def _stage_name(task_run_name: str) -> str:
 
 
 def run_demo(dvc_repo: Path, *overrides: str):
-    from flows.finetune import finetune
+    from gauntlet.flows.finetune import finetune
 
     started = time.time()
     state = finetune(config=DEMO, overrides=[f"data.repo={dvc_repo}", *overrides], return_state=True)

@@ -12,21 +12,13 @@ import yaml
 
 import tasks.models  # noqa: F401  (imports Prefect now: its log handlers bind the stream of the moment, and
 #                                 the CLI calls below run under capsys, whose stream closes after each test)
-from flows.cli import main as cli
-from tasks.plan import (
-    GIB,
-    ModelShape,
-    check_model_fit,
-    declared_devices,
-    estimate,
-    lora_modules,
-    model_shape,
-    profile_named,
-)
-from tasks.spec import TrainSpec
-from tasks.state import PROJECT_ROOT
+from gauntlet.cli import main as cli
+from gauntlet.plan.memory import declared_devices, estimate, GIB, profile_named
+from gauntlet.plan.shape import check_model_fit, lora_modules, model_shape, ModelShape
+from gauntlet.config.train import TrainSpec
+from tests.helpers import REPO
 
-FIXTURES = PROJECT_ROOT / "tests" / "fixtures" / "model-configs"
+FIXTURES = REPO / "tests" / "fixtures" / "model-configs"
 PROFILES = ["single_gpu", "multi_gpu", "deepspeed_zero2", "fsdp", "deepspeed_zero3_offload"]
 TERMS = ["weights", "LoRA", "grads", "optim", "activ", "logits", "runtime", "slack", "total", "host"]
 
@@ -95,7 +87,7 @@ def test_lora_targets_and_sequence_limit_are_checked(small: ModelShape) -> None:
 
 @pytest.mark.parametrize("size", ["7b", "70b"])
 def test_plan_prints_every_term_under_every_profile(size: str, capsys) -> None:
-    config = str(PROJECT_ROOT / "configs" / f"llama-{size}-qlora.yaml")
+    config = str(REPO / "configs" / f"llama-{size}-qlora.yaml")
     source = f"model.source={FIXTURES / f'llama-2-{size}'}"
     code = cli(["plan", config, "--set", source, "--gpus", "8", "--gpu-memory", "80"])
     text = capsys.readouterr().out
@@ -122,7 +114,7 @@ def test_plan_prints_every_term_under_every_profile(size: str, capsys) -> None:
 
 
 def test_plan_exit_code_says_whether_the_configured_profile_fits(capsys) -> None:
-    config = str(PROJECT_ROOT / "configs" / "llama-70b-qlora.yaml")
+    config = str(REPO / "configs" / "llama-70b-qlora.yaml")
     args = ["plan", config, "--set", f"model.source={FIXTURES / 'llama-2-70b'}", "--set",
             "train.accelerate.profile=single_gpu", "--set", "train.accelerate.num_processes=1"]
     assert cli([*args, "--gpus", "1", "--gpu-memory", "24"]) == 1
@@ -140,7 +132,7 @@ def test_hf_source_reads_only_its_config_json(session_home: Path, capsys) -> Non
     (repo / "refs").mkdir()
     (repo / "snapshots" / revision / "config.json").write_text(
         (FIXTURES / "llama-2-7b" / "config.json").read_text())
-    config = str(PROJECT_ROOT / "configs" / "llama-7b-qlora.yaml")
+    config = str(REPO / "configs" / "llama-7b-qlora.yaml")
     assert cli(["plan", config, "--set", f"model.source=hf://acme/llama-7b@{revision}", "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert plan["model"]["total_params"] == 6_738_415_616
@@ -153,14 +145,14 @@ def test_registry_source_reads_only_its_config_json(session_home: Path, tmp_path
 
     from mlflow.tracking import MlflowClient
 
-    from conftest import register_as_champion
-    from tasks.tracking import tracking_uri
+    from tests.helpers import register_as_champion
+    from gauntlet.tracking import tracking_uri
 
     folder = tmp_path / "registered-7b"
     shutil.copytree(FIXTURES / "llama-2-7b", folder)
     (folder / "model.safetensors").write_bytes(b"\0" * 4096)  # stands for the weights: must stay remote
     version = register_as_champion(MlflowClient(tracking_uri()), "plan-tests", folder, "plan-7b", {"test": "plan"})
-    config = str(PROJECT_ROOT / "configs" / "llama-7b-qlora.yaml")
+    config = str(REPO / "configs" / "llama-7b-qlora.yaml")
     assert cli(["plan", config, "--set", "model.source=models:/plan-7b@champion", "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert plan["model"]["total_params"] == 6_738_415_616
@@ -184,7 +176,7 @@ def test_accelerate_profiles_load_with_accelerates_own_loaders() -> None:
     from accelerate.utils.constants import FSDP_AUTO_WRAP_POLICY, FSDP_SHARDING_STRATEGY, FSDP_STATE_DICT_TYPE
     from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
 
-    folder = PROJECT_ROOT / "deployments" / "accelerate"
+    folder = REPO / "deployments" / "accelerate"
     assert sorted(p.stem for p in folder.glob("*.yaml")) == sorted(PROFILES)
     seen = {}
     for path in sorted(folder.glob("*.yaml")):
@@ -219,8 +211,8 @@ def test_accelerate_profiles_load_with_accelerates_own_loaders() -> None:
 
 
 def test_launch_command_for_deepspeed_on_the_cpu(tmp_path: Path) -> None:
-    from tasks.spec import AccelerateSpec
-    from tasks.train import launch_command
+    from gauntlet.config.train import AccelerateSpec
+    from gauntlet.training import launch_command
 
     cmd = launch_command(AccelerateSpec(profile="deepspeed_zero2", num_processes=2), tmp_path / "a.json", use_cpu=True)
     assert "--cpu" not in cmd                      # --cpu would turn DeepSpeed off

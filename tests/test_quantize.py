@@ -14,21 +14,25 @@ from pathlib import Path
 
 import pytest
 
-from tasks import demo_data
-from tasks.prompting import format_prompt
-from tasks.refs import DatasetRef, ModelRef
-from tasks.spec import CalibrationSpec, EvalSpec, QuantizeVariant, SpecError, SpeedProbeSpec, load_spec
-from tasks.state import PROJECT_ROOT, sha256_dir
+from gauntlet.demo import data as demo_data
+from gauntlet.prompting import format_prompt
+from gauntlet.refs import DatasetRef, ModelRef
+from gauntlet.config.eval import EvalSpec, SpeedProbeSpec
+from gauntlet.config.load import load_spec
+from gauntlet.config.problems import SpecError
+from gauntlet.config.quantize import CalibrationSpec, QuantizeVariant
+from gauntlet.hashing import sha256_dir
+from tests.helpers import REPO
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
-DEMO = PROJECT_ROOT / "configs" / "demo.yaml"
+DEMO = REPO / "configs" / "demo.yaml"
 CALIBRATION = CalibrationSpec(samples=8, max_seq_len=48, seed=3)  # small: AWQ's grid search is slow on a CPU
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> tuple[ModelRef, DatasetRef]:
     """The demo's tiny model and data files (the DatasetRef a pull would return for them)."""
-    from tasks.models import build_demo_model
+    from gauntlet.demo.model import build_demo_model
 
     root = tmp_path_factory.mktemp("quant")
     path = build_demo_model("tiny-llama", out=root / "tiny-llama")
@@ -49,9 +53,9 @@ def _quantize_and_evaluate(variants: list[QuantizeVariant], model: ModelRef, dat
     from prefect import flow
     from prefect.runtime import flow_run
 
-    from tasks.evaluate import EVAL, evaluate_task
-    from tasks.quantize import QUANTIZE, quantize_task
-    from tasks.tracking import parent_run, tracking_uri
+    from gauntlet.tasks.evaluate import evaluate
+    from gauntlet.tasks.quantize import quantize
+    from gauntlet.tracking import parent_run, tracking_uri
 
     @flow(name="quantize-and-evaluate")
     def quantize_and_evaluate():
@@ -59,8 +63,8 @@ def _quantize_and_evaluate(variants: list[QuantizeVariant], model: ModelRef, dat
                         {"prefect.flow_run_id": str(flow_run.id)}, {}) as run:
             out = []
             for v in variants:
-                q = QUANTIZE.run(quantize_task, variant=v, calibration=CALIBRATION, model=model, data=data, run=run)
-                report = EVAL.run(evaluate_task, spec=spec, model=q, data=data, variant=q.variant, run=run)
+                q = quantize(variant=v, calibration=CALIBRATION, model=model, data=data, run=run)
+                report = evaluate(spec=spec, model=q, data=data, variant=q.variant, run=run)
                 out.append((q, report))
             return out
 
@@ -87,7 +91,7 @@ def test_gptq_and_awq_quantize_reload_generate_and_evaluate(prefect_api, quantiz
     from mlflow.tracking import MlflowClient
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tasks.quantize import QUANTIZE
+    from gauntlet.tasks.quantize import quantize
 
     model, data = tiny
     variants = [QuantizeVariant(method="gptq", group_size=32), QuantizeVariant(method="awq", group_size=64)]
@@ -164,17 +168,17 @@ def test_gptq_and_awq_quantize_reload_generate_and_evaluate(prefect_api, quantiz
     for q, _ in results:
         params = {"variant": QuantizeVariant(method=q.method, group_size=q.group_size), "calibration": CALIBRATION,
                   "model": model, "data": data}
-        assert QUANTIZE.receipt_ok(params)
+        assert quantize.receipt_ok(**params)
 
 
 def test_cache_key_follows_model_method_params_and_calibration_data(tiny) -> None:
-    from tasks.quantize import QUANTIZE
+    from gauntlet.tasks.quantize import quantize
 
     model, data = tiny
     gptq = QuantizeVariant(method="gptq", group_size=32)
 
     def key(variant=gptq, calibration=CALIBRATION, m=model, d=data) -> str:
-        return QUANTIZE.key({"variant": variant, "calibration": calibration, "model": m, "data": d})
+        return quantize.key(variant=variant, calibration=calibration, model=m, data=d)
 
     other_train = data.model_copy(update={"file_md5": {**data.file_md5, "data/train.jsonl": "0" * 32}})
     other_eval = data.model_copy(update={"file_md5": {**data.file_md5, "data/eval.jsonl": "0" * 32}})
@@ -195,7 +199,7 @@ def test_bitsandbytes_variants_are_saved_prequantized_and_reload_exactly(tiny, t
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-    from tasks.quantize import quantize_model
+    from gauntlet.quantization import quantize_model
 
     model, data = tiny
     tokenizer = AutoTokenizer.from_pretrained(model.path)
@@ -218,7 +222,7 @@ def test_bitsandbytes_variants_are_saved_prequantized_and_reload_exactly(tiny, t
 
 
 def test_group_size_that_does_not_divide_the_model_fails_before_any_work(tiny, tmp_path: Path) -> None:
-    from tasks.quantize import QuantizeInputError, quantize_model
+    from gauntlet.quantization import quantize_model, QuantizeInputError
 
     model, data = tiny
     with pytest.raises(QuantizeInputError) as err:
@@ -229,7 +233,7 @@ def test_group_size_that_does_not_divide_the_model_fails_before_any_work(tiny, t
 
 
 def test_calibration_set_smaller_than_asked_fails_in_the_task(tiny, tmp_path: Path) -> None:
-    from tasks.quantize import QuantizeInputError, quantize_model
+    from gauntlet.quantization import quantize_model, QuantizeInputError
 
     model, data = tiny
     rows = data.rows["train"]
@@ -244,7 +248,7 @@ def test_calibration_set_smaller_than_asked_fails_in_the_task(tiny, tmp_path: Pa
 
 
 def _config(tmp_path: Path, mutate) -> Path:
-    from conftest import write_demo_config
+    from tests.helpers import write_demo_config
 
     return write_demo_config(tmp_path, mutate)
 
@@ -303,7 +307,7 @@ def test_variant_names_default_from_method_and_must_be_unique() -> None:
                                                                "name": "bnb-int8"}
     from pydantic import ValidationError
 
-    from tasks.spec import QuantizeSpec
+    from gauntlet.config.quantize import QuantizeSpec
 
     with pytest.raises(ValidationError, match="used more than once"):
         QuantizeSpec(variants=[{"method": "gptq"}, {"method": "gptq", "group_size": 128}])

@@ -20,8 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from tasks.refs import EvalReport, PerfProbe, TaskScore
-from tasks.spec import GateSpec, NotifySpec, PerfCeilings, RegistrySpec
+from gauntlet.refs import EvalReport, PerfProbe, TaskScore
+from gauntlet.config.gate import GateSpec, PerfCeilings, RegistrySpec
+from gauntlet.config.notify import NotifySpec
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 EXPERIMENT = "registry-tests"
@@ -52,7 +53,7 @@ def fake_model_dir(root: Path, label: str) -> Path:
 
 
 def lineage_for(folder: Path, flow_run_id: str = "flow-run-test") -> dict[str, str]:
-    from tasks.state import sha256_dir
+    from gauntlet.hashing import sha256_dir
 
     return {"base_model.source": "demo://tiny-llama", "base_model.revision": "r1", "base_model.sha": "b" * 64,
             "data.md5": "d41d8cd98f00b204e9800998ecf8427e", "config_hash": "c" * 64, "git_commit": "abc123",
@@ -60,19 +61,19 @@ def lineage_for(folder: Path, flow_run_id: str = "flow-run-test") -> dict[str, s
 
 
 def mlflow_client():
-    from tasks.tracking import client, tracking_uri
+    from gauntlet.tracking import client, tracking_uri
 
     return client(tracking_uri())
 
 
 def experiment(c) -> str:
-    from tasks.tracking import experiment_id
+    from gauntlet.tracking import experiment_id
 
     return experiment_id(c, EXPERIMENT)
 
 
 def register(c, registry: RegistrySpec, root: Path, scores: dict[str, float], perf: dict | None = None):
-    from tasks.registry import register_candidate
+    from gauntlet.registry.candidates import register_candidate
 
     folder = fake_model_dir(root, registry.model_name)
     run = c.create_run(experiment(c), run_name="register")
@@ -81,8 +82,9 @@ def register(c, registry: RegistrySpec, root: Path, scores: dict[str, float], pe
 
 
 def gate_and_promote(c, registry: RegistrySpec, gate: GateSpec, candidate, report, by: str = "test"):
-    from tasks.gate import decide, promote_if_passing
-    from tasks.registry import champion_of
+    from gauntlet.gate import decide
+    from gauntlet.registry.promotion import promote_if_passing
+    from gauntlet.registry.store import champion_of
 
     current, scores = champion_of(c, registry)
     decision = decide(gate, report, None, current, scores)
@@ -99,8 +101,8 @@ def unique(name: str) -> str:
 
 
 def test_gain_and_regression_rules_judge_each_task_not_its_subtasks() -> None:
-    from tasks.gate import decide
-    from tasks.refs import TaskResult
+    from gauntlet.gate import decide
+    from gauntlet.refs import TaskResult
 
     # MMLU as a group: the group's aggregate and two subtasks; one subtask drops a lot, the group does not
     scores = {"mmlu": 0.60, "mmlu_anatomy": 0.30, "mmlu_astronomy": 0.90, "facts": 0.80}
@@ -122,7 +124,7 @@ def test_gain_and_regression_rules_judge_each_task_not_its_subtasks() -> None:
 
 
 def test_required_task_missing_from_report_fails_with_that_reason() -> None:
-    from tasks.gate import decide
+    from gauntlet.gate import decide
 
     spec = GateSpec(required_tasks=["facts", "reasoning"], min_scores={"facts": 0.5})
     decision = decide(spec, make_report({"facts": 0.8}), None, None, {})
@@ -150,7 +152,7 @@ def test_required_task_missing_from_report_fails_with_that_reason() -> None:
     (GateSpec(ceilings=PerfCeilings(peak_memory_gb=2)), {"a": 0.5}, None, None, ["ceiling[peak_memory_gb]"]),
 ])
 def test_gate_rules(spec, scores, perf, champion, failing) -> None:
-    from tasks.gate import decide
+    from gauntlet.gate import decide
 
     full_perf = {"backend": "hf", "device": "cpu", "tokens_per_s": 10.0, **perf} if perf else None
     decision = decide(spec, make_report(scores, full_perf), None, "7" if champion else None, champion or {})
@@ -166,8 +168,8 @@ def test_gate_task_logs_decision_to_mlflow_and_prefect(prefect_api) -> None:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
-    from tasks.gate import gate
-    from tasks.tracking import RunContext
+    from gauntlet.tasks.gate import gate
+    from gauntlet.tracking import RunContext
 
     c = mlflow_client()
     parent = c.create_run(experiment(c), run_name="gate-parent")
@@ -177,7 +179,8 @@ def test_gate_task_logs_decision_to_mlflow_and_prefect(prefect_api) -> None:
 
     @flow(name="gate-only")
     def gate_only() -> object:
-        return gate(spec, RegistrySpec(model_name=unique("gate-task")), make_report({"facts": 0.9}), None, ctx)
+        return gate(spec=spec, registry=RegistrySpec(model_name=unique("gate-task")),
+                    report=make_report({"facts": 0.9}), base=None, run=ctx)
 
     decision = gate_only()
     assert not decision.passed
@@ -201,8 +204,8 @@ def test_registered_version_has_lineage_card_and_loads_with_mlflow_and_transform
     from mlflow.artifacts import download_artifacts
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tasks.models import build_demo_model
-    from tasks.registry import register_candidate
+    from gauntlet.demo.model import build_demo_model
+    from gauntlet.registry.candidates import register_candidate
 
     c = mlflow_client()
     registry = RegistrySpec(model_name=unique("lineage"))
@@ -251,8 +254,10 @@ def test_registered_version_has_lineage_card_and_loads_with_mlflow_and_transform
 def race_worker(inbox, outbox, barrier) -> None:
     """One 'pipeline': register its candidate, gate it against the champion, promote. Runs in its own process;
     the barrier lines the two processes up at each step, so both gate against the same champion."""
-    from tasks.gate import decide, promote_if_passing
-    from tasks.registry import champion_of, register_candidate
+    from gauntlet.gate import decide
+    from gauntlet.registry.promotion import promote_if_passing
+    from gauntlet.registry.candidates import register_candidate
+    from gauntlet.registry.store import champion_of
 
     c = mlflow_client()
     outbox.put(("ready", os.getpid()))
@@ -302,8 +307,8 @@ def race_workers():
 
 def check_race_round(c, registry: RegistrySpec, first: str, results: list[dict]) -> str:
     """Exactly one champion, and every champion on record passed against the one it replaced."""
-    from tasks.gate import decide
-    from tasks.registry import history, scores_of
+    from gauntlet.gate import decide
+    from gauntlet.registry.store import history, scores_of
 
     name = registry.model_name
     assert all(r["compared_to"] == first and r["passed"] for r in results), results   # a real race
@@ -356,7 +361,7 @@ def test_two_processes_racing_leave_one_champion_that_beat_its_predecessor(lock,
 
 
 def test_registry_lock_times_out_and_breaks_stale_locks(monkeypatch) -> None:
-    from tasks.registry import LOCK_MODEL_PREFIX, RegistryError, registry_lock
+    from gauntlet.registry.lock import LOCK_MODEL_PREFIX, registry_lock, RegistryError
 
     c = mlflow_client()
     name = unique("locked")
@@ -379,7 +384,7 @@ def test_registry_lock_times_out_and_breaks_stale_locks(monkeypatch) -> None:
 
 
 def test_lock_mode_follows_the_store() -> None:
-    from tasks.registry import lock_file_for, lock_mode
+    from gauntlet.registry.lock import lock_file_for, lock_mode
 
     os.environ.pop("GAUNTLET_REGISTRY_LOCK", None)
     assert lock_mode("sqlite:////tmp/x/mlflow.db") == "file"
@@ -394,8 +399,8 @@ def test_lock_mode_follows_the_store() -> None:
 
 
 def test_promote_three_then_roll_back_twice(tmp_path, capsys) -> None:
-    from flows.cli import main
-    from tasks.registry import champion_of, history
+    from gauntlet.cli import main
+    from gauntlet.registry.store import champion_of, history
 
     c = mlflow_client()
     registry = RegistrySpec(model_name=unique("rollback"))
@@ -478,8 +483,8 @@ def webhook_server():
 def test_notifications_on_promotion_and_failed_gate(webhook_server, tmp_path, monkeypatch, caplog) -> None:
     import logging
 
-    from tasks.notify import outcome_notice, send
-    from tasks.tracking import RunContext
+    from gauntlet.notify import outcome_notice, send
+    from gauntlet.tracking import RunContext
 
     base_url, received = webhook_server
     secret = f"{base_url}/slack/T000/B000/secret-token"
@@ -534,15 +539,15 @@ def test_notifications_on_promotion_and_failed_gate(webhook_server, tmp_path, mo
 
 def test_failed_run_notifies_through_the_flow_hook(prefect_api, webhook_server, monkeypatch) -> None:
     """The real finetune flow fails (its tracking store does not exist); its on_failure hook posts the message."""
-    from flows.finetune import finetune
-    from tasks.state import PROJECT_ROOT
+    from gauntlet.flows.finetune import finetune
+    from tests.helpers import REPO
 
     base_url, received = webhook_server
     monkeypatch.setenv("GAUNTLET_TEST_HOOK", f"{base_url}/hook")
     overrides = ["tracking.tracking_uri=nosuchscheme://nowhere",
                  "notify.webhooks=[{url_env: GAUNTLET_TEST_HOOK, events: [run_failed]}]",
                  "notify.prefect_ui_url=http://prefect.example:4200"]
-    state = finetune(config=str(PROJECT_ROOT / "configs" / "demo.yaml"), overrides=overrides, return_state=True)
+    state = finetune(config=str(REPO / "configs" / "demo.yaml"), overrides=overrides, return_state=True)
     assert state.is_failed()
     assert len(received) == 1, received
     path, payload = received[0]
@@ -554,10 +559,11 @@ def test_failed_run_notifies_through_the_flow_hook(prefect_api, webhook_server, 
 
 
 def test_webhook_urls_cannot_be_written_into_the_config() -> None:
-    from tasks.spec import SpecError, load_spec
-    from tasks.state import PROJECT_ROOT
+    from gauntlet.config.load import load_spec
+    from gauntlet.config.problems import SpecError
+    from tests.helpers import REPO
 
-    demo = PROJECT_ROOT / "configs" / "demo.yaml"
+    demo = REPO / "configs" / "demo.yaml"
     with pytest.raises(SpecError) as err:
         load_spec(demo, ["notify.webhooks=[{url: 'https://hooks.slack.com/x'}, {format: slack}]",
                          "gate.max_regression_by_task={demo_facts: -1}"])

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.sft_data import (
+from gauntlet.data.sft import (
     IGNORE_INDEX,
     DataFormatError,
     check_file,
@@ -32,7 +32,7 @@ CONVERSATION = [
 
 @pytest.fixture(scope="module")
 def demo_model_dir() -> Path:
-    from tasks.models import build_demo_model
+    from gauntlet.demo.model import build_demo_model
 
     return build_demo_model("tiny-llama")
 

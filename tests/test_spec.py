@@ -9,14 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from tasks.spec import SpecError, load_spec
-from tasks.state import PROJECT_ROOT
+from gauntlet.config.load import load_spec
+from gauntlet.config.problems import SpecError
+from tests.helpers import REPO
 
-DEMO = PROJECT_ROOT / "configs" / "demo.yaml"
+DEMO = REPO / "configs" / "demo.yaml"
 
 
 def write_config(tmp_path: Path, mutate) -> Path:
-    from conftest import write_demo_config
+    from tests.helpers import write_demo_config
 
     return write_demo_config(tmp_path, mutate, "bad.yaml")
 
@@ -75,19 +76,21 @@ def test_validate_cli_exits_2_and_starts_nothing(tmp_path: Path) -> None:
     """`gauntlet validate` prints all three problems, exits 2, and creates no MLflow or Prefect state."""
     home = tmp_path / "home"
     config = write_config(tmp_path, three_mistakes)
-    env = {**os.environ, "GAUNTLET_HOME": str(home), "PYTHONPATH": str(PROJECT_ROOT)}
+    # the child's own state: none of the test session's MLflow or Prefect settings, so that a store it
+    # started would appear under `home`
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    env["GAUNTLET_HOME"] = str(home)
     for command in ("validate", "run"):
-        proc = subprocess.run([sys.executable, "-m", "flows.cli", command, str(config)], env=env,
-                              capture_output=True, text=True, cwd=tmp_path, timeout=120)
+        proc = subprocess.run([sys.executable, "-m", "gauntlet.cli", command, str(config)], env=env,
+                              capture_output=True, text=True, cwd=REPO, timeout=120)
         assert proc.returncode == 2, proc.stderr
         for path in ("train.learnig_rate", "train.max_steps", "data.train"):
             assert path in proc.stderr
     # no MLflow store, no Prefect database: nothing was started for an invalid config
-    assert not (home / "mlflow.db").exists()
-    assert not (home / "prefect").exists()
-    assert not (tmp_path / "mlruns").exists()
-    ok = subprocess.run([sys.executable, "-m", "flows.cli", "validate", str(DEMO)], env=env,
-                        capture_output=True, text=True, timeout=120)
+    assert not home.exists()
+    assert not (REPO / "mlruns").exists()
+    ok = subprocess.run([sys.executable, "-m", "gauntlet.cli", "validate", str(DEMO)], env=env,
+                        capture_output=True, text=True, cwd=REPO, timeout=120)
     assert ok.returncode == 0 and "valid" in ok.stdout
 
 
@@ -102,8 +105,8 @@ def test_unreachable_servers_fail_fast_naming_the_variable(tmp_path: Path) -> No
     home = tmp_path / "home"
     for var in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL"):
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
-        env.update({"GAUNTLET_HOME": str(home), "PYTHONPATH": str(PROJECT_ROOT), var: f"http://127.0.0.1:{port}/api"})
-        proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", str(DEMO)], env=env, capture_output=True,
+        env.update({"GAUNTLET_HOME": str(home), var: f"http://127.0.0.1:{port}/api"})
+        proc = subprocess.run([sys.executable, "-m", "gauntlet.cli", "run", str(DEMO)], env=env, capture_output=True,
                               text=True, timeout=120)
         assert proc.returncode == 1, proc.stderr
         assert var in proc.stderr and "does not answer" in proc.stderr

@@ -14,16 +14,17 @@ from pathlib import Path
 
 import pytest
 
-from tasks.refs import DatasetRef, ModelRef
-from tasks.spec import TrainSpec
-from tasks.state import gauntlet_home, sha256_dir
+from gauntlet.refs import DatasetRef, ModelRef
+from gauntlet.config.train import TrainSpec
+from gauntlet.hashing import sha256_dir
+from gauntlet.state import gauntlet_home
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
 @pytest.fixture(scope="module")
 def demo_model() -> ModelRef:
-    from tasks.models import build_demo_model
+    from gauntlet.demo.model import build_demo_model
 
     path = build_demo_model("tiny-llama")
     return ModelRef(name="tiny-llama", path=str(path), source="demo://tiny-llama", sha=sha256_dir(path))
@@ -31,7 +32,7 @@ def demo_model() -> ModelRef:
 
 def write_data(folder: Path, mutate=None) -> DatasetRef:
     """The demo's facts as train/validation JSONL (what the DVC stage produces), optionally edited."""
-    from tasks.demo_data import build, write_jsonl
+    from gauntlet.demo.data import build, write_jsonl
 
     splits = build(48, 7)
     if mutate:
@@ -58,7 +59,7 @@ SMALL = dict(method="qlora", learning_rate=0.003, batch_size=16, max_seq_len=64,
 
 
 def test_bad_target_module_missing_response_and_long_sequences_fail_before_training(demo_model, tmp_path) -> None:
-    from tasks.train import TrainingConfigError, train_model
+    from gauntlet.training import train_model, TrainingConfigError
 
     def drop_a_response(splits):
         splits["train"][3]["output"] = ""
@@ -79,8 +80,8 @@ def test_bad_target_module_missing_response_and_long_sequences_fail_before_train
 
 
 def test_a_run_that_cannot_fit_is_refused_with_the_plan(demo_model, demo_data, tmp_path) -> None:
-    from tasks.plan import GIB, Devices
-    from tasks.train import TrainingConfigError, preflight
+    from gauntlet.plan.memory import Devices, GIB
+    from gauntlet.training import preflight, TrainingConfigError
 
     tiny_gpu = Devices("cuda", 1, 0.5 * GIB, "1 x test GPU (0.5 GiB)")
     with pytest.raises(TrainingConfigError) as err:
@@ -102,7 +103,7 @@ class KillAfterFirstCheckpoint(threading.Thread):
         self.done = threading.Event()
 
     def run(self) -> None:
-        from tasks.trainer import latest_checkpoint
+        from gauntlet.programs.trainer import latest_checkpoint
 
         deadline = time.time() + 900
         while not self.done.is_set() and time.time() < deadline:
@@ -129,7 +130,7 @@ def test_deepspeed_zero2_profile_trains_and_resumes_on_the_cpu(demo_model, demo_
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tasks.train import TrainingError, train_model
+    from gauntlet.training import train_model, TrainingError
 
     spec = TrainSpec(**{**SMALL, "method": "lora", "max_steps": 40, "checkpoint_steps": 5, "logging_steps": 5,
                         "batch_size": 8, "accelerate": {"profile": "deepspeed_zero2", "num_processes": 2}})
@@ -189,11 +190,11 @@ def test_killed_training_is_retried_and_resumes_from_its_checkpoint(prefect_api,
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
     from prefect.runtime import flow_run
 
-    from tasks.train import TRAIN, train
-    from tasks.tracking import parent_run, tracking_uri
+    from gauntlet.tasks.train import train
+    from gauntlet.tracking import parent_run, tracking_uri
 
     spec = TrainSpec(**{**SMALL, "max_steps": 20, "checkpoint_steps": 10})
-    out = TRAIN.output_dir({"spec": spec, "model": demo_model, "data": demo_data})
+    out = train.output_dir(spec=spec, model=demo_model, data=demo_data)
     assert out.is_relative_to(gauntlet_home())                 # durable storage, not a temp dir
 
     @flow(name="train-with-retries")

@@ -1,0 +1,45 @@
+"""The ``data:`` section: DVC-tracked JSONL files and the checks they must pass before training."""
+
+from __future__ import annotations
+
+from pydantic import Field, ValidationInfo, field_validator
+
+from gauntlet.config.base import Strict, dvc_produces, resolve
+
+
+class DataChecksSpec(Strict):
+    """Checks on the pulled data before any training (gauntlet/data/checks.py)."""
+
+    max_duplicate_rate: float = Field(0.2, ge=0, le=1)
+    max_prompt_tokens_p95: int | None = Field(None, gt=0, description="default: train.max_seq_len")
+    max_contamination_rate: float = Field(0.0, ge=0, le=1,
+                                          description="fraction of eval items found in the training data")
+
+
+class DataSpec(Strict):
+    """Versioned data: paths of DVC-tracked JSONL files, relative to the DVC repo root."""
+
+    repo: str = Field(".", description="DVC repository root, relative to the project root")
+    train: str
+    validation: str
+    eval: str | None = Field(None, description="evaluation items produced by the same data version (optional)")
+    reproducible: bool = Field(True, description="reproduce the DVC stage when the remote lacks the data")
+    remote: str | None = Field(None, description="DVC remote name (default: the repo's default remote)")
+    required_fields: tuple[str, ...] | None = Field(
+        None, description="string fields every train/validation row must have; default: by the file's layout "
+                          "(alpaca: instruction, input, output; chat: a messages/conversations list of turns)")
+    max_row_bytes: int = Field(1 << 20, gt=0, description="a longer JSONL row is an error, not a memory spike")
+    checks: DataChecksSpec = DataChecksSpec()
+
+    @field_validator("train", "validation", "eval")
+    @classmethod
+    def _tracked(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is None:
+            return v
+        repo = resolve(info.data.get("repo", "."), info)
+        if not (repo / v).exists() and not dvc_produces(repo, v):
+            raise ValueError(
+                f"{v!r} does not exist under {str(repo)!r} and no dvc.yaml stage or .dvc file produces it"
+            )
+        return v
+

@@ -1,0 +1,71 @@
+"""The ``eval:`` section: suites and tasks, backend, protocol settings and the speed probe."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, ValidationInfo, field_validator
+
+from gauntlet.config.base import Strict, resolve
+from gauntlet.eval.suites import check_suite, load_catalog, task_problems
+
+
+class SpeedProbeSpec(Strict):
+    enabled: bool = True
+    prompts: int = Field(4, gt=0)
+    max_new_tokens: int = Field(16, gt=0)
+    large_batch: int = Field(8, gt=0, description="batch size of the throughput measurement (64 on a GPU)")
+
+
+class EvalTaskSpec(Strict):
+    """One task of an evaluation, with its own settings (unset: the suite's or the eval section's)."""
+
+    name: str = Field(..., min_length=1)
+    num_fewshot: int | None = Field(None, ge=0)
+    limit: int | None = Field(None, gt=0)
+    max_gen_tokens: int | None = Field(None, gt=0)
+
+
+class EvalSpec(Strict):
+    tasks_dir: str = "evals"
+    suite: str | None = Field(None, description="a suite in <tasks_dir>/suites.yaml (en-core, zh-core, reasoning, …)")
+    fixtures: bool = Field(False, description="run each task on its small offline fixture instead of the real data")
+    tasks: list[str | EvalTaskSpec] = Field(
+        default_factory=list, validate_default=True,
+        description="task names (suites.yaml or task YAMLs in tasks_dir), added to the suite")
+    backend: Literal["hf", "vllm"] = "hf"
+    num_fewshot: int | None = Field(None, ge=0, description="few-shot count for every task (None: each task's default)")
+    limit: int | None = Field(None, gt=0)
+    batch_size: int = Field(16, gt=0)
+    fewshot_seed: int = 1234
+    apply_chat_template: bool = False
+    max_gen_tokens: int | None = Field(None, gt=0, description="generation budget of every generate-until task "
+                                                                "(None: each task's default, else 32)")
+    compare_with_base: bool = Field(True, description="also evaluate the base model, for the summary")
+    speed_probe: SpeedProbeSpec = SpeedProbeSpec()
+    tensor_parallel_size: int = Field(1, gt=0, description="vllm backend: GPUs one model is split across")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vllm backend: share of GPU memory it may take")
+    max_model_len: int | None = Field(None, gt=0, description="vllm backend: context length (None: the model's)")
+
+    @field_validator("suite")
+    @classmethod
+    def _suite_exists(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is not None:
+            check_suite(v, resolve(info.data.get("tasks_dir", "evals"), info))
+        return v
+
+    @field_validator("tasks")
+    @classmethod
+    def _tasks_exist(cls, v: list[str | EvalTaskSpec], info: ValidationInfo) -> list[str | EvalTaskSpec]:
+        if "suite" not in info.data:
+            return v  # the suite is invalid: reported on its own
+        if not v and not info.data["suite"]:
+            raise ValueError("no eval tasks: name a suite (eval.suite) or list tasks (eval.tasks)")
+        tasks_dir = resolve(info.data.get("tasks_dir", "evals"), info)
+        suite_tasks = load_catalog(tasks_dir).suites[info.data["suite"]].tasks if info.data["suite"] else []
+        names = suite_tasks + [t if isinstance(t, str) else t.name for t in v]
+        problems = task_problems(names, bool(info.data.get("fixtures")), tasks_dir)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return v
+

@@ -1,0 +1,49 @@
+"""The ``gate:`` and ``registry:`` sections: the rules a model must pass, and where it is registered."""
+
+from __future__ import annotations
+
+from pydantic import Field, field_validator
+
+from gauntlet.config.base import Strict
+
+
+class PerfCeilings(Strict):
+    """Upper limits on what the speed probe measured (names as in EvalReport.perf); None: no limit.
+    A ceiling set while the report has no speed probe fails the gate."""
+
+    first_token_latency_ms: float | None = Field(None, gt=0)
+    peak_memory_gb: float | None = Field(None, gt=0)
+    size_on_disk_gb: float | None = Field(None, gt=0)
+
+
+class GateSpec(Strict):
+    metric: str = Field("acc", description="the metric of each task that the gate reads")
+    min_scores: dict[str, float] = Field(default_factory=dict, description="task -> minimum score")
+    min_average: float | None = Field(None, description="minimum mean of `metric` over the report's tasks")
+    max_regression: float = Field(0.0, ge=0, description="largest allowed drop against the champion, per task, "
+                                                          "in the metric's own units (acc 0.02 = 2 points)")
+    max_regression_by_task: dict[str, float] = Field(default_factory=dict,
+                                                     description="task -> its own max_regression")
+    required_tasks: list[str] = Field(default_factory=list,
+                                      description="tasks that must have a score; a missing one fails the gate")
+    ceilings: PerfCeilings = PerfCeilings()
+    min_gain_over_base: float | None = Field(None, description="require the fine-tuned model to beat its base by this")
+    register_variants: list[str] = Field(
+        default_factory=list, description="quantize.variants names that may be registered (as <model_name>-<variant>) "
+                                          "when they pass the same rules as the fine-tuned model")
+
+    @field_validator("max_regression_by_task")
+    @classmethod
+    def _non_negative(cls, v: dict[str, float]) -> dict[str, float]:
+        negative = {task: limit for task, limit in v.items() if limit < 0}
+        if negative:
+            raise ValueError(f"allowed regressions must be >= 0; got {negative}")
+        return v
+
+
+class RegistrySpec(Strict):
+    model_name: str = Field(..., min_length=1)
+    champion_alias: str = "champion"
+    challenger_alias: str = "challenger"
+    lock_timeout_s: float = Field(300.0, gt=0, description="how long a promotion waits for another one to finish")
+

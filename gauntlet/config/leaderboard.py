@@ -1,0 +1,153 @@
+"""A leaderboard config (configs/leaderboard.yaml): candidates, variants, the suite, ranking, publication."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, ValidationInfo, field_validator
+
+from gauntlet.config.base import Strict, require_unique, resolve
+from gauntlet.config.data import DataSpec
+from gauntlet.config.eval import EvalSpec
+from gauntlet.config.model import REGISTRY_SCHEME, check_source_scheme
+from gauntlet.config.notify import TrackingSpec
+from gauntlet.config.quantize import CalibrationSpec, QuantizeVariant
+
+# A leaderboard variant name -> how the candidate is turned into it (None: evaluated as stored, unquantized).
+LEADERBOARD_VARIANTS: dict[str, QuantizeVariant | None] = {
+    "bf16": None,                     # as stored; the hf backend loads dtype=auto on a GPU, float32 on the CPU
+    "gptq-int4": QuantizeVariant(method="gptq", bits=4),
+    "gptq-int8": QuantizeVariant(method="gptq", bits=8),
+    "awq-int4": QuantizeVariant(method="awq", bits=4),
+    "bnb-nf4": QuantizeVariant(method="bnb-nf4", bits=4),
+    "bnb-int8": QuantizeVariant(method="bnb-int8", bits=8),
+}
+
+# Rank keys besides averages and single tasks, with their direction (True: higher is better).
+PERF_RANK_KEYS: dict[str, bool] = {"tokens_per_s": True, "first_token_latency_ms": False,
+                                   "peak_memory_gb": False, "size_on_disk_gb": False}
+
+
+def _known_variants(v: list[str] | None) -> list[str] | None:
+    unknown = [x for x in v or [] if x not in LEADERBOARD_VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown variant(s) {unknown}; known: {list(LEADERBOARD_VARIANTS)}")
+    if v is not None and len(set(v)) != len(v):
+        raise ValueError(f"variants listed twice in {v}")
+    return v
+
+
+class LeaderboardCandidate(Strict):
+    """One model on the leaderboard: ``hf://org/name@rev``, a local directory, ``demo://tiny-llama``,
+    ``s3://…`` or ``models:/NAME@alias`` / ``models:/NAME/VERSION`` (the MLflow Model Registry).
+
+    Availability (a local folder that exists, a registry alias that is set) is checked when the
+    leaderboard runs: a missing candidate fails on its own row and does not stop the others."""
+
+    source: str
+    name: str | None = Field(None, description="display name (default: derived from the source)")
+    revision: str | None = Field(None, description="hub revision; '@rev' in source also works")
+    trust_remote_code: bool = False
+    variants: list[str] | None = Field(None, description="variants of this candidate (default: the top-level list)")
+
+    @field_validator("source")
+    @classmethod
+    def _known_source(cls, v: str) -> str:
+        check_source_scheme(v)
+        return v
+
+    @field_validator("variants")
+    @classmethod
+    def _variants_known(cls, v: list[str] | None) -> list[str] | None:
+        return _known_variants(v)
+
+    @property
+    def display_name(self) -> str:
+        if self.name:
+            return self.name
+        if self.source.startswith(REGISTRY_SCHEME):
+            return self.source.removeprefix(REGISTRY_SCHEME)
+        if "://" in self.source:
+            rest = self.source.split("://", 1)[1]
+            return rest + (f"@{self.revision[:12]}" if self.revision else "")
+        return Path(self.source).name or self.source
+
+
+class RankingSpec(Strict):
+    key: str = Field("average", description="average | suite:<name> | task:<name> | "
+                                            + " | ".join(PERF_RANK_KEYS))
+    metric: str = Field("acc", description="the metric read from every task (acc, acc_norm, exact_match, …)")
+    task_metrics: dict[str, str] = Field(default_factory=dict, description="task -> metric, where it differs")
+    suites: dict[str, list[str]] = Field(default_factory=dict, description="suite name -> tasks averaged together")
+    tie_decimals: int = Field(2, ge=0, le=6, description="rank keys equal at this many decimals tie")
+
+
+class PublishSpec(Strict):
+    dir: str | None = Field(None, description="where leaderboard.{json,md,html} go (default: "
+                                              "$GAUNTLET_HOME/leaderboard/<name>)")
+    history_nights: int = Field(14, gt=0, description="past nights shown in trends (read from MLflow)")
+    title: str | None = None
+
+
+class ConcurrencySpec(Strict):
+    gpu_tag: str = Field("gpu", min_length=1, description="Prefect tag on GPU tasks (evaluate, quantize)")
+    gpu_slots: int = Field(1, gt=0, description="tag concurrency limit created when none exists")
+
+
+class LeaderboardSpec(Strict):
+    name: str = Field("nightly", min_length=1, pattern=r"^[a-z0-9][a-z0-9-]*$")
+    candidates: list[LeaderboardCandidate] = Field(..., min_length=1)
+    variants: list[str] = ["bf16"]
+    data: DataSpec | None = Field(None, description="DVC data whose eval file the tasks read")
+    eval_file: str | None = Field(None, description="or: a plain JSONL file of eval items (hashed, not DVC)")
+    calibration: CalibrationSpec = Field(CalibrationSpec(), description="rows of data.train that calibrate "
+                                                                       "the GPTQ/AWQ variants")
+    eval: EvalSpec
+    ranking: RankingSpec = RankingSpec()
+    publish: PublishSpec = PublishSpec()
+    concurrency: ConcurrencySpec = ConcurrencySpec()
+    tracking: TrackingSpec = TrackingSpec(experiment="leaderboard")
+
+    @field_validator("variants")
+    @classmethod
+    def _variants_known(cls, v: list[str] | None) -> list[str] | None:
+        return _known_variants(v)
+
+    @field_validator("candidates")
+    @classmethod
+    def _unique_names(cls, v: list[LeaderboardCandidate]) -> list[LeaderboardCandidate]:
+        require_unique([c.display_name for c in v], "candidate", "give each a distinct `name:`")
+        return v
+
+    @field_validator("eval_file")
+    @classmethod
+    def _eval_file(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is None:
+            return v
+        if info.data.get("data") is not None:
+            raise ValueError("give either data (DVC) or eval_file, not both")
+        if not resolve(v, info).is_file():
+            raise ValueError(f"eval file {str(resolve(v, info))!r} does not exist")
+        return v
+
+    @field_validator("ranking")
+    @classmethod
+    def _ranking_names_tasks(cls, v: RankingSpec, info: ValidationInfo) -> RankingSpec:
+        ev = info.data.get("eval")
+        if ev is None:
+            return v  # eval itself is invalid; that error is reported
+        tasks = set(ev.tasks)
+        problems = [f"suite {s!r} names task(s) {sorted(set(ts) - tasks)} not in eval.tasks"
+                    for s, ts in v.suites.items() if set(ts) - tasks or not ts]
+        problems += [f"task_metrics names {t!r}, not in eval.tasks" for t in v.task_metrics if t not in tasks]
+        key = v.key
+        ok = (key == "average" or key in PERF_RANK_KEYS
+              or (key.startswith("suite:") and key[6:] in v.suites)
+              or (key.startswith("task:") and key[5:] in tasks))
+        if not ok:
+            problems.append(f"key {key!r} is not one of: average, {', '.join('suite:' + s for s in v.suites)}"
+                            f"{', ' if v.suites else ''}{', '.join('task:' + t for t in sorted(tasks))}, "
+                            f"{', '.join(PERF_RANK_KEYS)}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return v

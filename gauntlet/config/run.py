@@ -1,0 +1,65 @@
+"""A run config (configs/demo.yaml): every section of the finetune flow, and the rules across sections."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+
+from gauntlet.config.base import Strict
+from gauntlet.config.data import DataSpec
+from gauntlet.config.eval import EvalSpec
+from gauntlet.config.gate import GateSpec, RegistrySpec
+from gauntlet.config.model import ModelSpec
+from gauntlet.config.notify import NotifySpec, TrackingSpec
+from gauntlet.config.problems import SpecProblem
+from gauntlet.config.quantize import QuantizeSpec
+from gauntlet.config.train import TrainSpec
+from gauntlet.hashing import sha256_json
+
+
+class RunSpec(Strict):
+    name: str = Field(..., min_length=1)
+    model: ModelSpec
+    data: DataSpec
+    train: TrainSpec = TrainSpec()
+    quantize: QuantizeSpec = QuantizeSpec()
+    eval: EvalSpec
+    gate: GateSpec = GateSpec()
+    registry: RegistrySpec
+    tracking: TrackingSpec = TrackingSpec()
+    notify: NotifySpec = NotifySpec()
+
+    def section_hash(self, section: str) -> str:
+        return sha256_json(getattr(self, section).model_dump(mode="json"))
+
+    def config_hash(self) -> str:
+        return sha256_json(self.model_dump(mode="json"))
+
+
+def count_rows(path: Path) -> int:
+    """Non-blank lines of a JSON Lines file."""
+    with open(path, "rb") as f:
+        return sum(1 for line in f if line.strip())
+
+
+def cross_section_problems(spec: RunSpec, root: Path) -> list[SpecProblem]:
+    """Rules that relate two sections (checked after each section is valid on its own)."""
+    problems = []
+    names = [v.name for v in spec.quantize.variants]
+    unknown = [n for n in spec.gate.register_variants if n not in names]
+    if unknown:
+        problems.append(SpecProblem(path="gate.register_variants", message=f"no quantize variant named {unknown}",
+                                    hint=f"variants defined in quantize.variants: {names}"))
+    calibrated = [v.name for v in spec.quantize.variants if v.calibrated]
+    train = Path(root) / spec.data.repo / spec.data.train
+    # The data is usually pulled later; when it is already here, a too-small file fails now, not after training.
+    if calibrated and train.is_file():
+        rows = count_rows(train)
+        wanted = spec.quantize.calibration.samples
+        if rows < wanted:
+            problems.append(SpecProblem(
+                path="quantize.calibration.samples",
+                message=f"{wanted} calibration samples asked for {calibrated}, but {spec.data.train} has {rows} rows",
+                hint=f"set quantize.calibration.samples to at most {rows}"))
+    return problems

@@ -1,0 +1,1 @@
+"""Data: pulled with DVC (``dvc``), checked as JSON Lines (``jsonl``), read for fine-tuning (``sft``), and checked against the training limits and the evaluation items before any training (``checks``)."""

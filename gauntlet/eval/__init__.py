@@ -1,0 +1,1 @@
+"""Evaluation: lm-evaluation-harness as the engine (``engine``), the task catalogue and suites (``suites``), the protocol two reports must share (``protocol``), the speed probe (``speed``) and the report (``report``)."""

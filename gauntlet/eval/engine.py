@@ -1,0 +1,459 @@
+"""The evaluation engine: lm-evaluation-harness on a loaded model, one task (or group) per call.
+
+:class:`Engine` holds one model loaded by lm-eval's ``hf`` or ``vllm`` backend, loaded on first use and
+shared by every task of an evaluation (and by the speed probe): a fully cached evaluation never
+loads the model at all. :func:`run_task` runs one :class:`~gauntlet.eval.suites.EvalTaskPlan` through
+``lm_eval.simple_evaluate`` with the protocol's settings and turns lm-eval's results into a
+:class:`~gauntlet.refs.TaskResult`.
+
+Local task YAMLs (fixtures and the user's own tasks) name their data files relative to the repository
+root; before a run, their entries in lm-eval's task index are replaced by configs whose data paths
+are absolute, so lm-eval loads them exactly as the CLI would with ``--include_path``, from any
+working directory. No Prefect here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import gc
+import json
+import logging
+import math
+import os
+import threading
+import time
+from importlib.metadata import PackageNotFoundError, version
+from importlib.util import find_spec
+from pathlib import Path
+from typing import Any, Iterator
+
+from gauntlet.refs import ModelRef, TaskResult, TaskScore
+from gauntlet.hashing import sha256_json
+from gauntlet.project import in_project
+from gauntlet.state import gauntlet_home
+from gauntlet.eval.suites import FIXTURE_PREFIX, EvalTaskPlan, local_tasks, normalized_score, read_yaml, tasks_dir_of
+
+log = logging.getLogger(__name__)
+
+# Stderr of mean-aggregated metrics (acc, exact_match) is closed-form; other aggregations bootstrap.
+BOOTSTRAP_ITERS = 1000
+LOCAL_DATA_BUILDERS = ("json", "csv", "parquet", "text", "arrow")
+GPU_EXTRA_HINT = "install the GPU extra (pip install 'llm-gauntlet[gpu]') or set eval.backend: hf"
+
+
+class EvalError(ValueError):
+    """An evaluation that cannot run as configured (unknown task, missing data file, model that won't load, …)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# small helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def pkg_version(name: str) -> str:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def device_kind() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def dtype_for(device: str) -> str:
+    return "float32" if device == "cpu" else "auto"
+
+
+def _number(x: Any) -> float | None:
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        try:
+            x = float(x)  # numpy scalars
+        except (TypeError, ValueError):
+            return None
+    x = float(x)
+    return None if math.isnan(x) or math.isinf(x) else x
+
+
+def jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
+
+
+@contextlib.contextmanager
+def offline(enabled: bool = True) -> Iterator[None]:
+    """No hub traffic while it holds (models are local; fixture and local task data too).
+
+    The hub libraries read these variables once, when imported: they are imported first, so that
+    an offline section never leaves a later section (real datasets) offline for the whole process.
+    """
+    import datasets  # noqa: F401
+    import huggingface_hub  # noqa: F401
+
+    keys = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"} if enabled else {}
+    keys.update({"HF_HUB_DISABLE_TELEMETRY": "1", "TOKENIZERS_PARALLELISM": "false"})
+    saved = {k: os.environ.get(k) for k in keys}
+    os.environ.update(keys)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def scores_from_results(results: dict) -> list[TaskScore]:
+    """One TaskScore per task per metric of lm-eval's ``results``; stderr None where lm-eval says N/A.
+
+    A metric under a filter other than ``none`` is named ``metric,filter`` (as lm-eval prints it).
+    """
+    scores = []
+    for task, metrics in sorted(results.get("results", {}).items()):
+        for key, raw in metrics.items():
+            if "," not in key or "_stderr," in key:
+                continue  # alias, samples, … and the stderr entries themselves
+            metric, _, filt = key.partition(",")
+            value = _number(raw)
+            if value is None:
+                continue
+            stderr = _number(metrics.get(f"{metric}_stderr,{filt}"))
+            name = metric if filt == "none" else f"{metric},{filt}"
+            scores.append(TaskScore(task=task, metric=name, value=value, stderr=stderr))
+    return scores
+
+
+# ---------------------------------------------------------------------------------------------
+# local task configs: data paths made absolute
+# ---------------------------------------------------------------------------------------------
+
+
+def _resolve_data_path(path: str) -> str:
+    p = Path(path)
+    return str(in_project(p))
+
+
+def find_task_yaml(tasks_dir: Path, task: str) -> Path:
+    """The YAML under ``tasks_dir`` that defines ``task`` (or is named ``<task>.yaml``); EvalError if none."""
+    known = local_tasks(tasks_dir)
+    if task in known:
+        return known[task]
+    found = sorted(tasks_dir.rglob(f"{task}.yaml")) if tasks_dir.is_dir() else []
+    if found:
+        return found[0]
+    where = f"folder {str(tasks_dir)!r}" + ("" if tasks_dir.is_dir() else " (which does not exist)")
+    names = sorted(n for n in known if not n.startswith(FIXTURE_PREFIX))
+    raise EvalError(f"eval task {task!r}: no task YAML defines it in {where}; task YAMLs there: {names}")
+
+
+def config_from_yaml(path: Path, task: str, eval_data_path: str | None) -> dict[str, Any]:
+    """A task YAML as an lm-eval config dict, with its local data files made absolute.
+
+    A task marked ``metadata.uses_run_eval_data`` reads ``eval_data_path`` (when given) for its test
+    split. Raises EvalError when a local data file does not exist.
+    """
+    from lm_eval.tasks._yaml_loader import load_yaml  # resolves include: and !function like lm-eval does
+
+    cfg = load_yaml(path, resolve_func=True)
+    if not isinstance(cfg.get("task"), str):
+        raise EvalError(f"eval task {task!r}: {path} is a group YAML, not a task")
+    if cfg.get("dataset_path") not in LOCAL_DATA_BUILDERS:
+        return cfg  # a hub dataset: only usable where the hub (or its cache) is reachable
+    kwargs = dict(cfg.get("dataset_kwargs") or {})
+    data_files = kwargs.get("data_files")
+    if isinstance(data_files, str):
+        data_files = {cfg.get("test_split") or "test": data_files}
+    data_files = dict(data_files or {})
+    meta = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
+    if eval_data_path and meta.get("uses_run_eval_data"):
+        split = cfg.get("test_split") or "test"
+        log.info("task %s: %s split from %s", task, split, eval_data_path)
+        data_files[split] = eval_data_path
+    resolved: dict[str, Any] = {}
+    for split, files in data_files.items():
+        files_list = [files] if isinstance(files, str) else list(files)
+        absolute = [_resolve_data_path(f) for f in files_list]
+        for f in absolute:
+            if not Path(f).is_file():
+                hint = ("pass the run's eval data (eval_data_path) or produce it with `dvc repro`"
+                        if meta.get("uses_run_eval_data") else "check dataset_kwargs.data_files in the YAML")
+                raise EvalError(f"eval task {task!r} ({path}): data file {f} for split {split!r} not found; {hint}")
+        resolved[split] = absolute[0] if isinstance(files, str) else absolute
+    kwargs["data_files"] = resolved
+    # keep the datasets cache with the rest of Gauntlet's state, not in ~/.cache
+    kwargs.setdefault("cache_dir", str(gauntlet_home() / "cache" / "hf-datasets"))
+    cfg["dataset_kwargs"] = kwargs
+    return cfg
+
+
+def task_config(task: str, tasks_dir: Path, eval_data_path: str | None) -> dict[str, Any]:
+    """The config of the single task ``task`` defined under ``tasks_dir`` (see :func:`config_from_yaml`)."""
+    cfg = config_from_yaml(find_task_yaml(tasks_dir, task), task, eval_data_path)
+    cfg["task"] = task
+    return cfg
+
+
+_INDEX_LOCK = threading.Lock()
+
+
+@functools.lru_cache(maxsize=4)
+def _task_manager(tasks_dir: Path, with_engine_tasks: bool, _signature: tuple):
+    from lm_eval.tasks import TaskManager
+
+    # The engine's own catalogue (thousands of YAMLs, ~10 s to index) only when a task needs it.
+    manager = TaskManager(include_path=str(tasks_dir), include_defaults=with_engine_tasks)
+    manager._gauntlet_local = {  # our YAMLs, remembered before any entry is replaced
+        name: entry.yaml_path for name, entry in manager.task_index.items()
+        if entry.yaml_path is not None and Path(entry.yaml_path).resolve().is_relative_to(tasks_dir)}
+    return manager
+
+
+def task_manager_for(plan: EvalTaskPlan, tasks_dir: Path, eval_data_path: str | None):
+    """lm-eval's TaskManager for one plan, its local tasks' data paths made absolute."""
+    from lm_eval.tasks._index import Kind
+
+    tasks_dir = Path(tasks_dir).resolve()
+    signature = tuple(sorted((str(p), p.stat().st_mtime_ns) for p in tasks_dir.rglob("*.yaml")))
+    manager = _task_manager(tasks_dir, plan.source == "engine", signature)
+    index, local = manager.task_index, manager._gauntlet_local
+    if plan.engine_task not in index:
+        where = "lm-eval's task catalogue" if plan.source == "engine" else f"the task YAMLs in {str(tasks_dir)!r}"
+        raise EvalError(f"eval task {plan.name!r}: {plan.engine_task!r} is not a task or group in {where}")
+    pending, seen = [plan.engine_task], set()
+    while pending:  # the task, or the group and everything in it
+        name = pending.pop()
+        entry = index.get(name)
+        if name in seen or entry is None:
+            continue
+        seen.add(name)
+        if entry.kind == Kind.GROUP:
+            cfg = read_yaml(Path(entry.yaml_path)) if entry.yaml_path else (entry.cfg or {})
+            items = cfg.get("task") if isinstance(cfg.get("task"), list) else []
+            pending += [i if isinstance(i, str) else i.get("task") or i.get("group") for i in items]
+        elif entry.kind == Kind.TAG:
+            pending += sorted(entry.tags)
+        elif name in local:
+            entry.cfg = config_from_yaml(Path(local[name]), name, eval_data_path)
+            entry.yaml_path = None  # lm-eval now builds the task from the resolved config
+    return manager
+
+
+# ---------------------------------------------------------------------------------------------
+# backends
+# ---------------------------------------------------------------------------------------------
+
+
+def engine_model_args(spec: Any, model_path: str, device: str) -> tuple[str, dict[str, Any]]:
+    """(lm-eval model type, its model_args) for the configured backend: what the engine is handed."""
+    if spec.backend == "vllm":
+        args: dict[str, Any] = {
+            "pretrained": model_path,
+            "dtype": "auto",
+            "tensor_parallel_size": spec.tensor_parallel_size,
+            "gpu_memory_utilization": spec.gpu_memory_utilization,
+            "seed": spec.fewshot_seed,
+            "batch_size": spec.batch_size,
+        }
+        if spec.max_model_len is not None:
+            args["max_model_len"] = spec.max_model_len
+        return "vllm", args
+    return "hf", {"pretrained": model_path, "dtype": dtype_for(device)}
+
+
+def check_backend(spec: Any, device: str) -> None:
+    """A clear error, before anything loads, when the backend cannot run here."""
+    if spec.backend != "vllm":
+        return
+    if find_spec("vllm") is None:
+        raise EvalError(f"eval.backend is 'vllm' but the vllm package is not installed; {GPU_EXTRA_HINT}")
+    if device != "cuda":
+        raise EvalError(f"eval.backend is 'vllm', which needs a CUDA GPU, and none is visible here; {GPU_EXTRA_HINT}")
+    import torch
+
+    if spec.tensor_parallel_size > torch.cuda.device_count():
+        raise EvalError(f"eval.tensor_parallel_size is {spec.tensor_parallel_size} but only "
+                        f"{torch.cuda.device_count()} GPU(s) are visible; lower it to at most that")
+
+
+class Engine:
+    """One model on one backend, loaded on first use (``lm``) and shared until :meth:`close`."""
+
+    def __init__(self, spec: Any, model: ModelRef, device: str | None = None):
+        self.spec, self.model = spec, model
+        self.device = device or device_kind()
+        self.backend, self.model_args = engine_model_args(spec, model.path, self.device)
+        self._lm = None
+        self.loads = 0
+
+    @property
+    def loaded(self) -> bool:
+        return self._lm is not None
+
+    @property
+    def lm(self):
+        if self._lm is None:
+            check_backend(self.spec, self.device)
+            if not Path(self.model.path).exists():
+                raise EvalError(f"model {self.model.name}: path {self.model.path} does not exist")
+            from lm_eval.api.registry import get_model
+
+            log.info("loading %s (%s) with lm-eval's %s backend on %s: %s", self.model.name, self.model.path,
+                     self.backend, self.device, self.model_args)
+            t0 = time.perf_counter()
+            try:
+                with offline(False):  # the model is a local folder by now
+                    self._lm = get_model(self.backend).create_from_arg_obj(
+                        dict(self.model_args),
+                        {"batch_size": self.spec.batch_size, "max_batch_size": None, "device": self.device})
+            except Exception as e:
+                raise EvalError(f"model {self.model.name} ({self.model.path}) failed to load with the "
+                                f"{self.backend} backend: {type(e).__name__}: {e}") from e
+            self.loads += 1
+            log.info("model loaded in %.1fs", time.perf_counter() - t0)
+        return self._lm
+
+    def close(self) -> None:
+        if self._lm is None:
+            return
+        self._lm = None
+        gc.collect()
+        if self.device == "cuda":
+            import torch
+
+            torch.cuda.empty_cache()
+
+
+_ACTIVE: dict[str, Engine] = {}
+_ACTIVE_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def engine_for(spec: Any, model: ModelRef) -> Iterator[Engine]:
+    """The engine for this model and backend: the one an enclosing ``engine_for`` opened, else a new one
+    (closed on exit). The evaluate stage opens one around all its tasks and the speed probe."""
+    device = device_kind()
+    key = sha256_json([model.path, model.sha, engine_model_args(spec, model.path, device), spec.batch_size])
+    with _ACTIVE_LOCK:
+        shared = _ACTIVE.get(key)
+        if shared is None:
+            shared = _ACTIVE[key] = Engine(spec, model, device)
+            owner = True
+        else:
+            owner = False
+    try:
+        yield shared
+    finally:
+        if owner:
+            with _ACTIVE_LOCK:
+                _ACTIVE.pop(key, None)
+            shared.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# one task
+# ---------------------------------------------------------------------------------------------
+
+
+def report_name(plan: EvalTaskPlan, engine_name: str) -> str:
+    """A task name as the report shows it: the plan's name for the task itself, and subtasks as the
+    real task calls them (a fixture's prefix dropped), so fixture and real reports line up."""
+    if engine_name == plan.engine_task:
+        return plan.name
+    if plan.source == "fixture" and engine_name.startswith(FIXTURE_PREFIX):
+        return engine_name[len(FIXTURE_PREFIX):]
+    return engine_name
+
+
+def chance_of(plan: EvalTaskPlan, raw: dict, samples: dict[str, list[dict]]) -> tuple[float, str]:
+    """The task's random baseline and where it comes from: the declared one (suites.yaml or the task YAML's
+    ``metadata.random_baseline``), else measured from the items scored: 1/number of choices for a
+    multiple-choice item, 0 for a generated one, averaged over every item of the task and its subtasks."""
+    if plan.random_baseline is not None:
+        return plan.random_baseline, "declared"
+    configs = raw.get("configs") or {}
+    chances = [1.0 / len(row["arguments"]) if configs.get(task, {}).get("output_type") == "multiple_choice"
+               and row.get("arguments") else 0.0
+               for task, rows in samples.items() for row in rows]
+    if not chances:
+        return 0.0, "no items scored: chance taken as 0"
+    if not any(chances):
+        return 0.0, "generated answers: chance is 0"
+    return math.fsum(chances) / len(chances), f"mean of 1/choices over {len(chances)} items"
+
+
+def run_task(spec: Any, plan: EvalTaskPlan, engine: Engine, eval_data_path: str | None, out_dir: Path) -> TaskResult:
+    """Evaluate one planned task with the spec's protocol; lm-eval's outputs go to ``out_dir``."""
+    import lm_eval
+
+    out_dir = Path(out_dir)
+    gen_kwargs = {"do_sample": False, "temperature": 0.0, "max_gen_toks": plan.max_gen_tokens}
+    # One evaluation at a time per process: the shared task index holds this run's resolved data paths.
+    with _INDEX_LOCK, offline(plan.source != "engine"):
+        manager = task_manager_for(plan, tasks_dir_of(spec), eval_data_path)  # bad task or data: before loading
+        lm = engine.lm
+        log.info("lm-eval: %s (%s, %s) %d-shot, limit %s", plan.name, plan.engine_task, plan.source,
+                 plan.num_fewshot, plan.limit)
+        t0 = time.perf_counter()
+        try:
+            results = lm_eval.simple_evaluate(
+                model=lm,
+                tasks=[plan.engine_task],
+                num_fewshot=plan.num_fewshot,
+                limit=plan.limit,
+                bootstrap_iters=BOOTSTRAP_ITERS,
+                log_samples=True,
+                apply_chat_template=spec.apply_chat_template,
+                fewshot_as_multiturn=spec.apply_chat_template,
+                gen_kwargs=gen_kwargs,
+                task_manager=manager,
+                random_seed=spec.fewshot_seed,
+                numpy_random_seed=spec.fewshot_seed,
+                torch_random_seed=spec.fewshot_seed,
+                fewshot_random_seed=spec.fewshot_seed,
+            )
+        except EvalError:
+            raise
+        except KeyError as e:
+            raise EvalError(f"eval task {plan.name!r}: lm-eval does not know {plan.engine_task!r}: {e}") from e
+        except Exception as e:  # say which task failed; the cause stays chained
+            raise EvalError(f"eval task {plan.name!r} ({plan.engine_task}) failed in lm-eval: "
+                            f"{type(e).__name__}: {e}") from e
+    seconds = time.perf_counter() - t0
+    if results is None:
+        raise EvalError("lm-eval returned no results (not the main process?)")
+    log.info("lm-eval: %s finished in %.1fs", plan.name, seconds)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    samples = results.pop("samples", None) or {}
+    baseline, baseline_source = chance_of(plan, results, samples)
+    samples_path = out_dir / "lm_eval_samples.jsonl"
+    with open(samples_path, "w", encoding="utf-8") as f:
+        for task, rows in samples.items():
+            for row in rows:
+                f.write(json.dumps(jsonable({"task": report_name(plan, task), **row}), ensure_ascii=False) + "\n")
+    raw = jsonable(results)
+    results_path = out_dir / "lm_eval_results.json"
+    results_path.write_text(json.dumps(raw, indent=2, sort_keys=True, ensure_ascii=False), encoding="utf-8")
+
+    scores = [s.model_copy(update={"task": report_name(plan, s.task)}) for s in scores_from_results(raw)]
+    primary = next((s for s in scores if s.task == plan.name and s.metric == plan.metric), None)
+    if primary is None:
+        reported = sorted({s.metric for s in scores if s.task == plan.name})
+        raise EvalError(f"eval task {plan.name!r}: lm-eval reported no {plan.metric!r} for {plan.engine_task!r} "
+                        f"(it reported {reported}); fix 'metric' in suites.yaml")
+    for s in scores:
+        if s.task == plan.name:
+            log.info("  %s %s = %.4f%s", s.task, s.metric, s.value, "" if s.stderr is None else f" ± {s.stderr:.4f}")
+    return TaskResult(
+        task=plan.name, engine_task=plan.engine_task, source=plan.source, metric=plan.metric,
+        value=primary.value, stderr=primary.stderr, random_baseline=baseline, random_baseline_source=baseline_source,
+        normalized=normalized_score(primary.value, baseline),
+        scores=scores,
+        versions={report_name(plan, t): str(v) for t, v in (raw.get("versions") or {}).items()},
+        num_fewshot=plan.num_fewshot, limit=plan.limit,
+        n_samples={report_name(plan, t): int(n.get("effective", 0)) for t, n in (raw.get("n-samples") or {}).items()},
+        seconds=seconds, results_path=str(results_path), samples_path=str(samples_path),
+    )

@@ -1,0 +1,109 @@
+"""The evaluation protocol: everything that must match for two reports to be comparable.
+
+Engine and version, backend, device and dtype, greedy decoding, few-shot seed, chat template choice,
+batch size, every task's settings (few-shot count, limit, generation budget, content hash) and, in the
+report, every task's lm-eval version. :func:`protocol_differences` says where two reports differ; the
+leaderboard refuses to rank reports whose protocols differ. Every key takes part in the comparison, so
+a leaderboard cannot mix protocols by accident.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gauntlet.config.eval import EvalSpec
+from gauntlet.eval.engine import BOOTSTRAP_ITERS, EvalError, device_kind, dtype_for, pkg_version
+from gauntlet.eval.suites import EvalTaskPlan, SuiteError, plan_tasks
+from gauntlet.refs import EvalReport
+
+
+def plans_of(spec: EvalSpec) -> list[EvalTaskPlan]:
+    """The spec's tasks, planned; EvalError (naming the task and the folder) if one does not resolve."""
+    try:
+        return plan_tasks(spec)
+    except SuiteError as e:
+        raise EvalError(str(e)) from None
+
+
+def task_protocol(plan: EvalTaskPlan) -> dict[str, Any]:
+    """What defines one task's measurement (the engine's own tasks are pinned by the engine's version)."""
+    return {"engine_task": plan.engine_task, "source": plan.source, "metric": plan.metric,
+            "random_baseline": plan.random_baseline, "num_fewshot": plan.num_fewshot, "limit": plan.limit,
+            "max_gen_tokens": plan.max_gen_tokens, "content_sha": plan.content_sha}
+
+
+def engine_protocol(spec: EvalSpec, device: str | None = None) -> dict[str, Any]:
+    """The settings every task of an evaluation shares."""
+    device = device or device_kind()
+    protocol = {
+        "engine": "lm-eval",
+        "engine_version": pkg_version("lm_eval"),
+        "backend": spec.backend,
+        "device": device,
+        "dtype": dtype_for(device) if spec.backend == "hf" else "auto",
+        "decoding": "greedy",
+        "temperature": 0.0,
+        "fewshot_seed": spec.fewshot_seed,
+        "apply_chat_template": spec.apply_chat_template,
+        "batch_size": spec.batch_size,
+        "bootstrap_iters": BOOTSTRAP_ITERS,
+    }
+    if spec.backend == "vllm":
+        protocol["max_model_len"] = spec.max_model_len
+    return protocol
+
+
+def protocol_of(spec: EvalSpec) -> dict:
+    """The evaluation protocol: everything that must match for two reports to be comparable.
+
+    The report adds ``task_versions`` (lm-eval's version of each task and subtask, known after the run).
+    """
+    plans = plans_of(spec)
+    return {
+        **engine_protocol(spec),
+        "fixtures": spec.fixtures,
+        "suite": spec.suite,
+        "num_fewshot": spec.num_fewshot,
+        "limit": spec.limit,
+        "max_gen_tokens": spec.max_gen_tokens,
+        "tasks": [p.name for p in plans],
+        "task_settings": {p.name: task_protocol(p) for p in plans},
+        "speed_probe": spec.speed_probe.model_dump(mode="json"),
+    }
+
+
+def _protocol(obj: EvalReport | dict) -> dict:
+    return obj.protocol if isinstance(obj, EvalReport) else obj
+
+
+def protocol_differences(a: EvalReport | dict, b: EvalReport | dict) -> list[str]:
+    """Where two reports' (or protocols') evaluation protocols differ: ``key: a != b`` per difference."""
+    pa, pb = _protocol(a), _protocol(b)
+    out = []
+
+    def walk(x: Any, y: Any, path: str) -> None:
+        if isinstance(x, dict) and isinstance(y, dict):
+            for k in sorted(set(x) | set(y), key=str):
+                walk(x.get(k, "<absent>"), y.get(k, "<absent>"), f"{path}.{k}" if path else str(k))
+        elif x != y:
+            out.append(f"{path}: {x!r} != {y!r}")
+
+    walk(pa, pb, "")
+    return out
+
+
+def protocols_match(a: EvalReport | dict, b: EvalReport | dict) -> bool:
+    """True when two reports were measured the same way and may be ranked together."""
+    return not protocol_differences(a, b)
+
+
+def require_same_protocol(reports: list[EvalReport]) -> None:
+    """EvalError naming each report and difference when the reports were not all measured the same way."""
+    if not reports:
+        return
+    first = reports[0]
+    problems = [f"{r.model} ({r.variant}) vs {first.model} ({first.variant}): " + "; ".join(diff[:5])
+                + (f"; … {len(diff) - 5} more" if len(diff) > 5 else "")
+                for r in reports[1:] if (diff := protocol_differences(first, r))]
+    if problems:
+        raise EvalError("reports measured with different protocols cannot be ranked together: " + " | ".join(problems))

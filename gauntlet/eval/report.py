@@ -1,0 +1,135 @@
+"""One model's evaluation report: every planned task through the engine, the speed probe, and the aggregate.
+
+The config's ``eval`` section picks a suite (``evals/suites.yaml``) and/or lists tasks; each task is
+planned (:func:`gauntlet.eval.suites.plan_tasks`), run through lm-eval on the ``hf`` or ``vllm`` backend
+(:mod:`gauntlet.eval.engine`), and the model's speed is probed on the same backend (:mod:`gauntlet.eval.speed`).
+The result is one :class:`~gauntlet.refs.EvalReport` per model × variant: per-task scores with stderr, each
+task's reported metric normalized between its random baseline and 100 (as the Open LLM Leaderboard does),
+speed, the protocol (:mod:`gauntlet.eval.protocol`) and every version, written to ``report.json``.
+No Prefect and no cache here: the stages in ``tasks/`` cache each task, the probe and the report.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import statistics
+from datetime import datetime, timezone
+from pathlib import Path
+
+from gauntlet.config.eval import EvalSpec
+from gauntlet.eval.engine import EvalError, device_kind, engine_for, engine_model_args, pkg_version, run_task
+from gauntlet.eval.protocol import engine_protocol, plans_of, protocol_of
+from gauntlet.eval.speed import probe_speed
+from gauntlet.names import metric_key
+from gauntlet.refs import EvalReport, ModelRef, PerfProbe, TaskResult
+
+log = logging.getLogger(__name__)
+
+
+def build_report(spec: EvalSpec, model: ModelRef, variant: str, results: list[TaskResult],
+                 perf: PerfProbe | None, out_dir: Path, device: str | None = None) -> EvalReport:
+    """Aggregate the tasks' results and the probe into the report; write ``out_dir/report.json``."""
+    import torch
+
+    device = device or device_kind()
+    normalized = {r.task: r.normalized for r in results if r.normalized is not None}
+    versions = {
+        "lm_eval": pkg_version("lm_eval"),
+        "transformers": pkg_version("transformers"),
+        "torch": torch.__version__,
+        "datasets": pkg_version("datasets"),
+        "tasks": {name: v for r in results for name, v in r.versions.items()},
+        "device": device,
+        "dtype": engine_protocol(spec, device)["dtype"],
+        "engine_args": {k: v for k, v in engine_model_args(spec, model.path, device)[1].items() if k != "pretrained"},
+    }
+    if spec.backend == "vllm":
+        versions["vllm"] = pkg_version("vllm")
+    report_path = Path(out_dir) / "report.json"
+    report = EvalReport(
+        model=model.name,
+        model_sha=model.sha,
+        variant=variant,
+        suite=spec.suite,
+        scores=[s for r in results for s in r.scores],
+        task_results=results,
+        normalized=normalized,
+        average_normalized=statistics.fmean(normalized.values()) if normalized else None,
+        perf=perf,
+        protocol={**protocol_of(spec), "task_versions": {r.task: r.versions for r in results}},
+        versions=versions,
+        timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        report_path=str(report_path),
+    )
+    report_path.parent.mkdir(parents=True, exist_ok=True)
+    report_path.write_text(json.dumps(report.model_dump(mode="json"), indent=2, ensure_ascii=False), encoding="utf-8")
+    log.info("report written to %s", report_path)
+    return report
+
+
+def _task_folder(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+
+
+def evaluate_model(spec: EvalSpec, model: ModelRef, eval_data_path: str | None, out_dir: Path,
+                   variant: str = "base") -> EvalReport:
+    """Evaluate one model with the spec's protocol (every task, then the probe); write and return its report.
+
+    Writes ``out_dir/report.json`` and, per task, ``out_dir/tasks/<task>/lm_eval_results.json`` and
+    ``lm_eval_samples.jsonl``. Raises EvalError when a task does not resolve, a data file is missing or
+    the model does not load. No Prefect and no cache: ``tasks/evaluate.py`` is the cached stage.
+    """
+    out_dir = Path(out_dir)
+    plans = plans_of(spec)  # fails early, naming the task and folder
+    if not Path(model.path).exists():
+        raise EvalError(f"model {model.name}: path {model.path} does not exist")
+    log.info("evaluating %s (%s, sha %s): %s", model.name, variant, model.sha[:12], [p.name for p in plans])
+    with engine_for(spec, model) as engine:
+        results = [run_task(spec, plan, engine, eval_data_path, out_dir / "tasks" / _task_folder(plan.name))
+                   for plan in plans]
+        perf = probe_speed(engine, spec.speed_probe) if spec.speed_probe.enabled else None
+        return build_report(spec, model, variant, results, perf, out_dir, engine.device)
+
+
+def report_markdown(report: EvalReport) -> str:
+    """The report as a table: each task's reported metric, its stderr and normalized score; then speed."""
+    lines = [f"# Evaluation of `{report.model}` ({report.variant})", "",
+             f"- suite: {report.suite or '—'}; fixtures: {report.protocol.get('fixtures')}; backend "
+             f"{report.protocol.get('backend')} on {report.protocol.get('device')}; lm-eval "
+             f"{report.protocol.get('engine_version')}; model sha `{report.model_sha[:12]}`", "",
+             "| task | metric | score | ± stderr | random | normalized | shots | n |", "|---|---|---|---|---|---|---|---|"]
+    for r in report.task_results:
+        fmt = (lambda x, f: "—" if x is None else format(x, f))
+        lines.append(f"| {r.task} | {r.metric} | {fmt(r.value, '.4f')} | {fmt(r.stderr, '.4f')} | "
+                     f"{r.random_baseline:.2f} | {fmt(r.normalized, '.1f')} | {r.num_fewshot} | "
+                     f"{sum(r.n_samples.values())} |")
+    if report.average_normalized is not None:
+        lines += ["", f"**average normalized score: {report.average_normalized:.1f}** (0 = random, 100 = perfect)"]
+    if report.perf:
+        p = report.perf
+        lines += ["", f"speed ({p.backend} on {p.device_name or p.device}): {p.tokens_per_s:.1f} tok/s at batch 1"
+                  + (f", {p.tokens_per_s_large_batch:.1f} tok/s at batch {p.large_batch}"
+                     if p.tokens_per_s_large_batch is not None else "")
+                  + (f"; TTFT p50 {p.ttft_p50_ms:.1f} ms, p95 {p.ttft_p95_ms:.1f} ms"
+                     if p.ttft_p50_ms is not None else f"; TTFT {p.first_token_latency_ms:.1f} ms")
+                  + f"; peak memory {p.peak_memory_gb:.3f} GB; {p.size_on_disk_gb:.3f} GB on disk"]
+    return "\n".join(lines)
+
+
+def load_report(path: str | Path) -> EvalReport:
+    """Read a report.json written by :func:`evaluate_model` or the stage."""
+    return EvalReport.model_validate_json(Path(path).read_text(encoding="utf-8"))
+
+
+def task_result_metrics(result: TaskResult) -> dict[str, float]:
+    """A task's scores as MLflow metrics: every metric and its stderr, and the normalized score."""
+    out: dict[str, float] = {}
+    for s in result.scores:
+        out[metric_key(s.task, s.metric)] = s.value
+        if s.stderr is not None:
+            out[metric_key(s.task, s.metric + "_stderr")] = s.stderr
+    if result.normalized is not None:
+        out[metric_key(result.task, "normalized")] = result.normalized
+    return out

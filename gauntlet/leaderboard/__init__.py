@@ -1,0 +1,1 @@
+"""The leaderboard: candidates and their rows (``candidates``), ranking (``board``), past nights from MLflow (``history``), the files it publishes (``publish``, ``html``) and the night planned before it runs (``night_plan``). No Prefect here."""

@@ -1,0 +1,120 @@
+"""Leaderboard candidates: model sources like any flow's, one row per candidate × variant, whatever happens.
+
+A candidate is resolved like every model source (registry aliases each night, unpinned sources
+re-hashed); one that cannot be resolved fails its own row only. A variant the night cannot produce (a
+calibrated one without calibration data) is a skipped row with its reason, never a made-up score.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import ValidationError
+
+from gauntlet.config.leaderboard import LEADERBOARD_VARIANTS, LeaderboardCandidate, LeaderboardSpec
+from gauntlet.config.model import ModelSpec
+from gauntlet.config.problems import problems_from
+from gauntlet.config.quantize import QuantizeVariant
+from gauntlet.models import ResolvedModel
+from gauntlet.project import project_root
+from gauntlet.refs import DatasetRef, EvalReport, ModelRef, Ref
+
+
+class CandidateError(RuntimeError):
+    """A candidate that cannot be resolved (missing folder, unknown registry alias, …): fails its row only."""
+
+
+# ---------------------------------------------------------------------------------------------
+# what the flow hands around
+# ---------------------------------------------------------------------------------------------
+
+
+class PreparedCandidate(Ref):
+    resolved: ResolvedModel
+    model: ModelRef
+
+
+class CandidateOutcome(Ref):
+    candidate: str
+    variant: str
+    source: str
+    status: Literal["ok", "failed", "skipped"]
+    reason: str | None = None
+    note: str | None = None
+    model_sha: str | None = None
+    report: EvalReport | None = None
+
+
+def variants_of(candidate: LeaderboardCandidate, spec: LeaderboardSpec) -> list[str]:
+    return list(candidate.variants if candidate.variants is not None else spec.variants)
+
+
+def ok_outcome(candidate: LeaderboardCandidate, variant: str, prepared: PreparedCandidate,
+               report: EvalReport) -> CandidateOutcome:
+    return CandidateOutcome(candidate=candidate.display_name, variant=variant, source=candidate.source, status="ok",
+                            note=prepared.resolved.note, model_sha=report.model_sha, report=report)
+
+
+def failed_outcome(candidate: LeaderboardCandidate, variant: str, reason: str) -> CandidateOutcome:
+    return CandidateOutcome(candidate=candidate.display_name, variant=variant, source=candidate.source,
+                            status="failed", reason=reason)
+
+
+def skipped_outcome(candidate: LeaderboardCandidate, variant: str, reason: str) -> CandidateOutcome:
+    return CandidateOutcome(candidate=candidate.display_name, variant=variant, source=candidate.source,
+                            status="skipped", reason=reason)
+
+
+def candidate_model(candidate: LeaderboardCandidate) -> ModelSpec:
+    """The candidate as a model source; CandidateError (its row fails, not the night) when it cannot exist."""
+    raw = {"source": candidate.source, "revision": candidate.revision, "trust_remote_code": candidate.trust_remote_code}
+    try:
+        return ModelSpec.model_validate(raw, context={"root": project_root()})
+    except ValidationError as e:
+        raise CandidateError(f"candidate {candidate.display_name}: "
+                             + "; ".join(f"{p.path}: {p.message}" for p in problems_from(e, ModelSpec))) from None
+
+
+def preload_model_libraries() -> None:
+    """Import transformers' auto classes and lm-eval's hf model once, before candidates run in threads.
+
+    transformers resolves its attributes lazily, and two threads doing that for the first time at once
+    can leave ``transformers.AutoConfig`` missing in one of them (seen as
+    ``AttributeError: module 'transformers' has no attribute 'AutoConfig'`` when a demo model is being
+    built while another candidate starts its evaluation).
+    """
+    import transformers
+    from lm_eval.models import huggingface  # noqa: F401  (registers and imports the hf backend)
+
+    for name in ("AutoConfig", "AutoModelForCausalLM", "AutoTokenizer", "LlamaConfig", "LlamaForCausalLM",
+                 "PreTrainedTokenizerFast"):
+        getattr(transformers, name)
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluation data given as a plain file
+# ---------------------------------------------------------------------------------------------
+
+
+def eval_file_dataset(path: Path) -> DatasetRef:
+    """A DatasetRef carrying only evaluation items from a plain JSONL file (md5 of its bytes as version)."""
+    data = path.read_bytes()
+    md5 = hashlib.md5(data).hexdigest()
+    rows = sum(1 for line in data.splitlines() if line.strip())
+    return DatasetRef(repo=str(path.parent), eval_path=str(path), md5=md5, file_md5={path.name: md5}, eval_md5=md5,
+                      rows={"eval": rows})
+
+
+def quantization_of(variant: str) -> QuantizeVariant | None:
+    return LEADERBOARD_VARIANTS[variant]
+
+
+def variant_skip_reason(variant: str, data: DatasetRef | None) -> str | None:
+    """Why this variant cannot be produced tonight (None: it can). Never replaced by a made-up score."""
+    quant = quantization_of(variant)
+    if quant is not None and quant.calibrated and (data is None or data.train_path is None):
+        return (f"{variant} calibrates on the run's data: give the leaderboard config a data: section whose "
+                "train file holds calibration rows; not evaluated")
+    return None

@@ -1,0 +1,93 @@
+"""Publication: ``leaderboard.json`` (the data), ``leaderboard.md`` and the self-contained ``leaderboard.html``,
+and the flat rows of the Prefect table artifact.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from gauntlet.config.leaderboard import LeaderboardSpec
+from gauntlet.leaderboard.board import Leaderboard, short_night
+from gauntlet.leaderboard.html import render_html
+from gauntlet.project import in_project
+from gauntlet.state import gauntlet_home
+
+
+def publish_dir(spec: LeaderboardSpec) -> Path:
+    if spec.publish.dir:
+        return in_project(spec.publish.dir)
+    return gauntlet_home() / "leaderboard" / spec.name
+
+
+def _fmt(x: float | None, digits: int = 1, signed: bool = False) -> str:
+    if x is None:
+        return "—"
+    return f"{x:+.{digits}f}" if signed else f"{x:.{digits}f}"
+
+
+def one_line(text: str | None) -> str:
+    """A reason on one line (tables cannot hold a traceback's line breaks)."""
+    return " ".join((text or "").split()).replace("|", "/")
+
+
+def render_markdown(board: Leaderboard) -> str:
+    suites = list(board.suites)
+    head = (["rank", "model", "variant", "average"] + [f"suite {s}" for s in suites] + board.tasks
+            + ["Δ avg", "tokens/s", "TTFT ms", "peak GB", "size GB"])
+    lines = [f"# {board.title}", "",
+             f"- night: {short_night(board.night)} UTC"
+             + (f" (previous: {short_night(board.previous_night)})" if board.previous_night else ""),
+             f"- ranked by **{board.rank_key}** ({'higher' if board.higher_is_better else 'lower'} is better); "
+             "scores normalised: random baseline = 0, perfect = 100",
+             f"- protocol `{board.protocol_id}`" if board.protocol_id else "- no model was scored",
+             "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in board.rows:
+        if r.status != "ranked":
+            continue
+        rank = "—" if r.rank is None else f"{r.rank}{'=' if r.tie else ''}"
+        delta = _fmt(r.delta_average, signed=True) if r.delta_average is not None else (r.delta_note or "—")
+        cells = ([rank, r.candidate, r.variant, _fmt(r.average)] + [_fmt(r.suites.get(s)) for s in suites]
+                 + [_fmt(r.normalized.get(t)) for t in board.tasks]
+                 + [delta, _fmt(r.tokens_per_s), _fmt(r.first_token_latency_ms), _fmt(r.peak_memory_gb, 3),
+                    _fmt(r.size_on_disk_gb, 4)])
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    if any(r.tie for r in board.rows):
+        lines += ["", "`=`: tied at the displayed precision."]
+    unscored = [r for r in board.ranked() if r.rank is None]
+    lines += [f"- {r.candidate} / {r.variant}: {one_line(r.reason)}" for r in unscored]
+    others = [r for r in board.rows if r.status != "ranked"]
+    if others:
+        lines += ["", "## Not ranked", "", "| model | variant | status | reason |", "|---|---|---|---|"]
+        lines += [f"| {r.candidate} | {r.variant} | {r.status} | {one_line(r.reason)} |" for r in others]
+    lines += ["", "## Random baselines", ""]
+    lines += [f"- {t} ({board.task_metrics[t]}): {b['value']:.4f} — {b['source']}" for t, b in board.baselines.items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_board(board: Leaderboard, out_dir: Path) -> dict[str, str]:
+    """Write leaderboard.json, leaderboard.md and the self-contained leaderboard.html; returns their paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {"json": out_dir / "leaderboard.json", "md": out_dir / "leaderboard.md",
+             "html": out_dir / "leaderboard.html"}
+    board = board.model_copy(update={"files": {k: str(v) for k, v in files.items()}})
+    files["md"].write_text(render_markdown(board), encoding="utf-8")
+    files["html"].write_text(render_html(board), encoding="utf-8")
+    files["json"].write_text(json.dumps(board.model_dump(mode="json"), indent=2), encoding="utf-8")
+    return board.files
+
+
+def table_rows(board: Leaderboard) -> list[dict[str, Any]]:
+    """One flat dict per row, for the Prefect table artifact."""
+    out = []
+    for r in board.rows:
+        row: dict[str, Any] = {"rank": r.rank if r.rank is not None else "", "model": r.candidate,
+                               "variant": r.variant, "status": r.status,
+                               "average": None if r.average is None else round(r.average, 2)}
+        row.update({t: None if r.normalized.get(t) is None else round(r.normalized[t], 2) for t in board.tasks})
+        row.update({"delta": None if r.delta_average is None else round(r.delta_average, 2),
+                    "tokens_per_s": r.tokens_per_s, "peak_memory_gb": r.peak_memory_gb,
+                    "size_on_disk_gb": r.size_on_disk_gb, "reason": r.reason or r.delta_note or ""})
+        out.append(row)
+    return out

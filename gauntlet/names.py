@@ -1,0 +1,23 @@
+"""Names as MLflow accepts them: metric keys, tag keys and params share one alphabet (no commas).
+
+lm-eval names a filtered metric ``exact_match,strict-match``; MLflow refuses the comma. Every place that
+writes a score, a gate rule or a leaderboard column to MLflow goes through :func:`mlflow_name`, so a
+score written by the evaluation stage is found again under the same key by the gate and the registry.
+"""
+
+from __future__ import annotations
+
+import re
+
+MAX_LENGTH = 250
+_NOT_ALLOWED = re.compile(r"[^A-Za-z0-9_\-. /]")
+
+
+def mlflow_name(*parts: str) -> str:
+    """``parts`` joined with dots, each character MLflow does not allow replaced by ``_``."""
+    return _NOT_ALLOWED.sub("_", ".".join(parts))[:MAX_LENGTH]
+
+
+def metric_key(task: str, metric: str) -> str:
+    """A task's metric as an MLflow key: ``gsm8k.exact_match/strict-match`` (lm-eval's comma becomes a slash)."""
+    return mlflow_name(task, metric.replace(",", "/"))

@@ -1,0 +1,1 @@
+"""Programs Gauntlet runs as subprocesses (plain, no Prefect): the trainer under ``accelerate launch`` and the quantizer in its own environment. Each can be run by hand and re-validates its arguments."""

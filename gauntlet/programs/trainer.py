@@ -1,0 +1,552 @@
+"""The training program: QLoRA / LoRA / full fine-tuning of a causal LM on alpaca or chat JSONL.
+
+A plain program with no Prefect inside, readable top to bottom, launched by ``gauntlet/training.py`` as
+``accelerate launch [--config_file deployments/accelerate/<profile>.yaml] -m gauntlet.programs.trainer --args ARGS.json``;
+it can be run by hand the same way.
+
+    ARGS.json = {"base_model": DIR, "train_path": JSONL, "validation_path": JSONL, "output_dir": DIR,
+                 "cpu": bool, "train": {TrainSpec fields}, "mlflow": {"tracking_uri", "run_id"} | null,
+                 "card": {"base_model", "base_revision", "base_sha", "data_md5", ...} | null}
+
+What it writes into the output folder (durable: a retry or a rerun finds it there):
+
+    checkpoints/step-NNNNNNNN/   every train.checkpoint_steps: accelerate.save_state (trainable weights,
+                                 optimizer, scheduler, RNG states) + trainer_state.json (step, epoch,
+                                 batches consumed in the epoch, metric history). The newest complete one
+                                 is resumed from automatically; a half-written one ends in .partial.
+    steps.jsonl                  one line per optimizer step: {step, loss, lr, pid, resumed_from}
+    adapter/, merged/            the final adapter and merged model, each with tokenizer and README.md
+    loss_curve.png, result.json  result.json is what the Prefect task reads back
+
+Checkpoints are removed once the final model is saved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import shutil
+import signal
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, set_seed
+from torch.utils.data import DataLoader, Sampler
+
+from gauntlet.data.sft import IGNORE_INDEX, collate, pack, read_jsonl, resolve_format, tokenize_rows
+
+__all__ = ["IGNORE_INDEX", "train", "main", "latest_checkpoint"]
+
+CHECKPOINTS = "checkpoints"
+STATE_FILE = "trainer_state.json"
+
+
+# ---------------------------------------------------------------------------------------------
+# data order: a different, reproducible shuffle each epoch, so a resumed run sees the same batches
+# ---------------------------------------------------------------------------------------------
+
+
+class EpochShuffle(Sampler):
+    def __init__(self, size: int, seed: int):
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:   # accelerate's prepared loaders forward set_epoch here
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.size, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.size
+
+
+def load_examples(path: str, fmt: str, tokenizer, cfg: dict, say) -> list:
+    examples, dropped = tokenize_rows(read_jsonl(path), fmt, tokenizer, cfg["max_seq_len"])
+    if dropped:
+        say(f"[trainer] warning: {dropped} row(s) of {path} dropped: max_seq_len={cfg['max_seq_len']} cuts off "
+            "their whole response")
+    if not examples:
+        raise SystemExit(f"no trainable rows in {path}: every response lies beyond train.max_seq_len")
+    return examples
+
+
+# ---------------------------------------------------------------------------------------------
+# model: 4-bit NF4 base + LoRA (qlora), 16-bit base + LoRA (lora), or all weights (full)
+# ---------------------------------------------------------------------------------------------
+
+
+def make_accelerator(cfg: dict, cpu: bool) -> Accelerator:
+    handlers = []
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and not torch.cuda.is_available():
+        # DeepSpeed on the CPU: accelerate only picks a process-group backend for accelerators, and
+        # cpu=True would turn DeepSpeed off; gloo is DeepSpeed's CPU backend.
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+        cpu = False
+    return Accelerator(gradient_accumulation_steps=cfg["gradient_accumulation_steps"], cpu=cpu,
+                       kwargs_handlers=handlers)
+
+
+def shards_weights(accelerator: Accelerator) -> bool:
+    """FSDP and ZeRO-3 split every weight across processes."""
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return True
+    return (accelerator.distributed_type == DistributedType.DEEPSPEED
+            and accelerator.state.deepspeed_plugin.zero_stage == 3)
+
+
+def compute_dtype(accelerator: Accelerator) -> torch.dtype:
+    on_gpu = accelerator.device.type == "cuda"
+    return torch.bfloat16 if on_gpu and torch.cuda.is_bf16_supported() else torch.float32
+
+
+def load_model(base_model: str, cfg: dict, accelerator: Accelerator, checkpointing: bool):
+    from transformers import AutoModelForCausalLM
+
+    on_gpu = accelerator.device.type == "cuda"
+    dtype = compute_dtype(accelerator)
+    sharded = shards_weights(accelerator)
+    kwargs: dict = {"dtype": dtype}
+    if cfg["method"] == "qlora":
+        from transformers import BitsAndBytesConfig
+
+        quant = dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                     bnb_4bit_compute_dtype=dtype)
+        if sharded:
+            # FSDP/ZeRO-3 shard flat tensors of one dtype: pack the 4-bit weights into compute-dtype storage,
+            # and let the sharding place them (no device_map).
+            quant["bnb_4bit_quant_storage"] = dtype
+        else:
+            # bitsandbytes places the weights itself: one full copy per process, on that process's device.
+            kwargs["device_map"] = {"": accelerator.local_process_index} if on_gpu else "cpu"
+        kwargs["quantization_config"] = BitsAndBytesConfig(**quant)
+    model = AutoModelForCausalLM.from_pretrained(base_model, **kwargs)
+    checkpointing_kwargs = {"use_reentrant": False}
+    if cfg["method"] == "qlora" and not sharded:
+        from peft import prepare_model_for_kbit_training
+
+        # upcasts the non-quantized weights (norms, embeddings, head) to fp32 for stable training
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
+                                                gradient_checkpointing_kwargs=checkpointing_kwargs)
+    elif checkpointing:
+        # sharded QLoRA keeps one dtype (no fp32 upcast), so it enables checkpointing directly
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs)
+    if cfg["method"] == "full":
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    lora = cfg["lora"]
+    config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+                        target_modules=lora["target_modules"], task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def make_optimizer(model, cfg: dict, accelerator: Accelerator) -> torch.optim.Optimizer:
+    """AdamW over the trainable weights; DeepSpeed's CPU Adam when ZeRO offloads the optimizer (DeepSpeed
+    refuses a torch optimizer there; its CPU Adam is an op it compiles on first use)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    kwargs = {"lr": cfg["learning_rate"], "weight_decay": cfg["weight_decay"]}
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        zero = accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
+        if (zero.get("offload_optimizer") or {}).get("device") in ("cpu", "nvme"):
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            return DeepSpeedCPUAdam(params, adamw_mode=True, **kwargs)
+    return torch.optim.AdamW(params, **kwargs)
+
+
+def merge_and_save(base_model: str, adapter_dir: Path, merged_dir: Path, tokenizer, dtype: torch.dtype) -> None:
+    """Merge the adapter into an unquantized copy of the base (4-bit weights cannot be merged exactly)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_model, dtype=dtype)
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    merged.save_pretrained(merged_dir)
+    tokenizer.save_pretrained(merged_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints: durable, resumable, written atomically (a directory is complete once renamed)
+# ---------------------------------------------------------------------------------------------
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint under ``output_dir/checkpoints``, or None."""
+    root = Path(output_dir) / CHECKPOINTS
+    done = sorted(p for p in root.glob("step-*") if p.is_dir() and (p / STATE_FILE).exists()
+                  and not p.name.endswith(".partial"))
+    return done[-1] if done else None
+
+
+class Checkpointer:
+    def __init__(self, accelerator: Accelerator, model, output_dir: Path, keep: int, adapters_only: bool):
+        self.accelerator = accelerator
+        self.root = output_dir / CHECKPOINTS
+        self.keep = keep
+        deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+        # only what training changes goes into a checkpoint: the frozen base is reloaded from the model
+        self.save_kwargs = {"exclude_frozen_parameters": True} if deepspeed and adapters_only else {}
+        self.load_kwargs = {"load_module_strict": False} if deepspeed else {"strict": not adapters_only}
+        if adapters_only and accelerator.distributed_type not in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+            trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+
+            def keep_trainable(_models, weights, _output_dir):
+                for i, state in enumerate(weights):
+                    weights[i] = {k: v for k, v in state.items() if k in trainable}
+
+            accelerator.register_save_state_pre_hook(keep_trainable)
+
+    def save(self, state: dict) -> Path:
+        acc = self.accelerator
+        final = self.root / f"step-{state['step']:08d}"
+        partial = final.with_name(final.name + ".partial")
+        if acc.is_main_process:
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(partial), **self.save_kwargs)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            (partial / STATE_FILE).write_text(json.dumps(state))
+            shutil.rmtree(final, ignore_errors=True)
+            partial.rename(final)
+            for old in sorted(p for p in self.root.glob("step-*") if not p.name.endswith(".partial"))[:-self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+        return final
+
+    def load(self, path: Path) -> dict:
+        self.accelerator.load_state(str(path), **self.load_kwargs)
+        return json.loads((path / STATE_FILE).read_text())
+
+
+# ---------------------------------------------------------------------------------------------
+# metrics: MLflow while training (main process only), a step log, progress lines on stdout
+# ---------------------------------------------------------------------------------------------
+
+
+class MetricsSink:
+    def __init__(self, mlflow_args: dict | None, enabled: bool):
+        self.client = None
+        self.run_id = None
+        if enabled and mlflow_args:
+            from mlflow.tracking import MlflowClient
+
+            self.client = MlflowClient(tracking_uri=mlflow_args["tracking_uri"])
+            self.run_id = mlflow_args["run_id"]
+        self.history: list[dict] = []
+
+    def log(self, step: int, metrics: dict) -> None:
+        self.history.append({"step": step, **metrics})
+        if self.client:
+            ts = int(time.time() * 1000)
+            from mlflow.entities import Metric
+
+            self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), ts, step) for k, v in metrics.items()])
+
+
+class StepLog:
+    """``steps.jsonl``: every optimizer step, appended and flushed as it happens (main process)."""
+
+    def __init__(self, path: Path, enabled: bool, resumed_from: int):
+        self.file = open(path, "a", encoding="utf-8") if enabled else None
+        self.resumed_from = resumed_from
+
+    def write(self, step: int, loss: float, lr: float) -> None:
+        if self.file:
+            self.file.write(json.dumps({"step": step, "loss": loss, "lr": lr, "pid": os.getpid(),
+                                        "resumed_from": self.resumed_from, "time": time.time()}) + "\n")
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
+
+
+@torch.no_grad()
+def validation_loss(model, loader, accelerator: Accelerator) -> float:
+    model.eval()
+    losses = []
+    for batch in loader:
+        batch.pop("n_tokens")
+        losses.append(accelerator.gather(model(**batch, use_cache=False).loss.detach().reshape(1)).mean().item())
+    model.train()
+    return float(sum(losses) / max(len(losses), 1))
+
+
+def plot_loss(history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [h["step"] for h in history if "train_loss" in h]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, [h["train_loss"] for h in history if "train_loss" in h], label="train loss")
+    val = [(h["step"], h["val_loss"]) for h in history if "val_loss" in h]
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title("training loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def model_card(args: dict, result: dict, kind: str) -> str:
+    """README.md saved with the adapter and the merged model: what it is and where it came from."""
+    import yaml
+
+    cfg, card = args["train"], args.get("card") or {}
+    metrics = result["metrics"]
+    base = card.get("base_model", args["base_model"])
+    lines = [
+        "---",
+        yaml.safe_dump({"base_model": base, "library_name": "peft" if kind == "adapter" else "transformers",
+                        "tags": ["gauntlet", cfg["method"]]}, sort_keys=False).strip(),
+        "---",
+        "",
+        f"# {card.get('name', Path(args['output_dir']).name)} ({'LoRA adapter' if kind == 'adapter' else 'merged model'})",
+        "",
+        f"Fine-tuned by Gauntlet with **{cfg['method']}** on {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC.",
+        "",
+        "## Base model",
+        "",
+        f"- source: `{base}`",
+        f"- revision: `{card.get('base_revision') or 'unpinned'}`",
+        f"- content sha256: `{card.get('base_sha', 'unknown')}`",
+        "",
+        "## Data",
+        "",
+        f"- data version (DVC md5): `{card.get('data_md5', 'unknown')}`",
+        f"- train: `{card.get('train_file', args['train_path'])}`, validation: "
+        f"`{card.get('validation_file', args['validation_path'])}`",
+        f"- format: {result.get('data_format', cfg.get('data_format'))}; loss on responses only"
+        + ("; packed sequences" if cfg.get("packing") else ""),
+        "",
+        "## Metrics",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        *[f"| {k} | {v:.4g} |" for k, v in metrics.items() if isinstance(v, (int, float))],
+        f"| steps | {result['steps']} |",
+        "",
+        "## Training config",
+        "",
+        "```yaml",
+        yaml.safe_dump(cfg, sort_keys=False).strip(),
+        "```",
+        "",
+        "## Use",
+        "",
+        "```python",
+    ]
+    if kind == "adapter":
+        lines += ["from peft import AutoPeftModelForCausalLM",
+                  "model = AutoPeftModelForCausalLM.from_pretrained(PATH_TO_THIS_FOLDER)"]
+    else:
+        lines += ["from transformers import AutoModelForCausalLM, AutoTokenizer",
+                  "model = AutoModelForCausalLM.from_pretrained(PATH_TO_THIS_FOLDER)",
+                  "tokenizer = AutoTokenizer.from_pretrained(PATH_TO_THIS_FOLDER)"]
+    return "\n".join(lines + ["```", ""])
+
+
+# ---------------------------------------------------------------------------------------------
+# the recipe
+# ---------------------------------------------------------------------------------------------
+
+
+def train(args: dict) -> dict:
+    cfg = args["train"]
+    out = Path(args["output_dir"])
+    accelerator = make_accelerator(cfg, args.get("cpu", False))
+    set_seed(cfg["seed"])
+    main = accelerator.is_main_process
+    say = accelerator.print
+    sink = MetricsSink(args.get("mlflow"), enabled=main)
+
+    from transformers import AutoTokenizer, get_linear_schedule_with_warmup
+
+    tokenizer = AutoTokenizer.from_pretrained(args["base_model"])
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if cfg.get("chat_template"):
+        tokenizer.chat_template = cfg["chat_template"]
+    fmt = resolve_format(cfg.get("data_format", "auto"), read_jsonl(args["train_path"])[:1])
+    train_examples = load_examples(args["train_path"], fmt, tokenizer, cfg, say)
+    val_examples = load_examples(args["validation_path"], fmt, tokenizer, cfg, say)
+    train_items = pack(train_examples, cfg["max_seq_len"]) if cfg.get("packing") else train_examples
+
+    def batches(items, sampler=None):
+        return DataLoader(items, batch_size=cfg["batch_size"], sampler=sampler,
+                          collate_fn=lambda b: collate(b, tokenizer.pad_token_id))
+
+    checkpointing = cfg.get("gradient_checkpointing")
+    if checkpointing is None:
+        checkpointing = accelerator.device.type == "cuda"
+    model = load_model(args["base_model"], cfg, accelerator, checkpointing)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    say(f"[trainer] method={cfg['method']} trainable={trainable:,}/{total:,} format={fmt} "
+        f"examples={len(train_examples)} rows={len(train_items)}{' (packed)' if cfg.get('packing') else ''} "
+        f"device={accelerator.device} processes={accelerator.num_processes} "
+        f"distributed={accelerator.distributed_type.value} gradient_checkpointing={checkpointing}")
+    optimizer = make_optimizer(model, cfg, accelerator)
+    scheduler = get_linear_schedule_with_warmup(optimizer, cfg["warmup_steps"], cfg["max_steps"])
+    train_loader = batches(train_items, EpochShuffle(len(train_items), cfg["seed"]))
+    val_loader = batches(val_examples)
+    # The scheduler stays out of prepare(): accelerate would step it once per process per step, and
+    # max_steps counts optimizer steps. It is stepped below after each optimizer step, and checkpointed.
+    model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
+    accelerator.register_for_checkpointing(scheduler)
+
+    checkpoints = Checkpointer(accelerator, model, out, cfg.get("checkpoint_keep", 2),
+                               adapters_only=cfg["method"] != "full")
+    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "history": [], "elapsed_s": 0.0}
+    resume = latest_checkpoint(out)
+    if resume:
+        state = checkpoints.load(resume)
+        sink.history = state["history"]
+        say(f"[trainer] resumed from checkpoint {resume.name}: step {state['step']}, epoch {state['epoch']}, "
+            f"batch {state['batch_in_epoch']} of the epoch")
+    step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+    steplog = StepLog(out / "steps.jsonl", main, resumed_from=step)
+
+    max_steps, every_ckpt, every_eval = cfg["max_steps"], cfg.get("checkpoint_steps"), cfg.get("eval_steps")
+    tokens, started, window_start = 0, time.time(), time.time()
+    running: list[float] = []   # micro-batch losses of the logging window
+    micro: list[float] = []     # ... of the current optimizer step
+    model.train()
+    while step < max_steps:
+        loader = accelerator.skip_first_batches(train_loader, batch_in_epoch) if batch_in_epoch else train_loader
+        loader.set_epoch(epoch)
+        for batch in loader:
+            n_tokens = batch.pop("n_tokens")
+            with accelerator.accumulate(model):
+                loss = model(**batch, use_cache=False).loss
+                accelerator.backward(loss)
+                grad_norm = (accelerator.clip_grad_norm_(model.parameters(), 1.0)
+                             if accelerator.sync_gradients else None)
+                optimizer.step()
+                if accelerator.sync_gradients:
+                    scheduler.step()
+                optimizer.zero_grad()
+            batch_in_epoch += 1
+            tokens += int(n_tokens) * accelerator.num_processes
+            running.append(loss.item())
+            micro.append(running[-1])
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            lr = scheduler.get_last_lr()[0]
+            steplog.write(step, sum(micro) / len(micro), lr)
+            micro = []
+            logging_now = step % cfg["logging_steps"] == 0 or step == max_steps
+            eval_now = step == max_steps or bool(every_eval and step % every_eval == 0)
+            if logging_now:
+                elapsed = time.time() - window_start
+                metrics = {"train_loss": sum(running) / len(running), "learning_rate": lr,
+                           "grad_norm": float(grad_norm) if grad_norm is not None else 0.0,
+                           "tokens_per_s": tokens / max(elapsed, 1e-9), "epoch": float(epoch),
+                           "peak_memory_gb": peak_memory_gb(accelerator.device)}
+                if eval_now:
+                    metrics["val_loss"] = validation_loss(model, val_loader, accelerator)
+                sink.log(step, metrics)
+                say(f"[trainer] step {step}/{max_steps} " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+                running, tokens, window_start = [], 0, time.time()
+            paused = time.time()   # evaluation and checkpoints do not count against tokens/s
+            if eval_now and not logging_now:
+                sink.log(step, {"val_loss": validation_loss(model, val_loader, accelerator)})
+            if every_ckpt and step % every_ckpt == 0 and step < max_steps:
+                saved = checkpoints.save({"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
+                                          "history": sink.history,
+                                          "elapsed_s": state["elapsed_s"] + time.time() - started})
+                say(f"[trainer] checkpoint {saved.name} saved (step {step})")
+            window_start += time.time() - paused
+            if step >= max_steps:
+                break
+        else:
+            epoch, batch_in_epoch = epoch + 1, 0
+    steplog.close()
+
+    # the final weights: ZeRO-3/FSDP gather them from every process, so all processes take part
+    gathered = {"state_dict": accelerator.get_state_dict(model)} if shards_weights(accelerator) else {}
+    unwrapped = accelerator.unwrap_model(model)
+    adapter_dir, merged_dir = out / "adapter", out / "merged"
+    if main:
+        target = merged_dir if cfg["method"] == "full" else adapter_dir
+        unwrapped.save_pretrained(target, **gathered)
+        tokenizer.save_pretrained(target)
+    accelerator.wait_for_everyone()
+    dtype = compute_dtype(accelerator)
+    accelerator.end_training()   # the other processes are done; merging below is the main process's alone
+    result: dict = {"steps": step, "duration_s": state["elapsed_s"] + time.time() - started,
+                    "resumed_from_step": state["step"],
+                    "data_format": fmt}
+    if not main:
+        return result
+    if cfg["method"] != "full":
+        merge_and_save(args["base_model"], adapter_dir, merged_dir, tokenizer, dtype)
+        result["adapter_path"] = str(adapter_dir)
+    plot_loss(sink.history, out / "loss_curve.png")
+    last = sink.history[-1]
+    result.update(merged_path=str(merged_dir), loss_curve=str(out / "loss_curve.png"),
+                  metrics={"train_loss": last["train_loss"], "val_loss": last.get("val_loss", math.nan),
+                           "train_duration_s": result["duration_s"]},
+                  history=sink.history)
+    for kind, folder in (("adapter", adapter_dir), ("merged", merged_dir)):
+        if folder.exists():
+            (folder / "README.md").write_text(model_card(args, result, kind))
+    shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
+    (out / "result.json").write_text(json.dumps(result, indent=2))
+    say(f"[trainer] done: {step} steps in {result['duration_s']:.1f}s; merged model at {merged_dir}")
+    return result
+
+
+def die_with_launcher() -> None:
+    """Linux: be killed when the process that started this one dies.
+
+    torchrun starts each training process in a session of its own, so stopping the launcher's process
+    group (``kill -- -$(cat trainer.pid)``, see gauntlet/training.py) would leave them running, writing into
+    the folder a retry is about to use. With this, they go down with their launcher.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    parent = os.getppid()
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != parent:   # the launcher died before the line above
+        os._exit(1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Fine-tune a causal LM (QLoRA/LoRA/full) from a Gauntlet args file.")
+    parser.add_argument("--args", required=True, help="JSON file written by gauntlet/training.py")
+    ns = parser.parse_args(argv)
+    die_with_launcher()
+    args = json.loads(Path(ns.args).read_text())
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    train(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,176 @@
+"""What stages hand to each other: small typed references that carry content hashes.
+
+A downstream cache key is built from these hashes, so a change anywhere upstream re-runs
+exactly what depends on it (docs/architecture.md, "Refs carry content hashes").
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+
+class Ref(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+class DatasetRef(Ref):
+    """A pulled, schema-checked dataset version."""
+
+    repo: str                      # DVC repo root
+    train_path: str | None = None  # absolute paths of the pulled files (None: evaluation items only)
+    validation_path: str | None = None
+    eval_path: str | None = None
+    md5: str                       # combined DVC md5 of the files (the data version)
+    file_md5: dict[str, str]       # per file (path as in dvc.lock), as DVC records it
+    eval_md5: str | None = None    # md5 of the eval file alone: evaluation results depend on it only
+    rows: dict[str, int]
+    duplicate_rate: float = 0.0
+
+
+class ModelRef(Ref):
+    """A model (or adapter-merged model) on local disk."""
+
+    name: str
+    path: str
+    source: str
+    revision: str | None = None
+    sha: str                       # content hash of the files
+    mlflow_run_id: str | None = None
+
+
+class QuantizedModel(ModelRef):
+    """A quantized variant: a ModelRef (so it evaluates like any model) plus how it was made."""
+
+    variant: str                   # e.g. gptq-w4g128: the name in reports, summaries and the registry
+    method: str                    # gptq | awq | bnb-nf4 | bnb-int8
+    bits: int
+    group_size: int | None = None
+    base_sha: str                  # the unquantized model it came from
+    size_bytes: int                # the variant's folder on disk
+    base_size_bytes: int
+    calibration_md5: str | None = None   # md5 of the calibration texts (None: calibration-free)
+    duration_s: float
+    output_dir: str
+
+    @property
+    def size_ratio(self) -> float:
+        return self.size_bytes / self.base_size_bytes if self.base_size_bytes else float("nan")
+
+
+class TrainedModel(Ref):
+    base: ModelRef
+    merged: ModelRef               # the merged full model; evaluation and registry use it
+    adapter_path: str | None = None
+    output_dir: str
+    metrics: dict[str, float]
+    steps: int
+    mlflow_run_id: str | None = None
+
+
+class TaskScore(Ref):
+    task: str
+    metric: str
+    value: float
+    stderr: float | None = None
+
+
+class PerfProbe(Ref):
+    backend: str
+    device: str
+    tokens_per_s: float                    # output tokens/s at batch 1
+    first_token_latency_ms: float          # mean time to first token
+    peak_memory_gb: float
+    size_on_disk_gb: float
+    tokens_per_s_large_batch: float | None = None   # output tokens/s at batch ``large_batch``
+    large_batch: int | None = None
+    ttft_p50_ms: float | None = None
+    ttft_p95_ms: float | None = None
+    prompts: int | None = None             # prompts timed at batch 1 (and for TTFT)
+    max_new_tokens: int | None = None
+    device_name: str | None = None         # e.g. "NVIDIA H100 80GB HBM3", or the CPU
+
+
+class TaskResult(Ref):
+    """One task of an evaluation: lm-eval's scores for it (and its subtasks) and its reported score."""
+
+    task: str                              # the name in the report (suites.yaml or the task YAML)
+    engine_task: str                       # the lm-eval task or group that ran
+    source: str                            # fixture | engine | local
+    metric: str                            # the reported metric
+    value: float | None                    # its value, 0..1
+    stderr: float | None = None
+    random_baseline: float = 0.0
+    random_baseline_source: str = "declared"   # or how it was measured ("mean of 1/choices over 48 items")
+    normalized: float | None = None        # 0 at the random baseline, 100 at a perfect score
+    scores: list[TaskScore]                # every metric of the task and its subtasks
+    versions: dict[str, str]               # lm-eval task versions (the task and its subtasks)
+    num_fewshot: int
+    limit: int | None = None
+    n_samples: dict[str, int] = {}         # items evaluated per leaf task
+    seconds: float = 0.0
+    results_path: str                      # lm-eval's results (JSON) and per-item samples (JSONL)
+    samples_path: str
+    mlflow_run_id: str | None = None
+
+
+class EvalReport(Ref):
+    model: str
+    model_sha: str
+    variant: str = "base"
+    scores: list[TaskScore]
+    perf: PerfProbe | None = None
+    protocol: dict
+    versions: dict
+    timestamp: str
+    report_path: str
+    mlflow_run_id: str | None = None
+    suite: str | None = None
+    task_results: list[TaskResult] = []
+    normalized: dict[str, float] = {}      # task -> normalized score (0-100), for tasks with a score
+    average_normalized: float | None = None
+
+    def score(self, task: str, metric: str) -> float | None:
+        for s in self.scores:
+            if s.task == task and s.metric == metric:
+                return s.value
+        return None
+
+
+class GateRule(Ref):
+    rule: str
+    measured: float | None
+    limit: float | None
+    passed: bool
+    detail: str = ""
+
+
+class GateDecision(Ref):
+    passed: bool
+    rules: list[GateRule]
+    compared_to: str | None = None          # champion version compared against
+    champion_scores: dict[str, float] = {}
+
+    @property
+    def reasons(self) -> list[str]:
+        return [f"{r.rule}: {r.detail}" for r in self.rules if not r.passed]
+
+
+class RegisteredVersion(Ref):
+    """A model version in the registry (the candidate a run registered, or found already registered)."""
+
+    model_name: str
+    version: str
+    source: str                    # where its files are: the durable artifact it was registered from
+    model_sha: str
+    created: bool                  # False: an earlier run registered these exact files
+    mlflow_run_id: str | None = None
+
+
+class PromotionResult(Ref):
+    registered: bool               # True: the champion alias moved to this run's version
+    model_name: str
+    version: str | None = None
+    alias: str | None = None
+    message: str
+    previous_champion: str | None = None
+    decision: GateDecision | None = None   # the decision promotion acted on (re-gated if the champion changed)

@@ -1,0 +1,88 @@
+"""Where Gauntlet keeps its state, and the environment that points Prefect and MLflow there.
+
+Everything lives under ``$GAUNTLET_HOME`` (default ``./.gauntlet``): MLflow's sqlite store and
+artifacts, Prefect's home and persisted results, model caches and stage outputs. This module
+imports neither Prefect nor MLflow: :func:`configure_environment` must run before they load,
+because both read their settings at import time.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def gauntlet_home() -> Path:
+    return Path(os.environ.get("GAUNTLET_HOME", Path.cwd() / ".gauntlet")).resolve()
+
+
+def stage_dir(stage: str, key: str) -> Path:
+    """Durable output folder of one stage execution, addressed by its cache key."""
+    return gauntlet_home() / "stages" / stage / key[:16]
+
+
+def models_cache() -> Path:
+    return gauntlet_home() / "models"
+
+
+def default_tracking_uri() -> str:
+    return f"sqlite:///{gauntlet_home() / 'mlflow.db'}"
+
+
+def configure_environment() -> Path:
+    """Point Prefect and MLflow at ``$GAUNTLET_HOME`` unless the user already pointed them elsewhere."""
+    home = gauntlet_home()
+    home.mkdir(parents=True, exist_ok=True)
+    os.environ["GAUNTLET_HOME"] = str(home)
+    defaults = {
+        "PREFECT_HOME": str(home / "prefect"),
+        "PREFECT_LOCAL_STORAGE_PATH": str(home / "prefect" / "results"),
+        # Results must persist so the cache works across processes.
+        "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        # The ephemeral API's 20 s start-up limit is too short on a busy 2-core machine.
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+        "PREFECT_LOGGING_LOG_PRINTS": "true",
+        "MLFLOW_TRACKING_URI": default_tracking_uri(),
+        # MLflow's sqlite registry is the default; nothing here needs the file store.
+        "GIT_PYTHON_REFRESH": "quiet",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    for key, value in defaults.items():
+        os.environ.setdefault(key, value)
+    return home
+
+
+class ServerUnreachable(RuntimeError):
+    pass
+
+
+def check_servers(timeout_s: float = 5.0) -> None:
+    """Fail fast, naming the variable to fix, when a configured MLflow or Prefect server does not answer.
+
+    Without this, MLflow's client retries for minutes and Prefect fails mid-start; nothing heavy has
+    run yet when this raises.
+    """
+    import urllib.error
+    import urllib.request
+
+    targets = []
+    mlflow_uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if mlflow_uri.startswith(("http://", "https://")):
+        targets.append(("MLFLOW_TRACKING_URI", mlflow_uri.rstrip("/") + "/health"))
+    prefect_url = os.environ.get("PREFECT_API_URL", "")
+    if prefect_url.startswith(("http://", "https://")):
+        targets.append(("PREFECT_API_URL", prefect_url.rstrip("/") + "/health"))
+    for var, url in targets:
+        try:
+            with urllib.request.urlopen(url, timeout=timeout_s):
+                pass
+        except urllib.error.HTTPError:
+            continue  # it answered: reachable (auth or routing is the server's business)
+        except (urllib.error.URLError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            raise ServerUnreachable(
+                f"{var}={os.environ[var]} does not answer ({reason}). Start that server, fix {var}, or unset "
+                f"it to use the local default (sqlite MLflow / ephemeral Prefect in $GAUNTLET_HOME)."
+            ) from None
