@@ -33,6 +33,7 @@ from gauntlet.files import is_complete, mark_complete
 from gauntlet.hashing import sha256_dir
 from gauntlet.launch import launch, write_args
 from gauntlet.plan.memory import (
+    LOSS_CHUNK_TOKENS,
     Devices,
     accelerate_configs,
     check_training_memory,
@@ -184,7 +185,7 @@ def _launch(spec: TrainSpec, model: ModelRef, data: DatasetRef, out: Path, mlflo
     deepspeed = profile_named(spec.accelerate.profile).kind == "deepspeed"
     args = {"base_model": model.path, "train_path": data.train_path, "validation_path": data.validation_path,
             "output_dir": str(out), "cpu": use_cpu and not deepspeed, "train": spec.model_dump(mode="json"),
-            "mlflow": mlflow,
+            "mlflow": mlflow, "loss_chunk_tokens": LOSS_CHUNK_TOKENS,
             "card": {"name": f"{model.name}-ft", "base_model": model.source, "base_revision": model.revision,
                      "base_sha": model.sha, "data_md5": data.md5, "train_file": data.train_path,
                      "validation_file": data.validation_path}}

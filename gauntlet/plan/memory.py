@@ -22,8 +22,15 @@ activations            per token per decoder layer, (6h + 2kv + 4i) values kept 
                        pass (norm inputs/outputs, q/k/v, attention output, the MLP's gate, up,
                        activation and product); with checkpointing only each layer's input (h)
                        plus one layer recomputed at a time. tokens = batch_size x max_seq_len.
-logits                 tokens x vocab x (c + 8): the logits, their fp32 copy for the loss and its
-                       gradient.
+                       At ``c`` bytes, except QLoRA with its weights unsharded: there
+                       ``prepare_model_for_kbit_training`` upcasts the norms and embeddings to fp32,
+                       which makes the residual stream fp32 (4 bytes; measured on an H200: 2x the
+                       bf16 figure).
+logits                 12 bytes per logit (measured on an H200 with a 128k vocabulary: the logits and
+                       their gradient in bf16, and both again in fp32 for the loss) for
+                       LOSS_CHUNK_TOKENS tokens at a time: the trainer computes the loss in chunks
+                       (gauntlet.programs.trainer.ChunkedLoss); ZeRO-3/FSDP, which cannot, hold every
+                       token's logits at once. Plus the final hidden states the chunks read.
 runtime overhead       1 GiB: CUDA context, cuBLAS/NCCL workspaces (on the CPU: the interpreter).
 allocator slack        10% of the above (fragmentation).
 =====================  ==========================================================================
@@ -63,6 +70,8 @@ SLACK = 0.10
 # the order in which `plan` recommends profiles: least communication first
 PREFERENCE = ("single_gpu", "multi_gpu", "deepspeed_zero2", "fsdp", "deepspeed_zero3_offload")
 BATCH_CHOICES = (1, 2, 4, 8, 16, 32, 64, 128)   # micro-batches `plan` tries when it proposes one
+LOSS_CHUNK_TOKENS = 4096   # tokens whose logits exist at once (passed to the trainer, which computes the loss so)
+LOGIT_BYTES = 12           # per logit at the loss's peak; see the module docstring
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,10 +204,14 @@ def estimate(shape: ModelShape, train: TrainSpec, profile: Profile, processes: i
         optimizer = 0.0
 
     tokens = train.batch_size * train.max_seq_len
-    per_layer = tokens * (6 * shape.hidden_size + 2 * shape.kv_size + 4 * shape.intermediate_size) * c
+    a = 4 if train.method == "qlora" and not profile.shards_weights else c   # the residual stream's bytes
+    per_layer = tokens * (6 * shape.hidden_size + 2 * shape.kv_size + 4 * shape.intermediate_size) * a
     act_full = shape.num_layers * per_layer
-    act_ckpt = shape.num_layers * tokens * shape.hidden_size * c + per_layer
-    logits = tokens * shape.vocab_size * (c + 8)
+    act_ckpt = shape.num_layers * tokens * shape.hidden_size * a + per_layer
+    chunked = not profile.shards_weights
+    logits = (min(tokens, LOSS_CHUNK_TOKENS) if chunked else tokens) * shape.vocab_size * LOGIT_BYTES
+    if chunked:
+        logits += tokens * shape.hidden_size * a    # the final hidden states the chunks read
 
     terms = {"weights": weights, "LoRA adapters": adapters, "gradients": gradients, "optimizer state": optimizer,
              "activations": act_ckpt if checkpointing else act_full, "logits": logits,

@@ -6,6 +6,7 @@ it can be run by hand the same way.
 
     ARGS.json = {"base_model": DIR, "train_path": JSONL, "validation_path": JSONL, "output_dir": DIR,
                  "cpu": bool, "train": {TrainSpec fields}, "mlflow": {"tracking_uri", "run_id"} | null,
+                 "loss_chunk_tokens": N | null (the loss a chunk of tokens at a time; null: the full logits),
                  "card": {"base_model", "base_revision", "base_sha", "data_md5", ...} | null}
 
 What it writes into the output folder (durable: a retry or a rerun finds it there):
@@ -36,8 +37,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, set_seed
+from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader, Sampler
 
 from gauntlet.data.sft import IGNORE_INDEX, collate, pack, read_jsonl, resolve_format, tokenize_rows
@@ -174,6 +177,71 @@ def merge_and_save(base_model: str, adapter_dir: Path, merged_dir: Path, tokeniz
 
 
 # ---------------------------------------------------------------------------------------------
+# the loss, a chunk of tokens at a time: the full logits (tokens x vocabulary, in bf16 and fp32, and
+# their gradients) are the largest tensors of a training step with a 128k vocabulary
+# ---------------------------------------------------------------------------------------------
+
+
+class HiddenStates(torch.nn.Module):
+    """Stands in for the output head during training: keeps the head (its weight stays trained, saved in
+    checkpoints and restored) and returns the final hidden states."""
+
+    def __init__(self, head: torch.nn.Module):
+        super().__init__()
+        self.head = head
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden
+
+
+class ChunkedLoss:
+    """Causal-LM loss without the full logits. The model's output head is swapped for an identity, so its
+    forward returns the final hidden states; the head and the cross-entropy then run over the labelled tokens
+    ``chunk`` at a time, each chunk recomputed in the backward pass. Same value as the model's own loss (mean
+    over labelled tokens), a few GiB instead of ~12 bytes x tokens x vocabulary. Not for ZeRO-3/FSDP, which
+    shard the head's weight outside the forward: there the model's own loss is used."""
+
+    def __init__(self, model, chunk: int | None, accelerator: Accelerator):
+        self.accelerator, self.chunk = accelerator, chunk
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        head = base.get_output_embeddings()
+        self.base, self.head = base, head
+        usable = chunk and head is not None and getattr(head, "bias", None) is None and not shards_weights(accelerator)
+        self.weight = head.weight if usable else None
+        if self.weight is not None:
+            base.set_output_embeddings(HiddenStates(head))
+
+    @property
+    def chunked(self) -> bool:
+        return self.weight is not None
+
+    def restore(self) -> None:
+        """Put the output head back (before the model is saved)."""
+        if self.weight is not None:
+            self.base.set_output_embeddings(self.head)
+
+    def _nll(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        with self.accelerator.autocast():
+            logits = F.linear(hidden, self.weight)
+        return F.cross_entropy(logits.float(), targets, reduction="sum")
+
+    def __call__(self, model, batch: dict) -> torch.Tensor:
+        if self.weight is None:
+            return model(**batch, use_cache=False).loss
+        labels = batch["labels"]
+        hidden = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits
+        hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])   # position t predicts token t + 1
+        targets = labels[:, 1:].reshape(-1)
+        keep = targets != IGNORE_INDEX                          # prompts and padding cost no head compute
+        hidden, targets = hidden[keep], targets[keep]
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for i in range(0, targets.numel(), self.chunk):
+            total = total + checkpoint(self._nll, hidden[i:i + self.chunk], targets[i:i + self.chunk],
+                                       use_reentrant=False)
+        return total / max(targets.numel(), 1)
+
+
+# ---------------------------------------------------------------------------------------------
 # checkpoints: durable, resumable, written atomically (a directory is complete once renamed)
 # ---------------------------------------------------------------------------------------------
 
@@ -278,12 +346,12 @@ def peak_memory_gb(device: torch.device) -> float:
 
 
 @torch.no_grad()
-def validation_loss(model, loader, accelerator: Accelerator) -> float:
+def validation_loss(model, loader, accelerator: Accelerator, loss_of: ChunkedLoss) -> float:
     model.eval()
     losses = []
     for batch in loader:
         batch.pop("n_tokens")
-        losses.append(accelerator.gather(model(**batch, use_cache=False).loss.detach().reshape(1)).mean().item())
+        losses.append(accelerator.gather(loss_of(model, batch).detach().reshape(1)).mean().item())
     model.train()
     return float(sum(losses) / max(len(losses), 1))
 
@@ -402,12 +470,14 @@ def train(args: dict) -> dict:
     if checkpointing is None:
         checkpointing = accelerator.device.type == "cuda"
     model = load_model(args["base_model"], cfg, accelerator, checkpointing)
+    loss_of = ChunkedLoss(model, args.get("loss_chunk_tokens"), accelerator)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     say(f"[trainer] method={cfg['method']} trainable={trainable:,}/{total:,} format={fmt} "
         f"examples={len(train_examples)} rows={len(train_items)}{' (packed)' if cfg.get('packing') else ''} "
         f"device={accelerator.device} processes={accelerator.num_processes} "
-        f"distributed={accelerator.distributed_type.value} gradient_checkpointing={checkpointing}")
+        f"distributed={accelerator.distributed_type.value} gradient_checkpointing={checkpointing} "
+        f"loss={'chunked by ' + str(loss_of.chunk) + ' tokens' if loss_of.chunked else 'full logits'}")
     optimizer = make_optimizer(model, cfg, accelerator)
     scheduler = get_linear_schedule_with_warmup(optimizer, cfg["warmup_steps"], cfg["max_steps"])
     train_loader = batches(train_items, EpochShuffle(len(train_items), cfg["seed"]))
@@ -440,7 +510,7 @@ def train(args: dict) -> dict:
         for batch in loader:
             n_tokens = batch.pop("n_tokens")
             with accelerator.accumulate(model):
-                loss = model(**batch, use_cache=False).loss
+                loss = loss_of(model, batch)
                 accelerator.backward(loss)
                 grad_norm = (accelerator.clip_grad_norm_(model.parameters(), 1.0)
                              if accelerator.sync_gradients else None)
@@ -467,13 +537,13 @@ def train(args: dict) -> dict:
                            "tokens_per_s": tokens / max(elapsed, 1e-9), "epoch": float(epoch),
                            "peak_memory_gb": peak_memory_gb(accelerator.device)}
                 if eval_now:
-                    metrics["val_loss"] = validation_loss(model, val_loader, accelerator)
+                    metrics["val_loss"] = validation_loss(model, val_loader, accelerator, loss_of)
                 sink.log(step, metrics)
                 say(f"[trainer] step {step}/{max_steps} " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
                 running, tokens, window_start = [], 0, time.time()
             paused = time.time()   # evaluation and checkpoints do not count against tokens/s
             if eval_now and not logging_now:
-                sink.log(step, {"val_loss": validation_loss(model, val_loader, accelerator)})
+                sink.log(step, {"val_loss": validation_loss(model, val_loader, accelerator, loss_of)})
             if every_ckpt and step % every_ckpt == 0 and step < max_steps:
                 saved = checkpoints.save({"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
                                           "history": sink.history,
@@ -486,6 +556,7 @@ def train(args: dict) -> dict:
             epoch, batch_in_epoch = epoch + 1, 0
     steplog.close()
 
+    loss_of.restore()
     # the final weights: ZeRO-3/FSDP gather them from every process, so all processes take part
     gathered = {"state_dict": accelerator.get_state_dict(model)} if shards_weights(accelerator) else {}
     unwrapped = accelerator.unwrap_model(model)
