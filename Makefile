@@ -1,6 +1,8 @@
 # Two commands do all set-up on a fresh machine with Python 3.11:
 #   make demo   - create .venv, install, run the demo pipeline end to end (no servers)
-#   make test   - create .venv, install, run the test suite (what .ci/run calls)
+#   make test   - create .venv, install, run the test suite (what .ci/run calls): unit, then integration
+# and for the quick loop while changing code:
+#   make test-fast - tests/unit only (config, gate rules, planner, ranking, layout; no servers, no models)
 PYTHON ?= python3
 VENV   ?= .venv
 # The CPU build of torch, installed before the project where no torch is present (CI, laptops).
@@ -11,7 +13,7 @@ BIN := $(VENV)/bin
 # by the demo and the tests, so the pip install (1-3 min) is paid once per checkout, not per test session.
 export GAUNTLET_QUANT_VENV ?= $(CURDIR)/.venv-quantize
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test test-fast clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -25,7 +27,10 @@ demo: setup
 	$(BIN)/gauntlet demo
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q tests/unit tests/integration
+
+test-fast: setup
+	$(BIN)/python -m pytest -q tests/unit
 
 clean:
 	rm -rf .gauntlet data/demo

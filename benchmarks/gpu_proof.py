@@ -192,7 +192,8 @@ def train_spec(args, batch: int, steps: int):
 
 
 def planned(args, spec) -> dict:
-    from gauntlet.plan.memory import GIB, make_plan, visible_devices
+    from gauntlet.plan.memory import GIB, visible_devices
+    from gauntlet.plan.report import make_plan
     from gauntlet.plan.shape import model_shape
 
     shape = model_shape(model_dir(args.work, "8b"), "llama-3-8b shape")

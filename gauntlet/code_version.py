@@ -108,9 +108,20 @@ def _parse(path: Path) -> ast.Module:
         return ast.parse(path.read_text(encoding="utf-8"))
 
 
+def _stamp(path: Path) -> tuple:
+    """What says a file changed: the caches below are keyed on it, so an edit is seen at once."""
+    st = path.stat()
+    return (str(path), st.st_mtime_ns, st.st_size)
+
+
 def normalized_source(path: Path) -> str:
     """The module's syntax tree without docstrings or positions: what it does, not how it is written."""
-    tree = _parse(path)
+    return _normalized(_stamp(path))
+
+
+@functools.lru_cache(maxsize=512)
+def _normalized(stamp: tuple) -> str:
+    tree = _parse(Path(stamp[0]))
     for node in ast.walk(tree):
         body = getattr(node, "body", None)
         if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
@@ -136,16 +147,21 @@ def module_closure(module: str, tree: SourceTree) -> dict[str, Path]:
         if name in found or path is None:
             continue
         found[name] = path
-        parsed = _parse(path)
-        for imported in imported_names(parsed, name, path.name == "__init__.py"):
+        for imported in _imports(_stamp(path), name):
             if imported.split(".")[0] == PACKAGE:
                 pending += [m for m in _with_parents(imported, tree) if m not in found]
     return found
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=512)
+def _imports(stamp: tuple, module: str) -> frozenset[str]:
+    path = Path(stamp[0])
+    return frozenset(imported_names(_parse(path), module, path.name == "__init__.py"))
+
+
 def code_version(module: str, tree: SourceTree | None = None) -> str:
-    """The code version of a stage whose Prefect task is defined in ``module`` (16 hex digits)."""
+    """The code version of a stage whose Prefect task is defined in ``module`` (16 hex digits). Each file is
+    parsed once per content (the caches are keyed on its modification time and size)."""
     tree = tree or SourceTree.installed()
     if tree.file_of(module) is None:
         raise ValueError(f"{module} is not a module of the gauntlet package (import stages as gauntlet.tasks.*)")

@@ -21,3 +21,16 @@ def mlflow_name(*parts: str) -> str:
 def metric_key(task: str, metric: str) -> str:
     """A task's metric as an MLflow key: ``gsm8k.exact_match/strict-match`` (lm-eval's comma becomes a slash)."""
     return mlflow_name(task, metric.replace(",", "/"))
+
+
+def task_result_metrics(result) -> dict[str, float]:
+    """A task's scores (a :class:`~gauntlet.refs.TaskResult`) as MLflow metrics: every metric and its stderr,
+    and the normalized score."""
+    out: dict[str, float] = {}
+    for s in result.scores:
+        out[metric_key(s.task, s.metric)] = s.value
+        if s.stderr is not None:
+            out[metric_key(s.task, s.metric + "_stderr")] = s.stderr
+    if result.normalized is not None:
+        out[metric_key(result.task, "normalized")] = result.normalized
+    return out

@@ -47,9 +47,9 @@ def installed_checkout() -> Path | None:
     return folder if is_gauntlet_checkout(folder) else None
 
 
-def check_checkout(root: Path, installed: Path | None = None) -> None:
-    """ProjectError when ``root`` is a gauntlet checkout other than the one this gauntlet runs from."""
-    installed = installed if installed is not None else installed_checkout()
+def check_checkout(root: Path, installed: Path | None) -> None:
+    """ProjectError when ``root`` is a gauntlet checkout other than ``installed``, the one this gauntlet runs
+    from (None: installed from a wheel, no checkout to compare with)."""
     if installed is None or not is_gauntlet_checkout(root) or installed.resolve() == root.resolve():
         return
     raise ProjectError(
@@ -72,7 +72,7 @@ def _root_for(cwd: str, env_root: str | None) -> Path:
                 f"no Gauntlet project at or above {cwd} (a project is a folder with dvc.yaml and configs/). "
                 f"Fix: run gauntlet from inside your project, or set ${ROOT_ENV}.")
         root = found
-    check_checkout(root)
+    check_checkout(root, installed_checkout())
     return root
 
 

@@ -17,7 +17,8 @@ from prefect.transactions import CommitMode, transaction
 from gauntlet.config.eval import EvalSpec
 from gauntlet.eval.engine import engine_for
 from gauntlet.eval.protocol import plans_of, protocol_of
-from gauntlet.eval.report import build_report, report_markdown, task_result_metrics
+from gauntlet.eval.report import build_report, report_markdown
+from gauntlet.names import task_result_metrics
 from gauntlet.refs import DatasetRef, EvalReport, ModelRef, TaskResult
 from gauntlet.tracking import flatten_params
 from gauntlet.tasks._stage import StageRun, stage

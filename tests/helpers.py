@@ -8,6 +8,8 @@ from pathlib import Path
 
 import yaml
 
+from gauntlet.refs import EvalReport, PerfProbe, TaskScore
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -45,3 +47,27 @@ def write_demo_config(tmp_path: Path, mutate, name: str = "config.yaml") -> Path
     path = tmp_path / name
     path.write_text(yaml.safe_dump(raw))
     return path
+
+
+def make_report(scores: dict[str, float], perf: dict | None = None, model: str = "candidate") -> EvalReport:
+    """A hand-made report: one acc score per task (the gate's and the registry's tests)."""
+    return EvalReport(model=model, model_sha="0" * 64, variant="finetuned",
+                      scores=[TaskScore(task=t, metric="acc", value=v, stderr=0.01) for t, v in scores.items()],
+                      perf=PerfProbe(**perf) if perf else None, protocol={"num_fewshot": 0, "seed": 1234},
+                      versions={"lm_eval": "test"}, timestamp="2025-01-01T00:00:00Z", report_path="/nonexistent")
+
+
+def prefect_yaml() -> dict:
+    """deployments/prefect.yaml, parsed."""
+    return yaml.safe_load((REPO / "deployments" / "prefect.yaml").read_text())
+
+
+def load_collector():
+    """deployments/ci/collect_results.py as a module (CI runs it as a script)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("collect_results", REPO / "deployments" / "ci" /
+                                                  "collect_results.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

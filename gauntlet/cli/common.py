@@ -9,6 +9,12 @@ from pathlib import Path
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
 
 
+def add_config(p: argparse.ArgumentParser, what: str = "run config", example: str = "train.learning_rate=1e-4") -> None:
+    """The CONFIG argument and its ``--set`` overrides (validate, run, plan)."""
+    p.add_argument("config", help=f"path of the {what} (YAML)")
+    add_overrides(p, example)
+
+
 def add_overrides(p: argparse.ArgumentParser, example: str = "train.learning_rate=1e-4") -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help=f"override a value by dotted key, e.g. {example} (repeatable)")

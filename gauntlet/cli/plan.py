@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from gauntlet.cli.common import EXIT_FAILED, EXIT_INVALID, EXIT_OK, add_overrides
+from gauntlet.cli.common import EXIT_FAILED, EXIT_INVALID, EXIT_OK, add_config
 from gauntlet.config.load import load_spec
 
 
@@ -17,8 +17,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                                    "from the model's config.json alone, and compare it with the visible GPUs (or "
                                    "the ones declared with --gpus/--gpu-memory). Exit 1 if the configured "
                                    "profile does not fit them.")
-    p.add_argument("config", help="path of the run config (YAML)")
-    add_overrides(p, "train.batch_size=4")
+    add_config(p, example="train.batch_size=4")
     p.add_argument("--gpus", type=int, default=None, help="plan for this many GPUs instead of the visible ones")
     p.add_argument("--gpu-memory", type=float, default=None, metavar="GIB",
                    help="memory per GPU in GiB, with --gpus (default 80)")
@@ -28,7 +27,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     spec = load_spec(Path(args.config).resolve(), args.overrides)
-    from gauntlet.plan.memory import declared_devices, plan_for_spec, render, to_json
+    from gauntlet.plan.memory import declared_devices
+    from gauntlet.plan.report import plan_for_spec, render, to_json
     from gauntlet.plan.shape import PlanError
 
     devices = declared_devices(args.gpus, args.gpu_memory or 80.0) if args.gpus else None

@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from gauntlet.cli.common import EXIT_FAILED, EXIT_OK, add_overrides, start_environment
+from gauntlet.cli.common import EXIT_FAILED, EXIT_OK, add_config, start_environment
 from gauntlet.config.load import load_spec
 
 
@@ -15,8 +15,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run the finetune flow for one config",
                        description="Pull data, fetch the model, train, evaluate, gate and promote. Stages whose "
                                    "inputs did not change come from Prefect's cache.")
-    p.add_argument("config", help="path of the run config (YAML)")
-    add_overrides(p)
+    add_config(p)
     return p
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from gauntlet.cli.common import EXIT_OK, add_overrides
+from gauntlet.cli.common import EXIT_OK, add_config
 from gauntlet.config.load import config_kind, load_leaderboard_spec, load_spec
 
 
@@ -13,8 +13,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="check a config and print every problem with its YAML path",
                        description="Validate a run config (or a leaderboard config) without running anything. "
                                    "Exit 2 if invalid.")
-    p.add_argument("config", help="path of the config (YAML)")
-    add_overrides(p)
+    add_config(p, "run or leaderboard config")
     return p
 
 

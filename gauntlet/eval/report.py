@@ -22,7 +22,6 @@ from gauntlet.config.eval import EvalSpec
 from gauntlet.eval.engine import EvalError, device_kind, engine_for, engine_model_args, pkg_version, run_task
 from gauntlet.eval.protocol import engine_protocol, plans_of, protocol_of
 from gauntlet.eval.speed import probe_speed
-from gauntlet.names import metric_key
 from gauntlet.refs import EvalReport, ModelRef, PerfProbe, TaskResult
 
 log = logging.getLogger(__name__)
@@ -121,15 +120,3 @@ def report_markdown(report: EvalReport) -> str:
 def load_report(path: str | Path) -> EvalReport:
     """Read a report.json written by :func:`evaluate_model` or the stage."""
     return EvalReport.model_validate_json(Path(path).read_text(encoding="utf-8"))
-
-
-def task_result_metrics(result: TaskResult) -> dict[str, float]:
-    """A task's scores as MLflow metrics: every metric and its stderr, and the normalized score."""
-    out: dict[str, float] = {}
-    for s in result.scores:
-        out[metric_key(s.task, s.metric)] = s.value
-        if s.stderr is not None:
-            out[metric_key(s.task, s.metric + "_stderr")] = s.stderr
-    if result.normalized is not None:
-        out[metric_key(result.task, "normalized")] = result.normalized
-    return out

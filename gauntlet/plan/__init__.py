@@ -1,1 +1,1 @@
-"""Training memory planning: the model shape from config.json (``shape``) and the estimate per launch profile (``memory``)."""
+"""Training memory planning: the model shape from config.json (``shape``), the estimate per launch profile (``memory``) and ``gauntlet plan``'s report (``report``)."""

@@ -41,7 +41,6 @@ recorded beside it in ``benchmarks/RESULTS.md`` where a GPU was available.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,15 +48,11 @@ from typing import Literal
 
 import yaml
 
-from gauntlet.config.model import ModelSpec
 from gauntlet.config.train import TrainSpec
 from gauntlet.plan.shape import (
     ModelShape,
     PlanError,
-    check_model_fit,
-    fetch_model_config,
     lora_param_count,
-    model_shape,
 )
 from gauntlet.project import project_root
 
@@ -324,127 +319,3 @@ def largest_batch(shape: ModelShape, train: TrainSpec, devices: Devices) -> int 
             break
         best = batch
     return best
-
-
-# ---------------------------------------------------------------------------------------------
-# `gauntlet plan`
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Plan:
-    shape: ModelShape
-    train: TrainSpec
-    devices: Devices
-    configured: Estimate
-    configured_fits: bool
-    configured_why: str
-    by_profile: dict[str, Estimate]
-    verdicts: dict[str, tuple[bool, str]]
-    cpu_run: Estimate | None = None          # the run this machine would do (no CUDA: on the CPU)
-    largest_batch: int | None = None         # the largest micro-batch that fits the configured profile
-
-    @property
-    def recommended(self) -> str | None:
-        return next((name for name, (ok, _) in self.verdicts.items() if ok), None)
-
-    def as_dict(self) -> dict:
-        s = self.shape
-        return {"model": {"source": s.source, "architecture": s.architecture, "total_params": s.total_params,
-                          "linear_params": s.linear_params, "num_layers": s.num_layers, "hidden_size": s.hidden_size,
-                          "vocab_size": s.vocab_size, "max_positions": s.max_positions},
-                "method": self.train.method, "devices": self.devices.description,
-                "configured": {**self.configured.as_dict(), "fits": self.configured_fits, "why": self.configured_why},
-                "profiles": {k: {**e.as_dict(), "fits": self.verdicts[k][0], "why": self.verdicts[k][1]}
-                             for k, e in self.by_profile.items()},
-                "recommended": self.recommended, "largest_batch": self.largest_batch,
-                "cpu_run": self.cpu_run.as_dict() if self.cpu_run else None}
-
-
-def make_plan(shape: ModelShape, train: TrainSpec, devices: Devices | None = None, gpus: int | None = None) -> Plan:
-    """Estimates for the configured profile and every profile in deployments/accelerate/.
-
-    Multi-process profiles use ``gpus`` processes (default: the visible GPUs when there are several,
-    else the configured process count, at least 2).
-    """
-    devices = devices or visible_devices()
-    acc = train.accelerate
-    configured_n = acc.num_processes * acc.num_machines
-    target = devices if devices.kind == "cuda" else None
-    n_multi = gpus or (devices.count * acc.num_machines if target and devices.count > 1 else max(configured_n, 2))
-    by_profile, verdicts = {}, {}
-    for name, p in launch_profiles().items():
-        est = estimate(shape, train, p, 1 if p.kind == "single" else n_multi, "cuda")
-        by_profile[name] = est
-        verdicts[name] = verdict(est, target, acc.num_machines) if target else (False, "no GPU to compare with")
-    configured = estimate(shape, train, profile_named(acc.profile), configured_n, "cuda")
-    if target:
-        ok, why = verdict(configured, target, acc.num_machines)
-    else:
-        ok, why = True, "no GPU visible to compare with (pass --gpus and --gpu-memory to plan for one)"
-    cpu_run = estimate(shape, train, profile_named(acc.profile), configured_n, "cpu") if not target else None
-    batch = largest_batch(shape, train, target) if target else None
-    return Plan(shape, train, devices, configured, ok, why, by_profile, verdicts, cpu_run, batch)
-
-
-def render(plan: Plan) -> str:
-    s, t = plan.shape, plan.train
-    lora = (f", LoRA r={t.lora.r} on {t.lora.target_modules} ({plan.configured.trainable_params / 1e6:,.1f}M "
-            "trainable)" if t.method != "full" else "")
-    lines = [
-        f"model     {s.source}: {s.architecture}, {s.total_params / 1e9:.2f}B parameters "
-        f"({s.linear_params / 1e9:.2f}B in linear layers), {s.num_layers} layers, hidden {s.hidden_size}, "
-        f"vocab {s.vocab_size}, max positions {s.max_positions}",
-        f"training  {t.method}{lora}; micro-batch {t.batch_size} x {t.max_seq_len} tokens; bf16 compute; "
-        f"gradient checkpointing {'on' if plan.configured.gradient_checkpointing else 'off'}",
-        f"devices   {plan.devices.description}",
-        "",
-    ]
-    short = {"weights": "weights", "LoRA adapters": "LoRA", "gradients": "grads", "optimizer state": "optim",
-             "activations": "activ", "logits": "logits", "runtime overhead": "runtime",
-             "allocator slack (10%)": "slack"}
-    names = list(plan.by_profile)
-    first = max(len("GiB per GPU"), *(len(n) for n in names)) + 2
-    heads = ["procs", *(short[k] for k in plan.configured.terms), "total", "host", "fits"]
-    lines.append("GiB per GPU".ljust(first) + "".join(h.rjust(9) for h in heads))
-    for name in names:
-        est = plan.by_profile[name]
-        ok, why = plan.verdicts[name]
-        cells = [str(est.processes), *(f"{v / GIB:.2f}" for v in est.terms.values()), f"{est.total / GIB:.2f}",
-                 f"{est.host_offload / GIB:.2f}", "yes" if ok else ("-" if "no GPU" in why else "no")]
-        lines.append(name.ljust(first) + "".join(c.rjust(9) for c in cells))
-    c = plan.configured
-    lines.append(f"activations per GPU: {c.activations_checkpointed / GIB:.2f} GiB with gradient checkpointing, "
-                 f"{c.activations_full / GIB:.2f} GiB without (counted: "
-                 f"{'with' if c.gradient_checkpointing else 'without'}); host = memory offloaded per GPU process")
-    lines.append("")
-    acc = t.accelerate
-    lines.append(f"configured: profile {acc.profile or '(none)'} x {acc.num_processes * acc.num_machines}: "
-                 f"{plan.configured.total / GIB:.2f} GiB per GPU; {plan.configured_why}")
-    if plan.cpu_run:
-        ok, why = verdict(plan.cpu_run, plan.devices, acc.num_machines)
-        lines.append(f"on this machine (CPU, fp32): {plan.cpu_run.total / GIB:.2f} GiB per process; {why}")
-    for n in names:
-        if not plan.verdicts[n][0] and "no GPU" not in plan.verdicts[n][1]:
-            lines.append(f"  {n}: {plan.verdicts[n][1]}")
-    if plan.largest_batch:
-        tokens = plan.largest_batch * t.gradient_accumulation_steps * acc.num_processes * acc.num_machines
-        lines.append(f"proposed micro-batch: {plan.largest_batch} (the largest that fits the configured profile; "
-                     f"{tokens * t.max_seq_len:,} tokens per optimizer step with gradient accumulation "
-                     f"{t.gradient_accumulation_steps})")
-    if plan.recommended:
-        lines.append(f"recommended: {plan.recommended} (the first profile that fits, least communication first)")
-    elif plan.devices.kind == "cuda":
-        lines.append("no profile fits these devices: lower batch_size/max_seq_len, use qlora, or add GPUs")
-    return "\n".join(lines)
-
-
-def plan_for_spec(model: ModelSpec, train: TrainSpec, devices: Devices | None = None,
-                  gpus: int | None = None) -> tuple[Plan, list[str]]:
-    """Plan a config's training from the model's config.json; returns (plan, config problems)."""
-    shape = model_shape(fetch_model_config(model), model.source, model.trust_remote_code)
-    return make_plan(shape, train, devices, gpus), check_model_fit(shape, train)
-
-
-def to_json(plan: Plan, problems: list[str]) -> str:
-    return json.dumps({**plan.as_dict(), "problems": problems}, indent=2)

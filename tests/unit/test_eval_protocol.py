@@ -1,21 +1,23 @@
-"""Evaluation stage: real lm-eval, a real (tiny, random-init) model, real files. Nothing mocked."""
+"""The evaluation's pieces without a model: the demo task's prompt is the training prompt, missing task YAMLs
+and data say so, lm-eval's results are read, the vLLM backend gets the protocol, the normalization, and
+`gauntlet eval`'s bad input. A real model is evaluated in tests/integration/test_evaluate.py."""
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import pytest
 import yaml
 
+from gauntlet.config.eval import EvalSpec
 from gauntlet.demo import data as demo_data
-from gauntlet.eval.engine import EvalError, scores_from_results, task_config
+from gauntlet.eval.engine import EvalError, scores_from_results
 from gauntlet.eval.protocol import protocol_of
-from gauntlet.eval.report import evaluate_model, load_report
+from gauntlet.eval.report import evaluate_model
+from gauntlet.eval.taskconfig import task_config
 from gauntlet.prompting import format_prompt
 from gauntlet.refs import ModelRef
-from gauntlet.config.eval import EvalSpec, SpeedProbeSpec
 from tests.helpers import REPO
 
 EVALS = REPO / "evals"
@@ -82,54 +84,6 @@ def test_scores_from_results_reads_metrics_filters_and_na_stderr() -> None:
     assert scores[("t", "acc")].value == 0.5 and scores[("t", "acc")].stderr is None
     assert scores[("t", "exact_match,strict-match")].stderr == 0.1
     assert len(scores) == 2
-
-
-def test_evaluate_tiny_model_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from gauntlet.demo.model import build_demo_model
-
-    monkeypatch.setenv("GAUNTLET_HOME", str(tmp_path / "home"))
-    splits = demo_data.build(48, 7)
-    data = tmp_path / "data" / "eval.jsonl"
-    demo_data.write_jsonl(data, splits["eval"])
-    path = build_demo_model("tiny-llama", out=tmp_path / "m")
-    model = ModelRef(name="tiny-llama", path=str(path), source="demo://tiny-llama", sha="x")
-    spec = EvalSpec(tasks=["demo_facts"], limit=16, batch_size=16,
-                    speed_probe=SpeedProbeSpec(prompts=2, max_new_tokens=8))
-    out = tmp_path / "out"
-
-    report = evaluate_model(spec, model, str(data), out, variant="base")
-
-    acc = report.score("demo_facts", "acc")
-    assert acc is not None and 0.0 <= acc <= 1.0
-    by_metric = {s.metric: s for s in report.scores if s.task == "demo_facts"}
-    assert {"acc", "acc_norm"} <= set(by_metric)
-    assert by_metric["acc"].stderr is not None and by_metric["acc"].stderr >= 0
-    assert report.perf is not None
-    assert report.perf.backend == "hf" and report.perf.device in ("cpu", "cuda")
-    assert report.perf.tokens_per_s > 0 and report.perf.first_token_latency_ms > 0
-    assert report.perf.peak_memory_gb > 0 and report.perf.size_on_disk_gb > 0
-    assert {k: v for k, v in report.protocol.items() if k != "task_versions"} == protocol_of(spec)
-    assert report.protocol["task_versions"] == {"demo_facts": {"demo_facts": "1.0"}}
-    assert report.protocol["limit"] == 16 and report.protocol["decoding"] == "greedy"
-    assert report.versions["tasks"] == {"demo_facts": "1.0"}
-    assert {"lm_eval", "transformers", "torch"} <= set(report.versions)
-    assert report.model == "tiny-llama" and report.model_sha == "x" and report.variant == "base"
-
-    saved = json.loads((out / "report.json").read_text())
-    for key in ("model", "model_sha", "variant", "scores", "perf", "protocol", "versions", "timestamp"):
-        assert key in saved
-    assert saved["timestamp"].endswith("+00:00")
-    assert Path(report.report_path) == out / "report.json"
-    assert load_report(out / "report.json") == report
-    raw = json.loads((out / "tasks" / "demo_facts" / "lm_eval_results.json").read_text())
-    assert raw["n-samples"]["demo_facts"]["effective"] == 16
-    samples = (out / "tasks" / "demo_facts" / "lm_eval_samples.jsonl").read_text().splitlines()
-    assert len(samples) == 16
-    # the model saw exactly the training prompt, answer appended with no delimiter
-    first = json.loads(samples[0])
-    context, continuation = first["arguments"][0]
-    assert context == format_prompt(first["doc"]["instruction"], first["doc"]["input"])
-    assert continuation == first["doc"]["choices"][0]
 
 
 def test_vllm_backend_receives_the_protocol_and_says_when_it_cannot_run(tmp_path: Path) -> None:

@@ -108,9 +108,9 @@ def test_unchanged_suite_costs_nothing_and_an_added_task_runs_alone(prefect_api,
 def test_a_registered_model_is_evaluated_by_its_alias(prefect_api, model_dir, capsys) -> None:
     from mlflow.tracking import MlflowClient
 
-    from tests.helpers import register_as_champion
     from gauntlet.cli import main
     from gauntlet.tracking import tracking_uri
+    from tests.helpers import register_as_champion
 
     spec = spec_with("arc_challenge")
     assert run_eval(model_dir, spec).is_completed()

@@ -7,15 +7,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+# Prefect is imported now (with the stages), not inside a CLI call below: its log handlers bind the stream of
+# the moment, and the CLI calls run under capsys, whose stream closes after each test.
+import gauntlet.tasks.models  # noqa: F401
 import pytest
 import yaml
 
-import tasks.models  # noqa: F401  (imports Prefect now: its log handlers bind the stream of the moment, and
-#                                 the CLI calls below run under capsys, whose stream closes after each test)
 from gauntlet.cli import main as cli
-from gauntlet.plan.memory import declared_devices, estimate, GIB, profile_named
-from gauntlet.plan.shape import check_model_fit, lora_modules, model_shape, ModelShape
 from gauntlet.config.train import TrainSpec
+from gauntlet.plan.memory import GIB, estimate, profile_named
+from gauntlet.plan.shape import ModelShape, check_model_fit, lora_modules, model_shape
 from tests.helpers import REPO
 
 FIXTURES = REPO / "tests" / "fixtures" / "model-configs"
@@ -80,7 +81,12 @@ def test_estimate_matches_hand_computed_numbers(small: ModelShape) -> None:
 
 def test_plan_proposes_the_largest_micro_batch_that_fits(small: ModelShape) -> None:
     """The proposal is the largest of the batch choices whose estimate fits; the next one does not."""
-    from gauntlet.plan.memory import BATCH_CHOICES, declared_devices, largest_batch, verdict
+    from gauntlet.plan.memory import (
+        BATCH_CHOICES,
+        declared_devices,
+        largest_batch,
+        verdict,
+    )
 
     train = TrainSpec(method="qlora", batch_size=1, max_seq_len=128, gradient_checkpointing=True,
                       accelerate={"profile": "single_gpu"})
@@ -164,8 +170,8 @@ def test_registry_source_reads_only_its_config_json(session_home: Path, tmp_path
 
     from mlflow.tracking import MlflowClient
 
-    from tests.helpers import register_as_champion
     from gauntlet.tracking import tracking_uri
+    from tests.helpers import register_as_champion
 
     folder = tmp_path / "registered-7b"
     shutil.copytree(FIXTURES / "llama-2-7b", folder)
@@ -190,9 +196,16 @@ def test_accelerate_profiles_load_with_accelerates_own_loaders() -> None:
     from unittest import mock
 
     from accelerate.commands.config.config_args import load_config_from_file
-    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.commands.launch import (
+        _validate_launch_command,
+        launch_command_parser,
+    )
     from accelerate.utils import DeepSpeedPlugin
-    from accelerate.utils.constants import FSDP_AUTO_WRAP_POLICY, FSDP_SHARDING_STRATEGY, FSDP_STATE_DICT_TYPE
+    from accelerate.utils.constants import (
+        FSDP_AUTO_WRAP_POLICY,
+        FSDP_SHARDING_STRATEGY,
+        FSDP_STATE_DICT_TYPE,
+    )
     from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
 
     folder = REPO / "deployments" / "accelerate"

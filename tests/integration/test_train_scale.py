@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from gauntlet.refs import DatasetRef, ModelRef
 from gauntlet.config.train import TrainSpec
 from gauntlet.hashing import sha256_dir
+from gauntlet.refs import DatasetRef, ModelRef
 from gauntlet.state import gauntlet_home
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -59,7 +59,7 @@ SMALL = dict(method="qlora", learning_rate=0.003, batch_size=16, max_seq_len=64,
 
 
 def test_bad_target_module_missing_response_and_long_sequences_fail_before_training(demo_model, tmp_path) -> None:
-    from gauntlet.training import train_model, TrainingConfigError
+    from gauntlet.training import TrainingConfigError, train_model
 
     def drop_a_response(splits):
         splits["train"][3]["output"] = ""
@@ -80,8 +80,8 @@ def test_bad_target_module_missing_response_and_long_sequences_fail_before_train
 
 
 def test_a_run_that_cannot_fit_is_refused_with_the_plan(demo_model, demo_data, tmp_path) -> None:
-    from gauntlet.plan.memory import Devices, GIB
-    from gauntlet.training import preflight, TrainingConfigError
+    from gauntlet.plan.memory import GIB, Devices
+    from gauntlet.training import TrainingConfigError, preflight
 
     tiny_gpu = Devices("cuda", 1, 0.5 * GIB, "1 x test GPU (0.5 GiB)")
     with pytest.raises(TrainingConfigError) as err:
@@ -130,7 +130,7 @@ def test_deepspeed_zero2_profile_trains_and_resumes_on_the_cpu(demo_model, demo_
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from gauntlet.training import train_model, TrainingError
+    from gauntlet.training import TrainingError, train_model
 
     spec = TrainSpec(**{**SMALL, "method": "lora", "max_steps": 40, "checkpoint_steps": 5, "logging_steps": 5,
                         "batch_size": 8, "accelerate": {"profile": "deepspeed_zero2", "num_processes": 2}})
@@ -184,13 +184,13 @@ def test_deepspeed_zero2_profile_trains_and_resumes_on_the_cpu(demo_model, demo_
 
 @pytest.mark.slow
 def test_killed_training_is_retried_and_resumes_from_its_checkpoint(prefect_api, demo_model, demo_data) -> None:
+    from gauntlet.tasks.train import train
     from mlflow.tracking import MlflowClient
     from prefect import flow
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
     from prefect.runtime import flow_run
 
-    from gauntlet.tasks.train import train
     from gauntlet.tracking import parent_run, tracking_uri
 
     spec = TrainSpec(**{**SMALL, "max_steps": 20, "checkpoint_steps": 10})

@@ -1,4 +1,4 @@
-"""The nightly leaderboard: ranking rules on their own, then three real nights of the flow.
+"""The nightly leaderboard: three real nights of the flow (the ranking rules alone: tests/unit/test_ranking.py).
 
 The nights run the real flow on the session's Prefect test API with real sqlite MLflow (history and the
 registry), real lm-eval on tiny random-init Llamas built with different seeds, and one broken candidate
@@ -19,142 +19,14 @@ import pytest
 import yaml
 
 from gauntlet.demo import data as demo_data
-from gauntlet.eval.suites import normalized_score
-from gauntlet.leaderboard.board import assign_ranks, BoardRow, build_leaderboard, Leaderboard, pareto_front
-from gauntlet.leaderboard.candidates import CandidateOutcome
-from gauntlet.eval.protocol import protocols_match
-from gauntlet.refs import EvalReport, PerfProbe, TaskResult, TaskScore
-from gauntlet.config.leaderboard import LeaderboardSpec
-from gauntlet.config.load import load_leaderboard_spec
-from gauntlet.config.problems import SpecError
-
-
-# ---------------------------------------------------------------------------------------------
-# ranking rules (pure functions, hand-made reports)
-# ---------------------------------------------------------------------------------------------
-
-PROTOCOL = {"backend": "hf", "limit": None, "tasks": ["demo_facts"]}
-VERSIONS = {"lm_eval": "0.4.13", "tasks": {"demo_facts": "1.0"}, "device": "cpu", "dtype": "float32"}
-
-
-def report(acc: float | None, tokens: float = 10.0, memory: float = 1.0, protocol: dict | None = None,
-           stamp: str = "2026-01-01T02:00:00+00:00") -> EvalReport:
-    scores = [] if acc is None else [TaskScore(task="demo_facts", metric="acc", value=acc)]
-    # the evaluation's own baseline for the task: the board normalizes with it
-    results = [TaskResult(task="demo_facts", engine_task="demo_facts", source="local", metric="acc", value=acc,
-                          random_baseline=0.25, random_baseline_source="mean of 1/choices over 48 items",
-                          scores=scores, versions={"demo_facts": "1.0"}, num_fewshot=0, results_path="/dev/null",
-                          samples_path="/dev/null")]
-    return EvalReport(model="m", model_sha="sha", scores=scores, task_results=results, protocol=protocol or PROTOCOL,
-                      versions=VERSIONS,
-                      perf=PerfProbe(backend="hf", device="cpu", tokens_per_s=tokens, first_token_latency_ms=5.0,
-                                     peak_memory_gb=memory, size_on_disk_gb=0.01),
-                      timestamp=stamp, report_path="/dev/null")
-
-
-def outcome(name: str, rep: EvalReport | None, status: str = "ok", reason: str | None = None) -> CandidateOutcome:
-    return CandidateOutcome(candidate=name, variant="bf16", source=f"/models/{name}", status=status, reason=reason,
-                            model_sha=rep.model_sha if rep else None, report=rep)
-
-
-def spec_for(tmp_path: Path, **ranking) -> LeaderboardSpec:
-    data = tmp_path / "eval.jsonl"
-    data.write_text("{}\n")
-    return LeaderboardSpec.model_validate({
-        "name": "unit", "candidates": [{"source": "demo://tiny-llama"}], "eval_file": str(data),
-        "eval": {"tasks": ["demo_facts"]}, "ranking": ranking})
-
-
-def test_ties_share_a_rank_and_missing_scores_are_listed_not_ranked(tmp_path: Path) -> None:
-    spec = spec_for(tmp_path)
-    board = build_leaderboard(spec, [outcome("a", report(0.625)), outcome("b", report(0.625)),
-                                     outcome("c", report(0.4)), outcome("d", report(None)),
-                                     outcome("e", None, "failed", "ValueError: weights do not load")], [])
-    rows = {r.candidate: r for r in board.rows}
-    assert (rows["a"].rank, rows["b"].rank, rows["c"].rank) == (1, 1, 3)
-    assert rows["a"].tie and rows["b"].tie and not rows["c"].tie
-    assert rows["a"].average == pytest.approx(50.0) and rows["c"].average == pytest.approx(20.0)
-    assert rows["d"].status == "ranked" and rows["d"].rank is None
-    assert rows["d"].missing == ["demo_facts.acc"] and "missing demo_facts.acc" in rows["d"].reason
-    assert rows["e"].status == "failed" and rows["e"].reason == "ValueError: weights do not load"
-    assert [r.candidate for r in board.rows] == ["a", "b", "c", "d", "e"]
-    # the baseline is the one the evaluation used, not the leaderboard's own
-    assert board.baselines == {"demo_facts": {"value": 0.25, "source": "mean of 1/choices over 48 items"}}
-
-
-def test_lower_is_better_keys_rank_ascending(tmp_path: Path) -> None:
-    spec = spec_for(tmp_path, key="peak_memory_gb")
-    board = build_leaderboard(spec, [outcome("big", report(0.5, memory=3.0)), outcome("small", report(0.3, memory=1.0))],
-                              [])
-    assert not board.higher_is_better
-    assert [(r.candidate, r.rank) for r in board.ranked()] == [("small", 1), ("big", 2)]
-
-
-def test_reports_with_another_protocol_are_listed_apart_with_the_difference(tmp_path: Path) -> None:
-    spec = spec_for(tmp_path)
-    odd = report(0.9, protocol={**PROTOCOL, "limit": 8})
-    assert not protocols_match(odd, report(0.5))
-    board = build_leaderboard(spec, [outcome("a", report(0.5)), outcome("b", report(0.4)), outcome("odd", odd)],
-                              [])
-    row = board.row("odd", "bf16")
-    assert row.status == "unranked" and row.rank is None
-    assert "limit: 8 != None" in row.reason
-    assert [r.candidate for r in board.ranked()] == ["a", "b"]
-
-
-def test_deltas_and_trend_against_previous_nights(tmp_path: Path) -> None:
-    spec = spec_for(tmp_path)
-    night1 = build_leaderboard(spec, [outcome("a", report(0.5)), outcome("b", report(0.4))], [],
-                               night="2026-01-01T02:00:00+00:00")
-    night2 = build_leaderboard(spec, [outcome("a", report(0.625)), outcome("b", report(0.4, protocol={**PROTOCOL, "limit": 4})),
-                                      outcome("c", report(0.3))], [night1], night="2026-01-02T02:00:00+00:00")
-    a, b, c = night2.row("a", "bf16"), night2.row("b", "bf16"), night2.row("c", "bf16")
-    assert a.delta_average == pytest.approx(50.0 - 100 / 3)
-    assert [p.night for p in a.trend] == [night1.night, night2.night]
-    assert b.delta_average is None and b.status == "unranked"
-    assert c.delta_note == "new tonight" and len(c.trend) == 1
-    assert night2.previous_night == night1.night and night2.nights == [night1.night, night2.night]
-
-
-def test_pareto_front() -> None:
-    points = [("fast-weak", 100.0, 10.0), ("slow-strong", 10.0, 60.0), ("balanced", 50.0, 40.0),
-              ("dominated", 40.0, 30.0), ("also-dominated", 10.0, 50.0)]
-    assert pareto_front(points) == {"fast-weak", "slow-strong", "balanced"}
-
-
-@pytest.mark.parametrize("change, message", [
-    ({"variants": ["fp8"]}, "unknown variant(s) ['fp8']"),
-    ({"candidates": [{"source": "models:/only-a-name"}]}, "models:/NAME@alias or models:/NAME/VERSION"),
-    ({"candidates": [{"source": "ftp://x"}]}, "unsupported scheme"),
-    ({"candidates": [{"source": "demo://tiny-llama"}, {"source": "demo://tiny-llama"}]}, "used more than once"),
-    ({"ranking": {"key": "task:nope"}}, "key 'task:nope' is not one of"),
-    ({"ranking": {"suites": {"core": ["nope"]}}}, "suite 'core' names task(s) ['nope']"),
-    ({"ranking": {"random_baselines": {"demo_facts": 0.25}}}, "declare `random_baseline` in evals/suites.yaml"),
-    ({"eval_file": "missing.jsonl"}, "does not exist"),
-])
-def test_invalid_leaderboard_configs_name_the_field(tmp_path: Path, change: dict, message: str) -> None:
-    raw = {"name": "bad", "candidates": [{"source": "demo://tiny-llama"}], "eval": {"tasks": ["demo_facts"]}}
-    raw.update(change)
-    path = tmp_path / "lb.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    with pytest.raises(SpecError) as err:
-        load_leaderboard_spec(path, root=tmp_path if "eval_file" in change else None)
-    assert message in str(err.value)
-
-
-def test_repository_leaderboard_config_is_valid() -> None:
-    spec = load_leaderboard_spec(Path(__file__).parent.parent / "configs" / "leaderboard.yaml")
-    assert spec.tracking.experiment == "leaderboard" and spec.ranking.key == "average"
-    assert any(c.source.startswith("models:/") for c in spec.candidates)
-
-
-# ---------------------------------------------------------------------------------------------
-# three nights of the real flow
-# ---------------------------------------------------------------------------------------------
+from gauntlet.leaderboard.board import (
+    Leaderboard,
+)
 
 # Random-init models score near chance; these seeds give two equal scores above it and one at it
 # (tables below are computed from the reports, not assumed).
 SEEDS = {"alpha": 2, "beta": 5, "registered": 1, "gamma": 3}
+
 REGISTERED = "lb-test-model"
 
 
@@ -162,8 +34,8 @@ def register_model(folder: Path, name: str) -> str:
     """Register ``folder`` as a new version of ``name`` @champion in the session's MLflow registry."""
     from mlflow.tracking import MlflowClient
 
-    from tests.helpers import register_as_champion
     from gauntlet.tracking import tracking_uri
+    from tests.helpers import register_as_champion
 
     return register_as_champion(MlflowClient(tracking_uri()), "lb-test-registry", folder, name, {"test": "leaderboard"})
 
@@ -346,11 +218,6 @@ def test_a_new_candidate_is_the_only_one_evaluated(night2, night3) -> None:
     assert len(board3.nights) == 3
 
 
-# ---------------------------------------------------------------------------------------------
-# the HTML in a real browser
-# ---------------------------------------------------------------------------------------------
-
-
 def _which(*names: str) -> str | None:
     for n in names:
         if found := shutil.which(n):
@@ -421,15 +288,3 @@ def test_html_leaderboard_sorts_and_draws_in_chromium(night3, browser) -> None:
     png = Path(board.files["html"]).with_suffix(".png")
     browser.save_screenshot(str(png))
     assert png.stat().st_size > 10_000
-
-
-def test_cli_validates_leaderboard_configs_before_running(tmp_path: Path, capsys) -> None:
-    from gauntlet.cli import main
-
-    assert main(["validate", str(Path(__file__).parent.parent / "configs" / "leaderboard.yaml")]) == 0
-    assert "valid leaderboard config" in capsys.readouterr().out
-    bad = tmp_path / "bad.yaml"
-    bad.write_text(yaml.safe_dump({"candidates": [{"source": "demo://tiny-llama"}], "variants": ["int3"],
-                                   "eval": {"tasks": ["demo_facts"]}}))
-    assert main(["leaderboard", str(bad)]) == 2
-    assert "unknown variant(s) ['int3']" in capsys.readouterr().err

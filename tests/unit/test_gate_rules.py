@@ -1,0 +1,104 @@
+"""The quality gate's rules on hand-made reports (``gauntlet.gate.decide`` is pure), the registry lock's
+mode, and webhook URLs kept out of configs. The registry itself runs in tests/integration/test_registry.py."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from gauntlet.config.gate import GateSpec, PerfCeilings
+from tests.helpers import make_report
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+def test_gain_and_regression_rules_judge_each_task_not_its_subtasks() -> None:
+    from gauntlet.gate import decide
+    from gauntlet.refs import TaskResult
+
+    # MMLU as a group: the group's aggregate and two subtasks; one subtask drops a lot, the group does not
+    scores = {"mmlu": 0.60, "mmlu_anatomy": 0.30, "mmlu_astronomy": 0.90, "facts": 0.80}
+    report = make_report(scores)
+    report = report.model_copy(update={"task_results": [
+        TaskResult(task=t, engine_task=t, source="engine", metric="acc", value=scores[t], random_baseline=0.25,
+                   scores=[s for s in report.scores if s.task == t or s.task.startswith(t + "_")], versions={},
+                   num_fewshot=0, results_path="/dev/null", samples_path="/dev/null") for t in ("mmlu", "facts")]})
+    champion = {"mmlu.acc": 0.58, "mmlu_anatomy.acc": 0.50, "mmlu_astronomy.acc": 0.60, "facts.acc": 0.79}
+    base = make_report({"mmlu": 0.40, "mmlu_anatomy": 0.45, "mmlu_astronomy": 0.40, "facts": 0.30})
+    spec = GateSpec(max_regression=0.05, min_gain_over_base=0.1, min_average=0.7)
+    decision = decide(spec, report, base, "3", champion)
+    assert [r.rule for r in decision.rules] == ["min_average", "gain_over_base[mmlu]", "gain_over_base[facts]",
+                                                "no_regression[mmlu]", "no_regression[facts]"]
+    assert decision.passed, decision.reasons  # mmlu_anatomy's -0.20 and -0.15 vs base are not rules
+    assert decision.rules[0].measured == pytest.approx(0.70) and "over 2 task(s)" in decision.rules[0].detail
+    # a report without task results (hand-made, or older) is judged on every row, as before
+    assert not decide(spec, make_report(scores), base, "3", champion).passed
+
+
+def test_required_task_missing_from_report_fails_with_that_reason() -> None:
+    from gauntlet.gate import decide
+
+    spec = GateSpec(required_tasks=["facts", "reasoning"], min_scores={"facts": 0.5})
+    decision = decide(spec, make_report({"facts": 0.8}), None, None, {})
+    assert not decision.passed
+    failed = [r for r in decision.rules if not r.passed]
+    assert [r.rule for r in failed] == ["required[reasoning]"]
+    assert decision.reasons == ["required[reasoning]: required task 'reasoning' has no acc score in the report"]
+    # a task with a minimum score is required too: missing, it fails rather than passes
+    decision = decide(GateSpec(min_scores={"reasoning": 0.1}), make_report({"facts": 0.8}), None, None, {})
+    assert not decision.passed and "has no acc score" in decision.reasons[0]
+
+
+@pytest.mark.parametrize("spec, scores, perf, champion, failing", [
+    (GateSpec(min_average=0.6), {"a": 0.5, "b": 0.8}, None, None, []),                      # mean 0.65
+    (GateSpec(min_average=0.7), {"a": 0.5, "b": 0.8}, None, None, ["min_average"]),
+    (GateSpec(max_regression=0.05), {"a": 0.56, "b": 0.8}, None, {"a.acc": 0.6, "b.acc": 0.8}, []),
+    (GateSpec(max_regression=0.05), {"a": 0.54, "b": 0.8}, None, {"a.acc": 0.6, "b.acc": 0.8},
+     ["no_regression[a]"]),
+    (GateSpec(max_regression=0.0, max_regression_by_task={"a": 0.1}), {"a": 0.54, "b": 0.79}, None,
+     {"a.acc": 0.6, "b.acc": 0.8}, ["no_regression[b]"]),
+    (GateSpec(max_regression=0.0), {"a": 0.6}, None, {"a.acc": 0.6}, []),                  # equal is no drop
+    (GateSpec(ceilings=PerfCeilings(first_token_latency_ms=50, peak_memory_gb=2, size_on_disk_gb=1)), {"a": 0.5},
+     {"first_token_latency_ms": 80.0, "peak_memory_gb": 1.5, "size_on_disk_gb": 1.2}, None,
+     ["ceiling[first_token_latency_ms]", "ceiling[size_on_disk_gb]"]),
+    (GateSpec(ceilings=PerfCeilings(peak_memory_gb=2)), {"a": 0.5}, None, None, ["ceiling[peak_memory_gb]"]),
+])
+def test_gate_rules(spec, scores, perf, champion, failing) -> None:
+    from gauntlet.gate import decide
+
+    full_perf = {"backend": "hf", "device": "cpu", "tokens_per_s": 10.0, **perf} if perf else None
+    decision = decide(spec, make_report(scores, full_perf), None, "7" if champion else None, champion or {})
+    assert [r.rule for r in decision.rules if not r.passed] == failing
+    assert decision.passed is (not failing)
+    assert decision.compared_to == ("7" if champion else None)
+    assert all(r.detail for r in decision.rules)
+
+
+def test_lock_mode_follows_the_store() -> None:
+    from gauntlet.registry.lock import lock_file_for, lock_mode
+
+    os.environ.pop("GAUNTLET_REGISTRY_LOCK", None)
+    assert lock_mode("sqlite:////tmp/x/mlflow.db") == "file"
+    assert lock_mode("http://mlflow.internal:5000") == "registry"
+    assert lock_mode("postgresql://mlflow@db/mlflow") == "registry"
+    assert lock_file_for("sqlite:////tmp/x/mlflow.db", "m").parent == Path("/tmp/x/mlflow.db.locks")
+
+
+def test_webhook_urls_cannot_be_written_into_the_config() -> None:
+    from gauntlet.config.load import load_spec
+    from gauntlet.config.problems import SpecError
+    from tests.helpers import REPO
+
+    demo = REPO / "configs" / "demo.yaml"
+    with pytest.raises(SpecError) as err:
+        load_spec(demo, ["notify.webhooks=[{url: 'https://hooks.slack.com/x'}, {format: slack}]",
+                         "gate.max_regression_by_task={demo_facts: -1}"])
+    by_path = {p.path: p for p in err.value.problems}
+    assert "notify.webhooks.0.url" in by_path and "valid keys here" in by_path["notify.webhooks.0.url"].hint
+    assert "exactly one of url_env" in by_path["notify.webhooks.1"].message
+    assert ">= 0" in by_path["gate.max_regression_by_task"].message
+    spec = load_spec(demo, ["notify.webhooks=[{secret_block: team-slack}]", "gate.ceilings.peak_memory_gb=2"])
+    assert spec.notify.webhooks[0].events == ["promoted", "gate_failed", "run_failed"]
+    assert spec.gate.ceilings.peak_memory_gb == 2
