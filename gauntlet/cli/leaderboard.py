@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from gauntlet.cli.common import EXIT_FAILED, EXIT_OK, add_overrides, start_environment
+from gauntlet.cli.common import EXIT_FAILED, EXIT_INVALID, EXIT_OK, add_overrides, start_environment
 from gauntlet.config.load import load_leaderboard_spec
 
 DEFAULT_CONFIG = "configs/leaderboard.yaml"
@@ -20,6 +20,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("config", nargs="?", default=None,
                    help=f"path of the leaderboard config (YAML; default: the project's {DEFAULT_CONFIG})")
     add_overrides(p, "eval.limit=32")
+    night = p.add_argument_group("planning the night (nothing runs)")
+    night.add_argument("--plan", action="store_true",
+                       help="estimate the night instead of running it: minutes per candidate x variant, GPU-hours, "
+                            "wall time with --gpus workers, whether --window-hours holds it (exit 1 if not)")
+    night.add_argument("--gpus", type=int, default=1, help="GPU workers (the gpu tag concurrency limit; default 1)")
+    night.add_argument("--window-hours", type=float, default=8.0, help="the night's window (default 8)")
+    night.add_argument("--card", default="H100", help="the GPU the costs assume: H100, H200, A100, L40S (default H100)")
     return p
 
 
@@ -27,7 +34,9 @@ def run(args: argparse.Namespace) -> int:
     from gauntlet.project import project_root
 
     config = Path(args.config).resolve() if args.config else project_root() / DEFAULT_CONFIG
-    load_leaderboard_spec(config, args.overrides)  # before any heavy import: bad input costs nothing
+    spec = load_leaderboard_spec(config, args.overrides)  # before any heavy import: bad input costs nothing
+    if args.plan:
+        return plan(spec, args)
     if start_environment() is None:
         return EXIT_FAILED
     from gauntlet.flows.leaderboard import leaderboard
@@ -45,3 +54,28 @@ def run(args: argparse.Namespace) -> int:
     if failed:
         print(f"\n{len(failed)} candidate variant(s) failed; their reasons are on the board.", file=sys.stderr)
     return EXIT_OK
+
+
+def plan(spec, args: argparse.Namespace) -> int:
+    """``--plan``: the night estimated from the config, with the costs past nights measured on this card kind."""
+    from gauntlet.leaderboard.night_plan import CARDS, measured_costs, night_jobs, plan_night, render_night
+
+    card = args.card.upper()
+    if card not in CARDS:
+        print(f"--card {args.card!r}: unknown; one of {', '.join(CARDS)}", file=sys.stderr)
+        return EXIT_INVALID
+    measured = {}
+    try:   # earlier nights' reports, when this machine has the tracking store
+        from gauntlet.leaderboard.history import load_history
+        from gauntlet.state import configure_environment
+        from gauntlet.tracking import tracking_uri
+
+        configure_environment()
+        boards = load_history(tracking_uri(spec.tracking.tracking_uri), spec.tracking.experiment, spec.name,
+                              spec.publish.history_nights)
+        measured = measured_costs(boards, "cuda")
+    except Exception as e:  # no store, no history: every cost is assumed, and the rows say so
+        print(f"(no measured costs: {type(e).__name__})", file=sys.stderr)
+    night = plan_night(night_jobs(spec, measured), card, args.gpus, args.window_hours)
+    print(render_night(night))
+    return EXIT_OK if night.fits else EXIT_FAILED

@@ -48,6 +48,7 @@ class CatalogTask(_Strict):
                                       "scored (multiple choice), 0 (generation)")
     num_fewshot: int | None = Field(None, ge=0, description="default few-shot count (None: 0)")
     max_gen_tokens: int | None = Field(None, gt=0, description="default generation budget (None: 32)")
+    items: int | None = Field(None, gt=0, description="items the real dataset's test split holds (planning a night)")
     description: str = ""
 
 
