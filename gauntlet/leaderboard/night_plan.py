@@ -190,7 +190,8 @@ def candidate_params(candidate) -> tuple[float, str]:
     try:
         shape = model_shape(fetch_model_config(candidate_model(candidate)), candidate.source)
     except Exception as e:  # a source this machine cannot read: the plan says what it assumed instead
-        return ASSUMED_PARAMS_B, f"assumed: {type(e).__name__}"
+        why = " ".join(str(e).split()).replace("|", "/")
+        return ASSUMED_PARAMS_B, f"assumed: {why[:90]}{'…' if len(why) > 90 else ''}"
     return shape.total_params / 1e9, "from config.json"
 
 
