@@ -61,8 +61,11 @@ def plan(spec, args: argparse.Namespace) -> int:
     from gauntlet.leaderboard.night_plan import CARDS, measured_costs, night_jobs, plan_night, render_night
 
     card = args.card.upper()
-    if card not in CARDS:
-        print(f"--card {args.card!r}: unknown; one of {', '.join(CARDS)}", file=sys.stderr)
+    problems = ([f"--card {args.card!r}: unknown; one of {', '.join(CARDS)}"] if card not in CARDS else []) + \
+        ([f"--gpus {args.gpus}: at least 1 worker"] if args.gpus < 1 else []) + \
+        ([f"--window-hours {args.window_hours:g}: must be above 0"] if args.window_hours <= 0 else [])
+    if problems:
+        print("\n".join(problems), file=sys.stderr)
         return EXIT_INVALID
     measured = {}
     try:   # earlier nights' reports, when this machine has the tracking store

@@ -67,3 +67,12 @@ def test_the_cli_plans_the_repositorys_board_without_running_it(capsys) -> None:
     assert code == 0, out
     assert "| tiny-llama-base | bf16 |" in out and "| demo-champion | gptq-int4 |" in out
     assert "GPU-hours" in out and "fits" in out
+
+
+@pytest.mark.parametrize("args, message", [(["--gpus", "0"], "--gpus 0"), (["--card", "tpu"], "--card 'tpu'"),
+                                           (["--window-hours", "0"], "--window-hours 0")])
+def test_bad_plan_options_exit_2_naming_the_option(args: list[str], message: str, capsys) -> None:
+    from gauntlet.cli import main
+
+    assert main(["leaderboard", "--plan", *args]) == 2
+    assert message in capsys.readouterr().err
