@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 
 def gauntlet_home() -> Path:
@@ -27,6 +28,19 @@ def models_cache() -> Path:
 
 def default_tracking_uri() -> str:
     return f"sqlite:///{gauntlet_home() / 'mlflow.db'}"
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The file of a ``sqlite:///rel.db`` or ``sqlite:////abs/path.db`` URI; None for any other store."""
+    parsed = urlparse(uri)
+    if parsed.scheme != "sqlite":
+        return None
+    return Path(unquote(parsed.path[1:])).resolve()
+
+
+class StateError(RuntimeError):
+    """The state folder (or a store in it) is in a shape Gauntlet cannot use or repair: the message names the
+    file and the fix. Commands exit 1 with it, before anything runs."""
 
 
 def configure_environment() -> Path:

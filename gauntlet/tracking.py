@@ -11,6 +11,8 @@ import logging
 import os
 import socket
 import subprocess
+import threading
+import time
 import traceback
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,7 +21,7 @@ from typing import Iterator
 from pydantic import BaseModel, ConfigDict
 
 from gauntlet.project import ProjectError, project_root
-from gauntlet.state import default_tracking_uri, gauntlet_home
+from gauntlet.state import StateError, default_tracking_uri, gauntlet_home, sqlite_path
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +43,103 @@ def tracking_uri(configured: str | None = None) -> str:
 def client(uri: str):
     from mlflow.tracking import MlflowClient
 
+    prepare_store(uri)
     return MlflowClient(tracking_uri=uri)
+
+
+_prepared: set[str] = set()
+_prepared_lock = threading.Lock()
+STORE_SETUP_TIMEOUT_S = 600.0
+
+
+def prepare_store(uri: str) -> None:
+    """Create, migrate or repair a sqlite MLflow store once, under an inter-process lock next to it.
+
+    MLflow migrates a sqlite store on first use without a lock: two processes that open a fresh store at once
+    both run the migrations and both fail half-way ("table _alembic_tmp_tags already exists"), leaving a store
+    every later command refuses. Here one process sets the store up while the others wait; they then find it
+    current and go on. Other stores (servers, remote databases) are the server's business."""
+    path = sqlite_path(uri)
+    if path is None or uri in _prepared:
+        return
+    from filelock import FileLock, Timeout
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _prepared_lock:
+        if uri in _prepared:
+            return
+        try:
+            with FileLock(str(path) + ".setup.lock", timeout=STORE_SETUP_TIMEOUT_S):
+                _set_up_sqlite_store(uri, path)
+        except Timeout:
+            raise StateError(f"waited {STORE_SETUP_TIMEOUT_S:.0f}s for another process to set up the MLflow "
+                             f"store {path}; if none is running, delete {path}.setup.lock") from None
+        _prepared.add(uri)
+
+
+def _set_up_sqlite_store(uri: str, path: Path) -> None:
+    """Holding the set-up lock: a new store is created; a half-migrated one (an interrupted migration's
+    ``_alembic_tmp_*`` tables, a schema version short of MLflow's) is finished; one that cannot be finished is
+    set aside if it holds nothing yet, and otherwise named with the fix."""
+    import sqlalchemy
+    from mlflow.store.db import utils as db
+
+    engine = sqlalchemy.create_engine(uri)
+    try:
+        if db._is_empty_database(engine):
+            return _migrate(engine, uri, path)
+        tables = set(sqlalchemy.inspect(engine).get_table_names())
+        leftovers = sorted(t for t in tables if t.startswith("_alembic_tmp_"))
+        current, head = db._get_schema_version(engine), db._get_latest_schema_revision()
+        if not leftovers and current == head and db._all_tables_exist(engine):
+            return None
+        log.warning("MLflow store %s is half-migrated (schema %s, MLflow wants %s; leftover tables: %s): "
+                    "finishing the migration", path, current, head, ", ".join(leftovers) or "none")
+        if path.parent != gauntlet_home() and current != head and not leftovers:
+            raise StateError(f"the MLflow store {path} has schema {current}, this MLflow wants {head}. "
+                             f"Fix: back it up, then run `mlflow db upgrade {uri}`")
+        with engine.begin() as conn:
+            for tmp in leftovers:
+                if tmp.removeprefix("_alembic_tmp_") not in tables:
+                    raise StateError(f"the MLflow store {path} lost table {tmp.removeprefix('_alembic_tmp_')!r} "
+                                     f"in an interrupted migration (its copy is in {tmp!r}). Fix: restore "
+                                     f"{path.name} from a backup, or move it aside to start an empty store")
+                conn.execute(sqlalchemy.text(f'DROP TABLE "{tmp}"'))  # an unfinished copy; the original stands
+        return _migrate(engine, uri, path)
+    finally:
+        engine.dispose()
+
+
+def _migrate(engine, uri: str, path: Path) -> None:
+    import sqlalchemy
+    from mlflow.store.db import utils as db
+
+    try:
+        if db._is_empty_database(engine):
+            db._initialize_tables(engine)
+        else:
+            db._upgrade_db(engine)
+        return
+    except Exception as e:  # sqlalchemy/alembic errors of every kind: the store is not usable as it is
+        error = f"{type(e).__name__}: {str(e).splitlines()[0]}"
+    with engine.connect() as conn:
+        names = set(sqlalchemy.inspect(engine).get_table_names())
+        held = sum(conn.execute(sqlalchemy.text(f"SELECT COUNT(*) FROM {t}")).scalar() or 0
+                   for t in ("runs", "registered_models") if t in names)
+    if held:
+        raise StateError(f"the MLflow store {path} is half-migrated and the migration cannot finish ({error}). "
+                         f"It holds {held} runs/registered models. Fix: restore {path.name} from a backup, or "
+                         f"back it up and run `mlflow db upgrade {uri}`; moving it aside starts an empty store")
+    engine.dispose()
+    aside = path.with_name(f"{path.name}.half-migrated-{time.strftime('%Y%m%d-%H%M%S')}")
+    path.rename(aside)
+    log.warning("MLflow store %s was half-migrated and empty (%s): set aside as %s, starting a new one",
+                path, error, aside.name)
+    fresh = sqlalchemy.create_engine(uri)
+    try:
+        db._initialize_tables(fresh)
+    finally:
+        fresh.dispose()
 
 
 def git_commit() -> str:

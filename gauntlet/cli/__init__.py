@@ -22,9 +22,10 @@ from gauntlet.cli import (
     serve,
     validate,
 )
-from gauntlet.cli.common import EXIT_INVALID
+from gauntlet.cli.common import EXIT_FAILED, EXIT_INVALID
 from gauntlet.config.problems import SpecError
 from gauntlet.project import ProjectError
+from gauntlet.state import StateError
 
 COMMANDS = (validate, run, demo, plan, eval, leaderboard, serve, promote, rollback, history, gc)
 
@@ -52,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     except ProjectError as e:   # no project here, or this gauntlet belongs to another checkout
         print(f"gauntlet: {e}", file=sys.stderr)
         return EXIT_INVALID
+    except StateError as e:    # a store in the state folder that cannot be used or repaired: the fix is named
+        print(f"gauntlet: {e}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Iterator, Literal
 from urllib.parse import unquote, urlparse
 
+from gauntlet.state import sqlite_path
+
 log = logging.getLogger(__name__)
 
 LOCK_MODEL_PREFIX = "gauntlet-lock--"      # registered models used as locks on a shared MLflow server
@@ -56,8 +58,8 @@ def lock_mode(tracking_uri: str) -> Literal["file", "registry"]:
 def lock_file_for(tracking_uri: str, model_name: str) -> Path:
     """The lock file of one registered model: next to the store, so every process using it finds it."""
     parsed = urlparse(tracking_uri)
-    if parsed.scheme == "sqlite":
-        store = Path(unquote(parsed.path[1:])).resolve()   # sqlite:///rel.db, sqlite:////abs/path.db
+    store = sqlite_path(tracking_uri)
+    if store is not None:
         folder = store.with_name(store.name + ".locks")
     else:
         store = Path(unquote(parsed.path) if parsed.scheme == "file" else tracking_uri)

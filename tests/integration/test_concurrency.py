@@ -1,0 +1,107 @@
+"""Several processes on one state folder: MLflow's store set up once under a lock, a half-migrated store
+finished or named with the fix (real `gauntlet` subprocesses on a fresh $GAUNTLET_HOME each)."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.helpers import REPO
+
+
+def child_env(home: Path) -> dict[str, str]:
+    """A child with its own state folder: none of the test session's MLflow or Prefect settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    env["GAUNTLET_HOME"] = str(home)
+    return env
+
+
+def gauntlet(*args: str, home: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "gauntlet.cli", *args], env=child_env(home), cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def history_answers(home: Path, n: int) -> list[tuple[int, str]]:
+    procs = [gauntlet("history", "no-such-model", home=home) for _ in range(n)]
+    return [(p.wait(timeout=300), p.stdout.read()) for p in procs]
+
+
+def assert_answered(answers: list[tuple[int, str]]) -> None:
+    """Each command answered the question (exit 2: no such model), none crashed on the store."""
+    for rc, out in answers:
+        assert rc == 2 and "no registered model named 'no-such-model'" in out and "Traceback" not in out, out
+
+
+def test_four_commands_at_once_on_a_fresh_state_folder(tmp_path: Path) -> None:
+    """Without the set-up lock, three of four crash in MLflow's migration and the store is left half-migrated."""
+    home = tmp_path / "home"
+    assert_answered(history_answers(home, 4))
+    assert_answered(history_answers(home, 1))   # and the store they left is whole
+
+
+def schema_version(db: Path) -> str:
+    with sqlite3.connect(db) as conn:
+        return conn.execute("SELECT version_num FROM alembic_version").fetchone()[0]
+
+
+def mlflow_revisions() -> list[str]:
+    """MLflow's schema revisions, newest first."""
+    from alembic.script import ScriptDirectory
+    from mlflow.store.db.utils import _get_alembic_config
+
+    return [r.revision for r in ScriptDirectory.from_config(_get_alembic_config("")).walk_revisions()]
+
+
+def test_an_interrupted_migration_is_finished(tmp_path: Path) -> None:
+    """A store left mid-migration (an older schema and an unfinished `_alembic_tmp_tags` copy, as a killed
+    process leaves it) is finished by the next command."""
+    import sqlalchemy
+    from alembic import command
+    from mlflow.store.db.utils import _get_alembic_config
+    from mlflow.store.db.utils import InitialBase
+
+    home = tmp_path / "home"
+    home.mkdir()
+    db = home / "mlflow.db"
+    uri = f"sqlite:///{db}"
+    revisions = mlflow_revisions()
+    engine = sqlalchemy.create_engine(uri)
+    InitialBase.metadata.create_all(engine)
+    config = _get_alembic_config(uri)
+    with engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.upgrade(config, revisions[10])
+        conn.execute(sqlalchemy.text("CREATE TABLE _alembic_tmp_tags AS SELECT * FROM tags"))
+    engine.dispose()
+    assert schema_version(db) == revisions[10]
+    assert_answered(history_answers(home, 2))
+    assert schema_version(db) == revisions[0]
+    with sqlite3.connect(db) as conn:
+        assert not conn.execute("SELECT name FROM sqlite_master WHERE name LIKE '_alembic_tmp_%'").fetchall()
+
+
+def test_a_store_that_cannot_be_finished(tmp_path: Path) -> None:
+    """A migration that cannot finish: an empty store is set aside and started afresh; one holding a
+    registered model is left alone and named with the fix (exit 1)."""
+    from mlflow.tracking import MlflowClient
+
+    revisions = mlflow_revisions()
+    for holds_a_model in (False, True):
+        home = tmp_path / f"home-{holds_a_model}"
+        assert_answered(history_answers(home, 1))
+        db = home / "mlflow.db"
+        if holds_a_model:
+            MlflowClient(tracking_uri=f"sqlite:///{db}").create_registered_model("kept")
+        with sqlite3.connect(db) as conn:   # the schema says "old", the tables are new: the migration fails
+            conn.execute("UPDATE alembic_version SET version_num = ?", (revisions[30],))
+        p = gauntlet("history", "no-such-model", home=home)
+        rc, out = p.wait(timeout=300), p.stdout.read()
+        if holds_a_model:
+            assert rc == 1 and "half-migrated" in out and "mlflow db upgrade" in out and "Traceback" not in out, out
+            assert schema_version(db) == revisions[30]   # left as it was, for the user to back up
+        else:
+            assert_answered([(rc, out)])
+            assert list(home.glob("mlflow.db.half-migrated-*")) and schema_version(db) == revisions[0]
