@@ -72,6 +72,9 @@ class TaskScore(Ref):
     metric: str
     value: float
     stderr: float | None = None
+    ci_low: float | None = None            # 95% interval (gauntlet.eval.stats.interval), from the items
+    ci_high: float | None = None
+    n: int | None = None                   # items scored
 
 
 class PerfProbe(Ref):
@@ -108,6 +111,11 @@ class TaskResult(Ref):
     limit: int | None = None
     n_samples: dict[str, int] = {}         # items evaluated per leaf task
     seconds: float = 0.0
+    item_scores: dict[str, dict[str, float]] = {}  # metric -> {"task/doc_id": score}: what paired tests compare
+    effective: dict[str, dict] = {}        # per leaf task: the settings lm-eval applied (shots, generation, filters)
+    repeat_values: list[float] = []        # eval.repeats > 1: the reported metric of each repeat
+    repeat_seeds: list[int] = []
+    changed_items: list[str] = []          # greedy repeats: items whose answer changed between repeats
     results_path: str                      # lm-eval's results (JSON) and per-item samples (JSONL)
     samples_path: str
     mlflow_run_id: str | None = None

@@ -34,13 +34,20 @@ class EvalSpec(Strict):
         default_factory=list, validate_default=True,
         description="task names (suites.yaml or task YAMLs in tasks_dir), added to the suite")
     backend: Literal["hf", "vllm"] = "hf"
-    num_fewshot: int | None = Field(None, ge=0, description="few-shot count for every task (None: each task's default)")
+    num_fewshot: int | None = Field(None, ge=0, description="few-shot count for every task (None: each task's own: "
+                                                            "suites.yaml's, else its YAML's)")
     limit: int | None = Field(None, gt=0)
     batch_size: int = Field(16, gt=0)
     fewshot_seed: int = 1234
     apply_chat_template: bool = False
     max_gen_tokens: int | None = Field(None, gt=0, description="generation budget of every generate-until task "
-                                                                "(None: each task's default, else 32)")
+                                                                "(None: each task's own: suites.yaml's, else "
+                                                                "its YAML's max_gen_toks)")
+    temperature: float | None = Field(None, ge=0, description="None: each task's own decoding (greedy in the "
+                                                              "shipped tasks); 0: greedy; above 0: sampled")
+    repeats: int = Field(1, ge=1, le=20, description="run each task this many times with distinct seeds "
+                                                     "(fewshot_seed, +1, …): sampled decoding reports the mean ± sd; "
+                                                     "greedy decoding checks determinism")
     compare_with_base: bool = Field(True, description="also evaluate the base model, for the summary")
     speed_probe: SpeedProbeSpec = SpeedProbeSpec()
     tensor_parallel_size: int = Field(1, gt=0, description="vllm backend: GPUs one model is split across")

@@ -15,7 +15,6 @@ import contextlib
 import gc
 import json
 import logging
-import math
 import os
 import threading
 import time
@@ -24,10 +23,19 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Any, Iterator
 
-from gauntlet.eval.suites import FIXTURE_PREFIX, EvalTaskPlan, normalized_score, tasks_dir_of
+from gauntlet.eval.records import (
+    answer_of,
+    chance_of,
+    effective_settings,
+    jsonable,
+    report_name,
+    scores_from_results,
+    with_intervals,
+)
+from gauntlet.eval.suites import EvalTaskPlan, normalized_score, tasks_dir_of
 from gauntlet.eval.taskconfig import INDEX_LOCK, EvalError, task_manager_for
 from gauntlet.hashing import sha256_json
-from gauntlet.refs import ModelRef, TaskResult, TaskScore
+from gauntlet.refs import ModelRef, TaskResult
 
 log = logging.getLogger(__name__)
 
@@ -59,20 +67,6 @@ def dtype_for(device: str) -> str:
     return "float32" if device == "cpu" else "auto"
 
 
-def _number(x: Any) -> float | None:
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
-        try:
-            x = float(x)  # numpy scalars
-        except (TypeError, ValueError):
-            return None
-    x = float(x)
-    return None if math.isnan(x) or math.isinf(x) else x
-
-
-def jsonable(obj: Any) -> Any:
-    return json.loads(json.dumps(obj, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
-
-
 @contextlib.contextmanager
 def offline(enabled: bool = True) -> Iterator[None]:
     """No hub traffic while it holds (models are local; fixture and local task data too).
@@ -95,27 +89,6 @@ def offline(enabled: bool = True) -> Iterator[None]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-
-
-def scores_from_results(results: dict) -> list[TaskScore]:
-    """One TaskScore per task per metric of lm-eval's ``results``; stderr None where lm-eval says N/A.
-
-    A metric under a filter other than ``none`` is named ``metric,filter`` (as lm-eval prints it).
-    """
-    scores = []
-    for task, metrics in sorted(results.get("results", {}).items()):
-        for key, raw in metrics.items():
-            if "," not in key or "_stderr," in key:
-                continue  # alias, samples, … and the stderr entries themselves
-            metric, _, filt = key.partition(",")
-            value = _number(raw)
-            if value is None:
-                continue
-            stderr = _number(metrics.get(f"{metric}_stderr,{filt}"))
-            name = metric if filt == "none" else f"{metric},{filt}"
-            scores.append(TaskScore(task=task, metric=name, value=value, stderr=stderr))
-    return scores
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,88 +207,110 @@ def engine_for(spec: Any, model: ModelRef) -> Iterator[Engine]:
 # ---------------------------------------------------------------------------------------------
 
 
-def report_name(plan: EvalTaskPlan, engine_name: str) -> str:
-    """A task name as the report shows it: the plan's name for the task itself, and subtasks as the
-    real task calls them (a fixture's prefix dropped), so fixture and real reports line up."""
-    if engine_name == plan.engine_task:
-        return plan.name
-    if plan.source == "fixture" and engine_name.startswith(FIXTURE_PREFIX):
-        return engine_name[len(FIXTURE_PREFIX):]
-    return engine_name
+def generation_overrides(spec: Any, plan: EvalTaskPlan) -> dict[str, Any] | None:
+    """What the run config sets explicitly over the task's own ``generation_kwargs`` (None: nothing, the
+    task's own hold): the generation budget, and the temperature when ``eval.temperature`` is set."""
+    kwargs: dict[str, Any] = {}
+    if plan.max_gen_tokens is not None:
+        kwargs["max_gen_toks"] = plan.max_gen_tokens
+    if getattr(spec, "temperature", None) is not None:
+        kwargs.update(temperature=spec.temperature, do_sample=spec.temperature > 0)
+    return kwargs or None
 
 
-def chance_of(plan: EvalTaskPlan, raw: dict, samples: dict[str, list[dict]]) -> tuple[float, str]:
-    """The task's random baseline and where it comes from: the declared one (suites.yaml or the task YAML's
-    ``metadata.random_baseline``), else measured from the items scored: 1/number of choices for a
-    multiple-choice item, 0 for a generated one, averaged over every item of the task and its subtasks."""
-    if plan.random_baseline is not None:
-        return plan.random_baseline, "declared"
-    configs = raw.get("configs") or {}
-    chances = [1.0 / len(row["arguments"]) if configs.get(task, {}).get("output_type") == "multiple_choice"
-               and row.get("arguments") else 0.0
-               for task, rows in samples.items() for row in rows]
-    if not chances:
-        return 0.0, "no items scored: chance taken as 0"
-    if not any(chances):
-        return 0.0, "generated answers: chance is 0"
-    return math.fsum(chances) / len(chances), f"mean of 1/choices over {len(chances)} items"
+def repeat_seeds(spec: Any) -> list[int]:
+    """The sampling seed of each repeat (``eval.repeats``); the few-shot seed stays the same in all."""
+    return [spec.fewshot_seed + i for i in range(getattr(spec, "repeats", 1))]
 
 
 def run_task(spec: Any, plan: EvalTaskPlan, engine: Engine, eval_data_path: str | None, out_dir: Path) -> TaskResult:
-    """Evaluate one planned task with the spec's protocol; lm-eval's outputs go to ``out_dir``."""
+    """Evaluate one planned task with the spec's protocol; lm-eval's outputs go to ``out_dir``.
+
+    The task's own settings (few-shot count, generation kwargs, filters, metrics) hold unless the plan
+    sets them (see :func:`gauntlet.eval.suites.plan_tasks`); what lm-eval applied is recorded per task.
+    With ``eval.repeats`` > 1 the task runs once per seed: scores are the mean over repeats, items are
+    averaged over repeats, and under greedy decoding any item whose answer changed is listed.
+    """
+    import statistics
+
     import lm_eval
 
+    from gauntlet.eval.stats import item_scores
+
     out_dir = Path(out_dir)
-    gen_kwargs = {"do_sample": False, "temperature": 0.0, "max_gen_toks": plan.max_gen_tokens}
+    gen_kwargs = generation_overrides(spec, plan)
+    seeds = repeat_seeds(spec)
+    runs: list[dict] = []
     # One evaluation at a time per process: the shared task index holds this run's resolved data paths.
     with INDEX_LOCK, offline(plan.source != "engine"):
         manager = task_manager_for(plan, tasks_dir_of(spec), eval_data_path)  # bad task or data: before loading
         lm = engine.lm
-        log.info("lm-eval: %s (%s, %s) %d-shot, limit %s", plan.name, plan.engine_task, plan.source,
-                 plan.num_fewshot, plan.limit)
+        log.info("lm-eval: %s (%s, %s) %s-shot, limit %s, generation %s%s", plan.name, plan.engine_task,
+                 plan.source, "task's own" if plan.num_fewshot is None else plan.num_fewshot, plan.limit,
+                 gen_kwargs or "task's own", f", {len(seeds)} repeats" if len(seeds) > 1 else "")
         t0 = time.perf_counter()
-        try:
-            results = lm_eval.simple_evaluate(
-                model=lm,
-                tasks=[plan.engine_task],
-                num_fewshot=plan.num_fewshot,
-                limit=plan.limit,
-                bootstrap_iters=BOOTSTRAP_ITERS,
-                log_samples=True,
-                apply_chat_template=spec.apply_chat_template,
-                fewshot_as_multiturn=spec.apply_chat_template,
-                gen_kwargs=gen_kwargs,
-                task_manager=manager,
-                random_seed=spec.fewshot_seed,
-                numpy_random_seed=spec.fewshot_seed,
-                torch_random_seed=spec.fewshot_seed,
-                fewshot_random_seed=spec.fewshot_seed,
-            )
-        except EvalError:
-            raise
-        except KeyError as e:
-            raise EvalError(f"eval task {plan.name!r}: lm-eval does not know {plan.engine_task!r}: {e}") from e
-        except Exception as e:  # say which task failed; the cause stays chained
-            raise EvalError(f"eval task {plan.name!r} ({plan.engine_task}) failed in lm-eval: "
-                            f"{type(e).__name__}: {e}") from e
+        for seed in seeds:
+            try:
+                results = lm_eval.simple_evaluate(
+                    model=lm,
+                    tasks=[plan.engine_task],
+                    num_fewshot=plan.num_fewshot,
+                    limit=plan.limit,
+                    bootstrap_iters=BOOTSTRAP_ITERS,
+                    log_samples=True,
+                    apply_chat_template=spec.apply_chat_template,
+                    fewshot_as_multiturn=spec.apply_chat_template,
+                    gen_kwargs=dict(gen_kwargs) if gen_kwargs else None,
+                    task_manager=manager,
+                    random_seed=seed,
+                    numpy_random_seed=seed,
+                    torch_random_seed=seed,
+                    fewshot_random_seed=spec.fewshot_seed,
+                )
+            except EvalError:
+                raise
+            except KeyError as e:
+                raise EvalError(f"eval task {plan.name!r}: lm-eval does not know {plan.engine_task!r}: {e}") from e
+            except Exception as e:  # say which task failed; the cause stays chained
+                raise EvalError(f"eval task {plan.name!r} ({plan.engine_task}) failed in lm-eval: "
+                                f"{type(e).__name__}: {e}") from e
+            if results is None:
+                raise EvalError("lm-eval returned no results (not the main process?)")
+            runs.append(results)
     seconds = time.perf_counter() - t0
-    if results is None:
-        raise EvalError("lm-eval returned no results (not the main process?)")
     log.info("lm-eval: %s finished in %.1fs", plan.name, seconds)
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    samples = results.pop("samples", None) or {}
-    baseline, baseline_source = chance_of(plan, results, samples)
+    engine_samples = [r.pop("samples", None) or {} for r in runs]
+    all_samples = [{report_name(plan, t): rows for t, rows in samples.items()} for samples in engine_samples]
+    baseline, baseline_source = chance_of(plan, runs[0], engine_samples[0])
     samples_path = out_dir / "lm_eval_samples.jsonl"
     with open(samples_path, "w", encoding="utf-8") as f:
-        for task, rows in samples.items():
-            for row in rows:
-                f.write(json.dumps(jsonable({"task": report_name(plan, task), **row}), ensure_ascii=False) + "\n")
-    raw = jsonable(results)
+        for repeat, samples in enumerate(all_samples):
+            for task, rows in samples.items():
+                for row in rows:
+                    record = {"task": task, **({"repeat": repeat, "seed": seeds[repeat]} if len(seeds) > 1 else {}),
+                              **row}
+                    f.write(json.dumps(jsonable(record), ensure_ascii=False) + "\n")
+    raws = [jsonable(r) for r in runs]
+    raw = raws[0]
     results_path = out_dir / "lm_eval_results.json"
     results_path.write_text(json.dumps(raw, indent=2, sort_keys=True, ensure_ascii=False), encoding="utf-8")
+    for repeat, other in enumerate(raws[1:], start=1):
+        (out_dir / f"lm_eval_results.r{repeat}.json").write_text(json.dumps(other, indent=2, sort_keys=True),
+                                                                 encoding="utf-8")
 
-    scores = [s.model_copy(update={"task": report_name(plan, s.task)}) for s in scores_from_results(raw)]
+    per_repeat = [item_scores(samples) for samples in all_samples]
+    items = {metric: {k: statistics.fmean(rep[metric][k] for rep in per_repeat if k in rep.get(metric, {}))
+                      for k in values} for metric, values in per_repeat[0].items()}
+    repeat_scores = [[s.model_copy(update={"task": report_name(plan, s.task)}) for s in scores_from_results(r)]
+                     for r in raws]
+    scores = repeat_scores[0]
+    if len(raws) > 1:  # the mean over repeats; the interval comes from the items averaged over repeats
+        scores = [s.model_copy(update={"value": statistics.fmean(
+                      o.value for rep in repeat_scores for o in rep if (o.task, o.metric) == (s.task, s.metric)),
+                      "stderr": None}) for s in scores]
+    scores = with_intervals(scores, items, raw, plan)
     primary = next((s for s in scores if s.task == plan.name and s.metric == plan.metric), None)
     if primary is None:
         reported = sorted({s.metric for s in scores if s.task == plan.name})
@@ -323,14 +318,28 @@ def run_task(spec: Any, plan: EvalTaskPlan, engine: Engine, eval_data_path: str 
                         f"(it reported {reported}); fix 'metric' in suites.yaml")
     for s in scores:
         if s.task == plan.name:
-            log.info("  %s %s = %.4f%s", s.task, s.metric, s.value, "" if s.stderr is None else f" ± {s.stderr:.4f}")
+            log.info("  %s %s = %.4f%s", s.task, s.metric, s.value, "" if s.ci_low is None else
+                     f" (95% CI {s.ci_low:.4f}…{s.ci_high:.4f}, n={s.n})")
+    repeat_values = [next(o.value for o in rep if (o.task, o.metric) == (plan.name, plan.metric))
+                     for rep in repeat_scores] if len(raws) > 1 else []
+    greedy = not (gen_kwargs or {}).get("do_sample")
+    changed = sorted({f"{task}/{row['doc_id']}" for task, rows in all_samples[0].items() for i, row in enumerate(rows)
+                      if any(answer_of(other[task][i]) != answer_of(row) for other in all_samples[1:])}) \
+        if len(raws) > 1 and greedy else []
+    if changed:
+        log.warning("eval task %s: %d item(s) answered differently across greedy repeats (not deterministic): %s",
+                    plan.name, len(changed), changed[:10])
+    effective = effective_settings(raw, plan)
+    shots = {e["num_fewshot"] for e in effective.values() if e.get("num_fewshot") is not None}
     return TaskResult(
         task=plan.name, engine_task=plan.engine_task, source=plan.source, metric=plan.metric,
         value=primary.value, stderr=primary.stderr, random_baseline=baseline, random_baseline_source=baseline_source,
         normalized=normalized_score(primary.value, baseline),
         scores=scores,
         versions={report_name(plan, t): str(v) for t, v in (raw.get("versions") or {}).items()},
-        num_fewshot=plan.num_fewshot, limit=plan.limit,
+        num_fewshot=max(shots) if shots else (plan.num_fewshot or 0), limit=plan.limit,
         n_samples={report_name(plan, t): int(n.get("effective", 0)) for t, n in (raw.get("n-samples") or {}).items()},
-        seconds=seconds, results_path=str(results_path), samples_path=str(samples_path),
+        seconds=seconds, item_scores=items, effective=effective, repeat_values=repeat_values,
+        repeat_seeds=seeds if len(seeds) > 1 else [], changed_items=changed,
+        results_path=str(results_path), samples_path=str(samples_path),
     )

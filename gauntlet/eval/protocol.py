@@ -1,8 +1,10 @@
 """The evaluation protocol: everything that must match for two reports to be comparable.
 
-Engine and version, backend, device and dtype, greedy decoding, few-shot seed, chat template choice,
+Engine and version, backend, device and dtype, decoding and repeats, few-shot seed, chat template choice,
 batch size, every task's settings (few-shot count, limit, generation budget, content hash) and, in the
-report, every task's lm-eval version. :func:`protocol_differences` says where two reports differ; the
+report, every task's lm-eval version, the settings lm-eval applied to each task (``task_effective``) and
+the model-side fingerprint (``model_fingerprint``: the chat template's hash when chat templates are on,
+the generation config's hash). :func:`protocol_differences` says where two reports differ; the
 leaderboard refuses to rank reports whose protocols differ. Every key takes part in the comparison, so
 a leaderboard cannot mix protocols by accident.
 """
@@ -41,8 +43,10 @@ def engine_protocol(spec: EvalSpec, device: str | None = None) -> dict[str, Any]
         "backend": spec.backend,
         "device": device,
         "dtype": dtype_for(device) if spec.backend == "hf" else "auto",
-        "decoding": "greedy",
-        "temperature": 0.0,
+        "decoding": ("each task's own" if spec.temperature is None else "greedy" if spec.temperature == 0
+                     else "sampled"),
+        "temperature": spec.temperature,
+        "repeats": spec.repeats,
         "fewshot_seed": spec.fewshot_seed,
         "apply_chat_template": spec.apply_chat_template,
         "batch_size": spec.batch_size,
@@ -70,6 +74,34 @@ def protocol_of(spec: EvalSpec) -> dict:
         "task_settings": {p.name: task_protocol(p) for p in plans},
         "speed_probe": spec.speed_probe.model_dump(mode="json"),
     }
+
+
+# What of a model's generation_config.json changes what HF ``generate`` does under lm-eval's explicit
+# settings (token ids and version stamps left out: they differ between tokenizers and tools, not decodings).
+DECODING_FIELDS = ("do_sample", "temperature", "top_p", "top_k", "min_p", "typical_p", "repetition_penalty",
+                   "num_beams", "no_repeat_ngram_size", "length_penalty", "epsilon_cutoff", "eta_cutoff")
+
+
+def model_fingerprint(model_path: str, apply_chat_template: bool) -> dict[str, Any]:
+    """What of the model itself shapes the measurement: the decoding fields of its generation config and,
+    when prompts go through it, its chat template (hashed)."""
+    import json
+    from pathlib import Path
+
+    from gauntlet.hashing import sha256_json
+
+    folder = Path(model_path)
+    gen_file = folder / "generation_config.json"
+    gen = json.loads(gen_file.read_text(encoding="utf-8")) if gen_file.is_file() else {}
+    out: dict[str, Any] = {"generation_config": {k: gen[k] for k in DECODING_FIELDS if k in gen}}
+    if apply_chat_template:
+        template = None
+        if (folder / "chat_template.jinja").is_file():
+            template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+        elif (folder / "tokenizer_config.json").is_file():
+            template = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8")).get("chat_template")
+        out["chat_template_sha"] = None if template is None else sha256_json(template)[:16]
+    return out
 
 
 def _protocol(obj: EvalReport | dict) -> dict:

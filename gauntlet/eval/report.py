@@ -20,7 +20,7 @@ from pathlib import Path
 
 from gauntlet.config.eval import EvalSpec
 from gauntlet.eval.engine import EvalError, device_kind, engine_for, engine_model_args, pkg_version, run_task
-from gauntlet.eval.protocol import engine_protocol, plans_of, protocol_of
+from gauntlet.eval.protocol import engine_protocol, model_fingerprint, plans_of, protocol_of
 from gauntlet.eval.speed import probe_speed
 from gauntlet.refs import EvalReport, ModelRef, PerfProbe, TaskResult
 
@@ -57,7 +57,9 @@ def build_report(spec: EvalSpec, model: ModelRef, variant: str, results: list[Ta
         normalized=normalized,
         average_normalized=statistics.fmean(normalized.values()) if normalized else None,
         perf=perf,
-        protocol={**protocol_of(spec), "task_versions": {r.task: r.versions for r in results}},
+        protocol={**protocol_of(spec), "task_versions": {r.task: r.versions for r in results},
+                  "task_effective": {r.task: r.effective for r in results},
+                  "model_fingerprint": model_fingerprint(model.path, spec.apply_chat_template)},
         versions=versions,
         timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         report_path=str(report_path),

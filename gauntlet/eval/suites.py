@@ -28,7 +28,6 @@ from gauntlet.project import in_project
 SUITES_FILE = "suites.yaml"
 FIXTURES_DIR = "fixtures"
 FIXTURE_PREFIX = "fixture_"     # fixture task names: the real name with this prefix (evals/fixtures/build.py)
-DEFAULT_MAX_GEN_TOKENS = 32
 
 
 class SuiteError(ValueError):
@@ -46,8 +45,8 @@ class CatalogTask(_Strict):
     random_baseline: float | None = Field(
         None, ge=0, lt=1, description="score of random guessing; default: mean of 1/choices over the items "
                                       "scored (multiple choice), 0 (generation)")
-    num_fewshot: int | None = Field(None, ge=0, description="default few-shot count (None: 0)")
-    max_gen_tokens: int | None = Field(None, gt=0, description="default generation budget (None: 32)")
+    num_fewshot: int | None = Field(None, ge=0, description="few-shot count (None: the task YAML's own)")
+    max_gen_tokens: int | None = Field(None, gt=0, description="generation budget (None: the task YAML's own)")
     items: int | None = Field(None, gt=0, description="items the real dataset's test split holds (planning a night)")
     description: str = ""
 
@@ -71,9 +70,9 @@ class EvalTaskPlan(_Strict):
     yaml_path: str | None = None                # the defining YAML (fixture or local task), else None
     metric: str
     random_baseline: float | None = None        # declared; None: measured from the items (eval_engine.chance_of)
-    num_fewshot: int = 0
+    num_fewshot: int | None = None              # None: the task's own (its YAML's num_fewshot, else 0)
     limit: int | None = None
-    max_gen_tokens: int = 32
+    max_gen_tokens: int | None = None           # None: the task's own generation_kwargs.max_gen_toks
     uses_run_eval_data: bool = False            # reads the run's evaluation file (DatasetRef.eval_path)
     content_sha: str | None = None              # hash of its YAMLs and local data files (None: engine's own)
 
@@ -255,10 +254,10 @@ def task_problems(names: list[str], fixtures: bool, tasks_dir: Path) -> list[str
 def plan_tasks(spec: Any, tasks_dir: Path | None = None) -> list[EvalTaskPlan]:
     """One EvalTaskPlan per task the EvalSpec asks for. SuiteError names what does not resolve.
 
-    Few-shot count: the task's own setting in the config, else ``eval.num_fewshot``, else the
-    catalogue's default, else 0; with fixtures, at most the fixture's few-shot pool (it is small).
-    Limit: the task's own, else ``eval.limit``. Generation budget: likewise the task's own, else
-    ``eval.max_gen_tokens``, else the catalogue's, else 32.
+    Precedence of a setting (few-shot count, generation budget, limit), first set wins: the task's own
+    entry in the config (``eval.tasks: [{name, num_fewshot}]``), the eval section (``eval.num_fewshot``),
+    the catalogue entry in suites.yaml, then the task YAML itself (lm-eval applies its own value when we
+    pass None). With fixtures, an explicit few-shot count is capped at the fixture's few-shot pool.
     """
     tasks_dir = tasks_dir or tasks_dir_of(spec)
     catalog = load_catalog(tasks_dir)
@@ -289,17 +288,22 @@ def plan_tasks(spec: Any, tasks_dir: Path | None = None) -> list[EvalTaskPlan]:
             meta = read_yaml(yaml_path).get("metadata") if yaml_path else None
             declared = meta.get("random_baseline") if isinstance(meta, dict) else None
             baseline = None if declared is None else float(declared)
-        shots = own.get("num_fewshot", spec.num_fewshot if spec.num_fewshot is not None else default_shots) or 0
-        if source == "fixture" and info.get("fewshot_pool") is not None:
+        shots = first_set(own.get("num_fewshot"), spec.num_fewshot, default_shots)
+        if shots is not None and source == "fixture" and info.get("fewshot_pool") is not None:
             shots = min(shots, info["fewshot_pool"])
         plans.append(EvalTaskPlan(
             name=name, engine_task=engine_task, source=source,
             yaml_path=str(yaml_path) if yaml_path else None, metric=metric, random_baseline=baseline,
             num_fewshot=shots, limit=own.get("limit", spec.limit),
-            max_gen_tokens=own.get("max_gen_tokens", spec.max_gen_tokens or default_gen or DEFAULT_MAX_GEN_TOKENS),
+            max_gen_tokens=first_set(own.get("max_gen_tokens"), spec.max_gen_tokens, default_gen),
             uses_run_eval_data=bool(info.get("uses_run_eval_data")), content_sha=info.get("sha"),
         ))
     return plans
+
+
+def first_set(*values: Any) -> Any:
+    """The first value that is not None (a setting's precedence: see :func:`plan_tasks`)."""
+    return next((v for v in values if v is not None), None)
 
 
 def _first_metric(yaml_path: Path) -> str:

@@ -131,7 +131,9 @@ def test_per_task_settings_override_the_suite_and_the_section() -> None:
     # without section-wide values, each task's catalogue defaults apply
     plans = {p.name: p for p in plan_tasks(EvalSpec(suite="reasoning"))}
     assert plans["gsm8k"].max_gen_tokens == 256 and plans["bbh"].max_gen_tokens == 512
-    assert plan_tasks(EvalSpec(tasks=["demo_facts"]))[0].max_gen_tokens == 32
+    # a task the catalogue does not know: nothing set, so its own YAML's settings hold in lm-eval
+    assert plan_tasks(EvalSpec(tasks=["demo_facts"]))[0].max_gen_tokens is None
+    assert plan_tasks(EvalSpec(tasks=["demo_facts"]))[0].num_fewshot is None
 
 
 def test_config_errors_name_the_yaml_path(tmp_path: Path) -> None:
@@ -164,7 +166,7 @@ def test_config_errors_name_the_yaml_path(tmp_path: Path) -> None:
 def test_protocol_records_the_choices_and_says_when_two_differ() -> None:
     base = EvalSpec(suite="en-core", fixtures=True, limit=4)
     protocol = protocol_of(base)
-    for key, value in {"decoding": "greedy", "temperature": 0.0, "fewshot_seed": 1234, "apply_chat_template": False,
+    for key, value in {"decoding": "each task's own", "temperature": None, "repeats": 1, "fewshot_seed": 1234, "apply_chat_template": False,
                        "batch_size": 16, "backend": "hf", "engine": "lm-eval", "fixtures": True}.items():
         assert protocol[key] == value, key
     assert protocol["engine_version"] == "0.4.13" or protocol["engine_version"]

@@ -12,8 +12,9 @@ import yaml
 
 from gauntlet.config.eval import EvalSpec
 from gauntlet.demo import data as demo_data
-from gauntlet.eval.engine import EvalError, scores_from_results
+from gauntlet.eval.engine import EvalError
 from gauntlet.eval.protocol import protocol_of
+from gauntlet.eval.records import scores_from_results
 from gauntlet.eval.report import evaluate_model
 from gauntlet.eval.taskconfig import task_config
 from gauntlet.prompting import format_prompt
