@@ -1,5 +1,12 @@
 """The quality gate: every rule of ``gate:`` applied to a report, each with its measured value and verdict.
 
+Comparisons (against the champion, against the base model) are paired tests over the items both models
+answered (:func:`gauntlet.eval.stats.paired_difference`) when both reports carry per-item records, and
+are refused, naming the field, when the two were measured differently on that task. With
+``gate.significance`` on, a comparison fails (or passes) only when its ``1 - alpha`` interval says so, so a
+model does not lose its slot to one unlucky item. Reports without per-item records (a champion registered
+before they existed) fall back to the point estimates, and the rule says so.
+
 ``decide`` is a pure function: rules in, :class:`GateDecision` out (each rule with its measured value,
 limit and verdict, and the champion version it compared against). It knows nothing of the registry:
 the gate stage reads the champion and hands its scores in, and the registry's compare-and-set promotion
@@ -9,40 +16,101 @@ the gate stage reads the champion and hands its scores in, and the registry's co
 from __future__ import annotations
 
 from gauntlet.config.gate import GateSpec
+from gauntlet.eval.protocol import task_differences
+from gauntlet.eval.stats import Comparison, paired_difference
 from gauntlet.names import metric_key, mlflow_name
-from gauntlet.refs import EvalReport, GateDecision, GateRule, TaskScore
+from gauntlet.refs import EvalReport, GateDecision, GateRule, TaskResult, TaskScore
 
 EPS = 1e-9  # scores come back from tags with 6 decimals: 0.55 - 0.50 must not exceed 0.05
 
 
 def gated_scores(report: EvalReport, metric: str) -> list[TaskScore]:
     """The scores the averaged and compared rules judge: one per evaluated task (a group's aggregate,
-    e.g. MMLU's, not its 57 subtasks'), or every row of a report that lists no task results."""
-    rows = [s for s in report.scores if s.metric == metric]
+    e.g. MMLU's, not its 57 subtasks'), under ``metric`` as :func:`resolve_metric` finds it; or every
+    row of a report that lists no task results."""
     if not report.task_results:
-        return rows
-    tasks = {r.task for r in report.task_results}
-    return [s for s in rows if s.task in tasks]
+        return [s for s in report.scores if s.metric == metric]
+    found = [resolve_metric(report, r.task, metric) for r in report.task_results]
+    return [s for s in found if s is not None]
+
+
+def resolve_metric(report: EvalReport, task: str, metric: str) -> TaskScore | None:
+    """The task's score under ``metric``: that exact name, else (a name without a filter, such as
+    ``exact_match``) the task's reported metric or its only filtered variant (``exact_match,last-number``)."""
+    rows = [s for s in report.scores if s.task == task]
+    exact = next((s for s in rows if s.metric == metric), None)
+    if exact is not None or "," in metric:
+        return exact
+    filtered = [s for s in rows if s.metric.split(",")[0] == metric]
+    reported = next((r.metric for r in report.task_results if r.task == task), None)
+    return next((s for s in filtered if s.metric == reported), None) or (filtered[0] if len(filtered) == 1 else None)
+
+
+def missing_metric(report: EvalReport, task: str, metric: str) -> str:
+    """Why a task has no score under ``metric``, listing what the report has for it."""
+    have = sorted({s.metric for s in report.scores if s.task == task})
+    if not have:
+        tasks = sorted({s.task for s in report.scores})
+        return f"task {task!r} is not in the report (its tasks: {tasks}); add it to eval.tasks or fix the task name"
+    return (f"task {task!r} has no {metric!r} score in the report; its metrics: {have}. Set gate.metric to one of "
+            "them (a filtered metric is named 'metric,filter')")
+
+
+def _task_result(report: EvalReport, task: str) -> TaskResult | None:
+    return next((r for r in report.task_results if r.task == task), None)
+
+
+def _items(report: EvalReport | None, score: TaskScore) -> dict[str, float] | None:
+    """The per-item scores behind ``score`` (its task's, under its metric), None when the report has none."""
+    result = _task_result(report, score.task) if report is not None else None
+    items = result.item_scores.get(score.metric) if result is not None else None
+    return items or None
+
+
+def compare(spec: GateSpec, report: EvalReport, score: TaskScore, other: EvalReport | None, label: str,
+            tested: float) -> tuple[Comparison | None, str | None]:
+    """``score`` against the same task and metric in ``other``, paired over their common items: (comparison,
+    None), or (None, why it cannot be compared item by item: no records, or measured differently)."""
+    if other is None:
+        return None, f"no report of the {label}"
+    differences = task_differences(report, other, score.task)
+    if differences:
+        return None, (f"refused: the {label} was measured differently on {score.task!r} ("
+                      + "; ".join(differences[:3]) + (f"; … {len(differences) - 3} more" if len(differences) > 3
+                                                       else "") + ")")
+    mine, theirs = _items(report, score), _items(other, score)
+    if mine is None or theirs is None:
+        return None, f"no per-item records of the {label}: point estimates compared"
+    try:
+        return paired_difference(mine, theirs, alpha=spec.alpha, tested=tested), None
+    except ValueError as e:
+        return None, f"refused: {e}"
 
 
 def decide(spec: GateSpec, report: EvalReport, base: EvalReport | None,
-           champion_version: str | None, champion_scores: dict[str, float]) -> GateDecision:
-    """Apply every rule of ``spec``; the decision passes when all of them pass."""
+           champion_version: str | None, champion_scores: dict[str, float],
+           champion_report: EvalReport | None = None) -> GateDecision:
+    """Apply every rule of ``spec``; the decision passes when all of them pass.
+
+    ``champion_report``: the champion's registered evaluation (per-item records and protocol); without
+    it the champion comparison uses ``champion_scores`` (the registry's score tags) as point estimates.
+    """
     rules: list[GateRule] = []
     fmt = (lambda x: "—" if x is None else f"{x:.4f}")
     for task_name in spec.required_tasks:
-        value = report.score(task_name, spec.metric)
+        found = resolve_metric(report, task_name, spec.metric)
         rules.append(GateRule(
-            rule=f"required[{task_name}]", measured=value, limit=None, passed=value is not None,
-            detail=f"required task {task_name!r} has no {spec.metric} score in the report" if value is None
-            else f"{spec.metric}={value:.4f} present"))
+            rule=f"required[{task_name}]", measured=None if found is None else found.value, limit=None,
+            passed=found is not None,
+            detail=missing_metric(report, task_name, spec.metric) if found is None
+            else f"{found.metric}={found.value:.4f} present"))
     for task_name, limit in spec.min_scores.items():
-        value = report.score(task_name, spec.metric)
+        found = resolve_metric(report, task_name, spec.metric)
         rules.append(GateRule(
-            rule=f"min_score[{task_name}]", measured=value, limit=limit,
-            passed=value is not None and value >= limit - EPS,
-            detail=f"required task {task_name!r} has no {spec.metric} score in the report" if value is None
-            else f"{spec.metric}={value:.4f} vs minimum {limit:.4f}"))
+            rule=f"min_score[{task_name}]", measured=None if found is None else found.value, limit=limit,
+            passed=found is not None and found.value >= limit - EPS,
+            detail=missing_metric(report, task_name, spec.metric) if found is None
+            else f"{found.metric}={found.value:.4f}{_ci(found)} vs minimum {limit:.4f}"))
     if spec.min_average is not None:
         values = [s.value for s in gated_scores(report, spec.metric)]
         mean = sum(values) / len(values) if values else None
@@ -65,23 +133,53 @@ def decide(spec: GateSpec, report: EvalReport, base: EvalReport | None,
             before = base.score(s.task, s.metric)
             if before is None:
                 continue
+            need = spec.min_gain_over_base
+            comparison, why = compare(spec, report, s, base, "base model", tested=need)
+            if why is not None and why.startswith("refused"):
+                rules.append(GateRule(rule=f"gain_over_base[{s.task}]", measured=None, limit=need, passed=False,
+                                      detail=why))
+                continue
             gain = s.value - before
-            rules.append(GateRule(rule=f"gain_over_base[{s.task}]", measured=gain, limit=spec.min_gain_over_base,
-                                  passed=gain >= spec.min_gain_over_base - EPS,
-                                  detail=f"{s.value:.4f} vs base {before:.4f} (gain {gain:+.4f})"))
+            if comparison is not None and spec.significance.min_gain_over_base:
+                passed = comparison.lo > need + EPS   # the whole interval clears the threshold
+            else:
+                passed = gain >= need - EPS
+            detail = f"{s.value:.4f} vs base {before:.4f}: " + (comparison.text() if comparison is not None
+                                                              else f"gain {gain:+.4f} ({why})")
+            rules.append(GateRule(rule=f"gain_over_base[{s.task}]", measured=gain, limit=need, passed=passed,
+                                  detail=detail + (f"; must clear {need:+.4f}" + (
+                                      " with its whole interval" if spec.significance.min_gain_over_base else ""))))
     if champion_version is not None:
         for s in gated_scores(report, spec.metric):
             key = metric_key(s.task, s.metric)  # as the registry tags store it
             if key not in champion_scores:
                 continue
             allowed = spec.max_regression_by_task.get(s.task, spec.max_regression)
-            delta = s.value - champion_scores[key]
+            comparison, why = compare(spec, report, s, champion_report, f"champion v{champion_version}",
+                                      tested=-allowed)
+            if why is not None and why.startswith("refused"):
+                rules.append(GateRule(rule=f"no_regression[{s.task}]", measured=None, limit=-allowed, passed=False,
+                                      detail=why + "; to judge this candidate, evaluate both under one protocol "
+                                                   "(gauntlet eval) and promote by hand (gauntlet promote)"))
+                continue
+            delta = s.value - champion_scores[key] if comparison is None else comparison.delta
+            if comparison is not None and spec.significance.no_regression:
+                passed = comparison.hi >= -allowed - EPS   # fails only when the whole interval is below
+            else:
+                passed = delta >= -allowed - EPS
+            detail = (f"{s.value:.4f} vs champion v{champion_version} {fmt(champion_scores[key])}: "
+                      + (comparison.text() if comparison is not None else f"{delta:+.4f} ({why})")
+                      + f"; allowed drop {allowed}"
+                      + (", significance required" if comparison is not None and spec.significance.no_regression
+                         else ""))
             rules.append(GateRule(rule=f"no_regression[{s.task}]", measured=delta, limit=-allowed,
-                                  passed=delta >= -allowed - EPS,
-                                  detail=f"{s.value:.4f} vs champion v{champion_version} {fmt(champion_scores[key])}"
-                                         f" ({delta:+.4f}; allowed drop {allowed})"))
+                                  passed=passed, detail=detail))
     return GateDecision(passed=all(r.passed for r in rules), rules=rules, compared_to=champion_version,
                         champion_scores=champion_scores)
+
+
+def _ci(score: TaskScore) -> str:
+    return "" if score.ci_low is None else f" (95% CI {score.ci_low:.4f}…{score.ci_high:.4f})"
 
 
 def decision_markdown(model_name: str, decision: GateDecision) -> str:

@@ -10,8 +10,10 @@ from gauntlet.config.gate import GateSpec, RegistrySpec
 from gauntlet.gate import decide, decision_json, decision_markdown, decision_metrics
 from gauntlet.refs import EvalReport, GateDecision, PromotionResult, RegisteredVersion
 from gauntlet.registry.promotion import promote_if_passing
+from gauntlet.registry.reports import version_report
 from gauntlet.registry.store import champion_of
 from gauntlet.tasks._stage import StageRun, stage
+from gauntlet.tasks.register import emit_champion_moved
 
 
 def record_decision(stage: StageRun, model_name: str, decision: GateDecision, name: str = "gate_decision") -> str:
@@ -30,7 +32,7 @@ def record_decision(stage: StageRun, model_name: str, decision: GateDecision, na
 def gate(spec: GateSpec, registry: RegistrySpec, report: EvalReport, base: EvalReport | None,
          stage: StageRun) -> GateDecision:
     version, scores = champion_of(stage.client, registry)
-    decision = decide(spec, report, base, version, scores)
+    decision = decide(spec, report, base, version, scores, version_report(stage.client, registry.model_name, version))
     markdown = record_decision(stage, registry.model_name, decision)
     create_markdown_artifact(markdown, key="gate-decision", description="quality gate decision")
     stage.log.info("gate PASSED" if decision.passed else "gate FAILED: " + "; ".join(decision.reasons))
@@ -52,4 +54,6 @@ def promote(registry: RegistrySpec, gate_spec: GateSpec, decision: GateDecision,
                                              "the first decision compared with")
     stage.tag("gauntlet.promotion", result.message)
     stage.log.info(result.message)
+    if result.registered:   # @champion moved: the deploy deployment's trigger listens for this
+        emit_champion_moved(registry.model_name, result.version, result.previous_champion, "promote", result.message)
     return result

@@ -16,6 +16,16 @@ class PerfCeilings(Strict):
     size_on_disk_gb: float | None = Field(None, gt=0)
 
 
+class Significance(Strict):
+    """Which comparisons must be statistically significant (a paired test over the items both models
+    answered, at ``gate.alpha``) before they fail, or pass, the gate."""
+
+    no_regression: bool = Field(True, description="fail only on a drop beyond max_regression whose whole interval "
+                                                  "lies below it (off: the point estimate decides)")
+    min_gain_over_base: bool = Field(False, description="require the lower end of the gain's interval to clear "
+                                                        "min_gain_over_base (off: the point estimate decides)")
+
+
 class GateSpec(Strict):
     metric: str = Field("acc", description="the metric of each task that the gate reads")
     min_scores: dict[str, float] = Field(default_factory=dict, description="task -> minimum score")
@@ -28,6 +38,9 @@ class GateSpec(Strict):
                                       description="tasks that must have a score; a missing one fails the gate")
     ceilings: PerfCeilings = PerfCeilings()
     min_gain_over_base: float | None = Field(None, description="require the fine-tuned model to beat its base by this")
+    alpha: float = Field(0.05, gt=0, lt=0.5, description="significance level of the paired comparisons: "
+                                                         "their intervals are 1 - alpha")
+    significance: Significance = Significance()
     register_variants: list[str] = Field(
         default_factory=list, description="quantize.variants names that may be registered (as <model_name>-<variant>) "
                                           "when they pass the same rules as the fine-tuned model")

@@ -124,6 +124,26 @@ def protocol_differences(a: EvalReport | dict, b: EvalReport | dict) -> list[str
     return out
 
 
+# Settings that say what was asked for, not how one task was measured: they may differ between two reports
+# whose shared tasks are still comparable (a suite that gained a task, a new speed probe setting).
+NOT_PER_TASK = ("tasks", "suite", "speed_probe", "num_fewshot", "limit", "max_gen_tokens", "task_settings",
+                "task_versions", "task_effective")
+
+
+def task_differences(a: EvalReport | dict, b: EvalReport | dict, task: str) -> list[str]:
+    """Where two reports' measurements of ``task`` differ: the shared protocol (engine, backend, dtype,
+    decoding, batch size, …), that task's settings, lm-eval version and applied settings, and the model
+    fingerprint. Empty: the task's scores may be compared (the gate's paired tests, the leaderboard)."""
+    pa, pb = _protocol(a), _protocol(b)
+
+    def view(p: dict) -> dict:
+        return {**{k: v for k, v in p.items() if k not in NOT_PER_TASK},
+                **{f"{k}[{task}]": (p.get(k) or {}).get(task, "<absent>")
+                   for k in ("task_settings", "task_versions", "task_effective")}}
+
+    return protocol_differences(view(pa), view(pb))
+
+
 def protocols_match(a: EvalReport | dict, b: EvalReport | dict) -> bool:
     """True when two reports were measured the same way and may be ranked together."""
     return not protocol_differences(a, b)

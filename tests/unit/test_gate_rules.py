@@ -45,10 +45,30 @@ def test_required_task_missing_from_report_fails_with_that_reason() -> None:
     assert not decision.passed
     failed = [r for r in decision.rules if not r.passed]
     assert [r.rule for r in failed] == ["required[reasoning]"]
-    assert decision.reasons == ["required[reasoning]: required task 'reasoning' has no acc score in the report"]
+    assert decision.reasons == ["required[reasoning]: task 'reasoning' is not in the report (its tasks: "
+                                "['facts']); add it to eval.tasks or fix the task name"]
     # a task with a minimum score is required too: missing, it fails rather than passes
     decision = decide(GateSpec(min_scores={"reasoning": 0.1}), make_report({"facts": 0.8}), None, None, {})
-    assert not decision.passed and "has no acc score" in decision.reasons[0]
+    assert not decision.passed and "is not in the report" in decision.reasons[0]
+
+
+def test_a_metric_without_its_filter_finds_the_tasks_filtered_score_and_a_missing_one_lists_them() -> None:
+    """`gate.metric: exact_match` on a generation task whose only score is `exact_match,last-number`."""
+    from gauntlet.gate import decide
+    from gauntlet.refs import TaskScore
+
+    report = make_report({"facts": 0.8})
+    report = report.model_copy(update={"scores": report.scores + [
+        TaskScore(task="arith_gen", metric="exact_match,last-number", value=0.4)]})
+    decision = decide(GateSpec(metric="exact_match", min_scores={"arith_gen": 0.3}), report, None, None, {})
+    assert decision.passed, decision.reasons
+    assert "exact_match,last-number=0.4000" in decision.rules[0].detail
+    # a metric the task does not have: the message lists the metrics it has, and how to name one
+    decision = decide(GateSpec(metric="f1", min_scores={"arith_gen": 0.3}), report, None, None, {})
+    assert not decision.passed
+    assert decision.reasons == ["min_score[arith_gen]: task 'arith_gen' has no 'f1' score in the report; its "
+                                "metrics: ['exact_match,last-number']. Set gate.metric to one of them (a filtered "
+                                "metric is named 'metric,filter')"]
 
 
 @pytest.mark.parametrize("spec, scores, perf, champion, failing", [
