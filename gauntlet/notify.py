@@ -184,7 +184,10 @@ def outcome_notice(spec: NotifySpec, registry: RegistrySpec, promotion: Promotio
     else:
         event, verdict = "gate_failed", f"not promoted; {len(decision.reasons)} gate rule(s) failed"
     return Notice(event=event, model_name=registry.model_name, version=promotion.version, verdict=verdict,
-                  reasons=[] if promotion.registered else decision.reasons, compared_with=compared_with,
+                  reasons=decision.reasons if not promotion.registered else [  # what the promotion rests on
+                      f"{r.rule}: {r.detail}" for r in decision.rules
+                      if r.rule.startswith(("no_regression", "gain_over_base"))],
+                  compared_with=compared_with,
                   deltas=biggest_deltas(report, reference), mlflow_run_id=run.parent_run_id,
                   mlflow_url=mlflow_run_url(spec, run.tracking_uri, run.experiment_id, run.parent_run_id),
                   flow_run_id=run.flow_run_id,

@@ -17,6 +17,8 @@ class ScoreRow(BaseModel):
     metric: str
     base: float | None
     finetuned: float
+    ci_low: float | None = None
+    ci_high: float | None = None
 
 
 class VariantRow(BaseModel):
@@ -47,6 +49,7 @@ class RunSummary(BaseModel):
     perf: dict | None
     gate_passed: bool
     gate_reasons: list[str]
+    gate_rules: list[tuple[str, str, str]] = []   # every rule: (rule, pass/FAIL, detail with Δ and its interval)
     promotion: str
     registered_version: str | None
     stage_runs: dict[str, str | None]
@@ -58,16 +61,20 @@ class RunSummary(BaseModel):
                  f"- data version (DVC md5): `{self.data_md5}`", f"- base model: `{self.base_model}`",
                  f"- fine-tuned model: `{self.merged_model}`",
                  "- training: " + ", ".join(f"{k}={v:.4g}" for k, v in self.train_metrics.items()), "",
-                 "| task | metric | base | fine-tuned | delta |", "|---|---|---|---|---|"]
+                 "| task | metric | base | fine-tuned (95% CI) | delta |", "|---|---|---|---|---|"]
         for s in self.scores:
             base = "—" if s.base is None else f"{s.base:.4f}"
             delta = "—" if s.base is None else f"{s.finetuned - s.base:+.4f}"
-            lines.append(f"| {s.task} | {s.metric} | {base} | {s.finetuned:.4f} | {delta} |")
+            ci = "" if s.ci_low is None else f" ({s.ci_low:.4f}…{s.ci_high:.4f})"
+            lines.append(f"| {s.task} | {s.metric} | {base} | {s.finetuned:.4f}{ci} | {delta} |")
         if self.perf:
             lines += ["", "speed: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                               for k, v in self.perf.items())]
         lines += ["", f"**gate: {'PASSED' if self.gate_passed else 'FAILED'}**"]
         lines += [f"- {r}" for r in self.gate_reasons]
+        if self.gate_rules:
+            lines += ["", "| rule | verdict | detail |", "|---|---|---|"]
+            lines += [f"| {rule} | {verdict} | {detail} |" for rule, verdict, detail in self.gate_rules]
         lines += ["", f"registry: {self.promotion}"]
         if self.variants:
             lines += self._variants_markdown()
@@ -119,13 +126,14 @@ def summarize(name: str, data: DatasetRef, base_model: ModelRef, trained: Traine
               variant_promotions: dict[str, PromotionResult] | None = None) -> RunSummary:
     variants, variant_reports = variants or [], variant_reports or []
     decision = promotion.decision or decision   # re-gated under the registry lock if the champion changed
-    rows = [ScoreRow(task=s.task, metric=s.metric, finetuned=s.value,
+    rows = [ScoreRow(task=s.task, metric=s.metric, finetuned=s.value, ci_low=s.ci_low, ci_high=s.ci_high,
                      base=base_report.score(s.task, s.metric) if base_report else None) for s in report.scores]
     return RunSummary(
         name=name, mlflow_run_id=run.parent_run_id, tracking_uri=run.tracking_uri, data_md5=data.md5,
         base_model=f"{base_model.source} ({base_model.sha[:12]})", merged_model=trained.merged.path,
         train_metrics=trained.metrics, scores=rows, perf=report.perf.model_dump() if report.perf else None,
         gate_passed=decision.passed, gate_reasons=decision.reasons, promotion=promotion.message,
+        gate_rules=[(r.rule, "pass" if r.passed else "FAIL", r.detail) for r in decision.rules],
         registered_version=promotion.version,
         stage_runs={"fetch_model": base_model.mlflow_run_id, "train": trained.mlflow_run_id,
                     "evaluate_base": base_report.mlflow_run_id if base_report else None,
