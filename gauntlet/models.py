@@ -23,7 +23,7 @@ from typing import Any
 
 from gauntlet.config.model import REGISTRY_SCHEME, REGISTRY_URI, ModelSpec
 from gauntlet.demo.model import DEMO_MODELS, build_demo_model
-from gauntlet.files import is_complete, mark_complete
+from gauntlet.files import is_complete, mark_complete, partial_dir, publish_dir
 from gauntlet.hashing import sha256_dir
 from gauntlet.project import in_project
 from gauntlet.refs import ModelRef, Ref
@@ -106,15 +106,14 @@ def download_registry_model(uri: str, tracking_uri: str) -> tuple[Path, str, str
     c, mv = registry_version(uri, tracking_uri)
     target = models_cache() / "registry" / mv.name / str(mv.version)
     if not is_complete(target):
-        partial = target.with_name(target.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-        source_uri = c.get_model_version_download_uri(mv.name, mv.version)
-        local = Path(download_artifacts(artifact_uri=source_uri, dst_path=str(partial), tracking_uri=tracking_uri))
-        shutil.rmtree(target, ignore_errors=True)
-        local.rename(target)
-        shutil.rmtree(partial, ignore_errors=True)
-        mark_complete(target)
+        partial = partial_dir(target)   # this process's own: concurrent downloads never share a folder
+        try:
+            source_uri = c.get_model_version_download_uri(mv.name, mv.version)
+            local = Path(download_artifacts(artifact_uri=source_uri, dst_path=str(partial),
+                                            tracking_uri=tracking_uri))
+            publish_dir(local, target)
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
     note = f"{uri} → version {mv.version}" + (f" (run {mv.run_id[:12]})" if mv.run_id else "")
     return target, note, f"{mv.name}-v{mv.version}"
 

@@ -53,6 +53,9 @@ def configure_environment() -> Path:
         "PREFECT_LOCAL_STORAGE_PATH": str(home / "prefect" / "results"),
         # Results must persist so the cache works across processes.
         "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",
+        # ...as JSON, never pickles: a state folder may be shared (a Docker volume, a restored CI cache), and
+        # unpickling a planted file runs its code.
+        "PREFECT_RESULTS_DEFAULT_SERIALIZER": "json",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         # The ephemeral API's 20 s start-up limit is too short on a busy 2-core machine.
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",

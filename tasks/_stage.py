@@ -13,9 +13,14 @@ cache key, its receipt and its MLflow stage run, so no call site pairs them by h
   the stage's module imports, found from its imports (:mod:`gauntlet.code_version`); config sections in the
   key parts are compared as their JSON. ``key=None``: never cached (the stage reads the registry's state).
 * **Receipt**: a cached stage writes into ``$GAUNTLET_HOME/stages/<name>/<key[:16]>/`` (``stage.out``) and
-  leaves ``receipt.json`` naming its ``outputs``. A call whose receipt, or a file it names, is gone refreshes
-  the cache, so a hit never hands back dangling paths; a call whose receipt is fine touches it (``gauntlet gc``
+  leaves ``receipt.json`` naming its ``outputs`` and holding its result as JSON (written atomically). A call
+  whose receipt, or a file it names, is gone refreshes the cache, so a hit never hands back dangling paths; an
+  unreadable receipt is a cache miss, logged as such; a call whose receipt is fine touches it (``gauntlet gc``
   keeps what was used recently).
+* **One run per key at a time**: the body runs under a file lock in its output folder, so two flow runs (or
+  processes) with the same key never build into one folder; the second waits, then takes the result the
+  first recorded in the receipt instead of computing it again.
+* **No pickles**: Prefect persists a cached stage's result as JSON; uncached stages persist nothing.
 * **MLflow**: a nested run named ``run_name`` under the flow's parent run, with ``params(**inputs)``; FAILED
   with the error when the body raises. ``resumable``: a retry within the same flow run continues the failed
   attempt's run, so its metrics keep their steps. A result with an unset ``mlflow_run_id`` gets the stage run's.
@@ -31,21 +36,51 @@ import copy
 import functools
 import inspect
 import json
+import logging
+import typing
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from filelock import FileLock
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel
+from prefect.exceptions import MissingContextError
+from pydantic import BaseModel, TypeAdapter
 
 from gauntlet.code_version import code_version
+from gauntlet.files import write_json
 from gauntlet.hashing import sha256_json
 from gauntlet.state import stage_dir
 from gauntlet.tracking import RunContext, client, stage_run
 
 RECEIPT = "receipt.json"
 MLFLOW_RUN_FILE = "mlflow_run.json"
+STAGE_LOCK = ".stage.lock"
+
+
+def _logger():
+    try:
+        return get_run_logger()
+    except MissingContextError:   # called outside a flow or task run (a test, gc)
+        return logging.getLogger(__name__)
+
+
+def read_receipt(folder: Path) -> tuple[dict | None, str | None]:
+    """(receipt, None) when it is readable and names files that all exist; (None, why not) otherwise."""
+    path = folder / RECEIPT
+    try:
+        receipt = json.loads(path.read_text())
+        outputs = receipt["outputs"]
+    except FileNotFoundError:
+        return None, "no receipt"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return None, f"receipt {path} is unreadable ({type(e).__name__}: {e})"
+    missing = [p for p in outputs if not Path(p).exists()]
+    if missing:
+        return None, f"receipt {path} names {len(missing)} missing files ({missing[0]}, …)"
+    return receipt, None
 
 
 def jsonable(value: Any) -> Any:
@@ -126,9 +161,9 @@ class Stage:
         body.__signature__ = self.signature.replace(  # type: ignore[attr-defined]
             parameters=[p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in inputs] + [run])
         if key is None:
-            options = {"cache_policy": NO_CACHE}
+            options = {"cache_policy": NO_CACHE, "persist_result": False}
         else:
-            options = {"cache_key_fn": self._cache_key_fn, "persist_result": True}
+            options = {"cache_key_fn": self._cache_key_fn, "persist_result": True, "result_serializer": "json"}
         options.update({"task_run_name": run_name} if run_name else {})
         self.task = task(body, name=name, **options, **task_options)
 
@@ -159,12 +194,17 @@ class Stage:
         return stage_dir(self.name, self.key(**params))
 
     def receipt_ok(self, **params: Any) -> bool:
-        receipt = self.output_dir(**params) / RECEIPT
-        try:
-            outputs = json.loads(receipt.read_text())["outputs"]
-        except (OSError, ValueError, KeyError, TypeError):
-            return False   # missing, empty or truncated: recompute
-        return all(Path(p).exists() for p in outputs)
+        receipt, why_not = read_receipt(self.output_dir(**params))
+        if receipt is None and why_not != "no receipt":
+            _logger().warning(f"{self.name}: {why_not}: a cache miss, computing it again")
+        return receipt is not None
+
+    def result_from(self, receipt: dict) -> Any:
+        """The result a receipt recorded, as the body's return type; None if it recorded none."""
+        if "result" not in receipt:
+            return None
+        returns = typing.get_type_hints(self.fn).get("return", Any)
+        return TypeAdapter(returns).validate_python(receipt["result"])
 
     # -- calling ----------------------------------------------------------------------------------
 
@@ -201,10 +241,39 @@ def _run_stage(st: Stage, **params: Any) -> Any:
     run: RunContext = params.pop("run")
     inputs = st._inputs(params)
     name = st.run_name.format(**inputs)
-    out = None
-    if st.cached:
-        out = st.output_dir(**inputs)
-        out.mkdir(parents=True, exist_ok=True)
+    if not st.cached:
+        return _run_body(st, name, run, inputs, None)
+    out = st.output_dir(**inputs)
+    out.mkdir(parents=True, exist_ok=True)
+    seen, _ = read_receipt(out)
+    lock = FileLock(str(out / STAGE_LOCK))
+    try:
+        lock.acquire(timeout=1)
+    except TimeoutError:   # filelock's Timeout is a TimeoutError
+        _logger().info(f"{name}: another run is computing the same key in {out}; waiting for it")
+        lock.acquire()
+    try:
+        receipt, _ = read_receipt(out)
+        if receipt is not None and receipt.get("token") != (seen or {}).get("token"):
+            result = st.result_from(receipt)   # written while this call waited: the other run's result
+            if result is not None:
+                _logger().info(f"{name}: reusing the result another run recorded for this key while this one waited")
+                return result
+        result = _run_body(st, name, run, inputs, out)
+        paths = [str(p) for p in (st.outputs(result, StageRun(name=name, flow=run, out=out)) if st.outputs else [])]
+        receipt = {"stage": st.name, "outputs": paths, "token": uuid.uuid4().hex, "result": jsonable(result)}
+        try:
+            json.dumps(receipt)
+        except (TypeError, ValueError):   # a result JSON cannot hold: a waiting run computes its own
+            del receipt["result"]
+        write_json(out / RECEIPT, receipt)
+    finally:
+        lock.release()
+    return result
+
+
+def _run_body(st: Stage, name: str, run: RunContext, inputs: dict[str, Any], out: Path | None) -> Any:
+    """The stage's own function, inside its MLflow stage run (if it keeps one)."""
     if not st.mlflow:
         result = st.fn(**inputs, stage=StageRun(name=name, flow=run, out=out, client=client(run.tracking_uri)))
     else:
@@ -218,9 +287,6 @@ def _run_stage(st: Stage, **params: Any) -> Any:
         if (isinstance(result, BaseModel) and "mlflow_run_id" in type(result).model_fields
                 and getattr(result, "mlflow_run_id") is None):   # a result that names another run keeps it
             result = result.model_copy(update={"mlflow_run_id": run_id})
-    if st.cached and out is not None:
-        paths = [str(p) for p in (st.outputs(result, StageRun(name=name, flow=run, out=out)) if st.outputs else [])]
-        (out / RECEIPT).write_text(json.dumps({"stage": st.name, "outputs": paths}, indent=2))
     return result
 
 
@@ -236,8 +302,7 @@ def _earlier_attempt(out: Path, run: RunContext) -> tuple[str | None, int]:
 
 
 def _record_attempt(c, run_id: str, out: Path, run: RunContext, attempt: int, resumed: bool) -> None:
-    (out / MLFLOW_RUN_FILE).write_text(json.dumps({"run_id": run_id, "parent_run_id": run.parent_run_id,
-                                                   "attempt": attempt}))
+    write_json(out / MLFLOW_RUN_FILE, {"run_id": run_id, "parent_run_id": run.parent_run_id, "attempt": attempt})
     c.set_tag(run_id, "gauntlet.attempt", str(attempt))
     if resumed:
         get_run_logger().info(f"attempt {attempt}: continuing MLflow run {run_id}")

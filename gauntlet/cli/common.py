@@ -31,7 +31,37 @@ def start_environment() -> Path | None:
     except ServerUnreachable as e:
         print(f"cannot start: {e}", file=sys.stderr)
         return None
+    prepare_prefect_database()
     return home
+
+
+def prepare_prefect_database() -> None:
+    """Migrate Prefect's local database once, under an inter-process lock, before any flow starts.
+
+    Without a server (``PREFECT_API_URL`` unset) every command starts its own ephemeral API on the same
+    sqlite file in ``$GAUNTLET_HOME/prefect``, and each would run the migrations at once; one process migrates
+    here, the others wait and find it done (a stamp per Prefect version skips the lock afterwards)."""
+    import os
+
+    if os.environ.get("PREFECT_API_URL"):
+        return
+    import asyncio
+
+    import prefect
+    from filelock import FileLock
+
+    folder = Path(os.environ["PREFECT_HOME"])
+    stamp = folder / f".gauntlet-migrated-{prefect.__version__}"
+    if stamp.exists() and (folder / "prefect.db").exists():
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder / ".setup.lock"), timeout=600):
+        if stamp.exists() and (folder / "prefect.db").exists():
+            return
+        from prefect.server.database import provide_database_interface
+
+        asyncio.run(provide_database_interface().create_db())
+        stamp.write_text("migrated\n")
 
 
 def registry_client():

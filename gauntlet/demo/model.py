@@ -7,11 +7,10 @@ Built once, deterministically, into the models cache (``demo://tiny-llama``).
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 from gauntlet.demo import data as demo_data
-from gauntlet.files import is_complete, mark_complete
+from gauntlet.files import is_complete, partial_dir, publish_dir
 from gauntlet.state import models_cache
 
 DEMO_MODELS = {"tiny-llama"}
@@ -45,8 +44,7 @@ def build_demo_model(name: str, out: Path | None = None, seed: int = 0) -> Path:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = partial_dir(out)   # this process's own: two first runs build side by side, the first rename wins
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -65,7 +63,5 @@ def build_demo_model(name: str, out: Path | None = None, seed: int = 0) -> Path:
         f"# demo://{name}\n\nRandom-init Llama ({sum(p.numel() for p in model.parameters()):,} parameters) "
         "with a byte-level BPE tokenizer trained locally. Built by Gauntlet for the demo; it knows nothing.\n")
     (tmp / "gauntlet-build.json").write_text(json.dumps({"builder": "demo", "name": name, "seed": seed}))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    mark_complete(out)
+    publish_dir(tmp, out)
     return out

@@ -1,14 +1,22 @@
 """Several processes on one state folder: MLflow's store set up once under a lock, a half-migrated store
-finished or named with the fix (real `gauntlet` subprocesses on a fresh $GAUNTLET_HOME each)."""
+finished or named with the fix (real `gauntlet` subprocesses on a fresh $GAUNTLET_HOME each); two runs of
+one stage key computing it once."""
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
+from prefect import flow
+from pydantic import BaseModel
+
+from gauntlet.tasks._stage import StageRun, stage
 from tests.helpers import REPO
 
 
@@ -105,3 +113,48 @@ def test_a_store_that_cannot_be_finished(tmp_path: Path) -> None:
         else:
             assert_answered([(rc, out)])
             assert list(home.glob("mlflow.db.half-migrated-*")) and schema_version(db) == revisions[0]
+
+
+class Counted(BaseModel):
+    value: int
+    computed_by: str
+
+
+def _count_once(value: int, stage: StageRun) -> Counted:
+    """Slow enough for a second caller to arrive while it runs; leaves a line per computation."""
+    time.sleep(3)
+    with open(stage.out / "computations.txt", "a") as fh:
+        fh.write(f"{threading.current_thread().name}\n")
+    return Counted(value=value * 2, computed_by=threading.current_thread().name)
+
+
+_count_once.__module__ = "gauntlet.tasks._stage"   # code versions are taken of Gauntlet modules only
+count_once = stage("count-once", key=lambda value: [value])(_count_once)
+
+
+@flow
+def call_count_once(value: int, tag: str) -> Counted:
+    from gauntlet.tracking import parent_run, tracking_uri
+
+    with parent_run(tracking_uri(), "concurrency-tests", tag, {}, {}) as run:
+        return count_once(value=value, run=run)
+
+
+def test_two_runs_with_one_key_compute_it_once(prefect_api) -> None:
+    """Two flow runs reach the same stage key together: one computes, the other waits for the key's lock and
+    takes the recorded result (without the lock both compute, into the same folder)."""
+    value = int(time.time())   # a key no earlier session has used
+    results: dict[str, Counted] = {}
+
+    def go(tag: str) -> None:
+        results[tag] = call_count_once(value=value, tag=tag)
+
+    threads = [threading.Thread(target=go, args=(tag,), name=tag) for tag in ("first", "second")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    out = count_once.output_dir(value=value)
+    assert (out / "computations.txt").read_text().count("\n") == 1
+    assert results["first"] == results["second"] and results["first"].value == value * 2
+    assert json.loads((out / "receipt.json").read_text())["result"]["value"] == value * 2
