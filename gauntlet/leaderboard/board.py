@@ -3,7 +3,8 @@ with past nights.
 
 Scores are normalised as the Open LLM Leaderboard does (random baseline → 0, perfect → 100, below chance
 → 0) with the baseline each report's own task result carries, averaged per suite and over all tasks;
-speed, latency, memory and size have their own columns; ranked by the configured key; ties share a rank;
+speed, latency, memory and size have their own columns; ranked by the configured key; every score has its
+95% interval and rows that a paired test cannot tell apart share a rank range (leaderboard/uncertainty.py);
 a row lacking the key's value is listed unranked with what is missing. Only reports with the same
 protocol (:func:`gauntlet.eval.protocol.protocol_differences`) are ranked together; the others are listed
 with the difference. No Prefect and no MLflow here.
@@ -22,6 +23,7 @@ from gauntlet.eval.protocol import protocol_differences
 from gauntlet.eval.suites import normalized_score
 from gauntlet.hashing import sha256_json
 from gauntlet.leaderboard.candidates import CandidateOutcome
+from gauntlet.leaderboard.uncertainty import add_uncertainty
 from gauntlet.refs import EvalReport
 from gauntlet.tracking import git_commit
 
@@ -58,8 +60,13 @@ class BoardRow(BaseModel):
     reason: str | None = None            # why unranked / failed / skipped, or what is missing
     note: str | None = None              # how the source was resolved
     rank: int | None = None
-    tie: bool = False
+    tie: bool = False                            # indistinguishable from a neighbour: a rank range, not a rank
+    rank_low: int | None = None                  # the rank range (leaderboard/uncertainty.py): 2..3
+    rank_high: int | None = None
     rank_value: float | None = None
+    ci_low: float | None = None                  # 95% interval of rank_value (score keys)
+    ci_high: float | None = None
+    intervals: dict[str, tuple[float, float] | None] = {}  # task -> 95% interval of its normalised score
     model_sha: str | None = None
     raw: dict[str, float | None] = {}            # task -> score as lm-eval reports it (0..1)
     normalized: dict[str, float | None] = {}     # task -> 0..100 above the random baseline
@@ -80,6 +87,15 @@ class BoardRow(BaseModel):
     @property
     def key(self) -> str:
         return f"{self.candidate}|{self.variant}"
+
+    @property
+    def rank_text(self) -> str:
+        """``3``, or ``2–3`` when the row cannot be told apart from its neighbours, or ``—``."""
+        if self.rank is None:
+            return "—"
+        if self.rank_low is not None and self.rank_high is not None and self.rank_low != self.rank_high:
+            return f"{self.rank_low}–{self.rank_high}"
+        return f"{self.rank}{'=' if self.tie else ''}"
 
 
 class Leaderboard(BaseModel):
@@ -243,6 +259,8 @@ def build_leaderboard(spec: LeaderboardSpec, outcomes: list[CandidateOutcome], h
 
     key = spec.ranking.key
     ranked = assign_ranks([r for r in rows if r.status == "ranked"], key, spec.ranking.tie_decimals)
+    add_uncertainty(ranked, reports, key, list(spec.eval.tasks), dict(spec.ranking.suites),
+                    lambda t: metric_of(spec, t))
     order = {"unranked": 1, "failed": 2, "skipped": 3}
     rest = sorted((r for r in rows if r.status != "ranked"), key=lambda r: (order[r.status], r.key))
     rows = ranked + rest

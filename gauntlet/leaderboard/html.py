@@ -30,6 +30,8 @@ td.missing { color: #999; }
 tr.unranked td { color: #777; }
 .up { color: #1a7f37; } .down { color: #c62828; } .zero { color: #555; }
 .tie { font-weight: bold; color: #8a5a00; }
+.ci { color: #777; font-size: 11px; }
+line.ci-bar { stroke: #555; stroke-width: 1.2; }
 .note { color: #555; font-size: 12px; }
 svg text { font: 11px system-ui, sans-serif; fill: #333; }
 .axis line, .axis path { stroke: #888; } .grid { stroke: #eee; }
@@ -81,6 +83,15 @@ def _cell(x: float | None, digits: int = 1) -> str:
     return f'<td data-v="{v}"{css}>{shown}</td>'
 
 
+def _cell_ci(x: float | None, ci: tuple[float, float] | None) -> str:
+    """A score with its 95% interval below it (sorting uses the score)."""
+    if x is None or ci is None:
+        return _cell(x)
+    v, shown = _num(x)
+    return (f'<td data-v="{v}" title="95% interval {ci[0]:.1f} to {ci[1]:.1f}">{shown}'
+            f'<br><span class="ci">{ci[0]:.1f}–{ci[1]:.1f}</span></td>')
+
+
 def _text(s: str, title: str | None = None) -> str:
     tip = f' title="{escape(title)}"' if title else ""
     return f'<td class="text" data-v="{escape(s)}"{tip}>{escape(s)}</td>'
@@ -123,12 +134,13 @@ def ranking_table(board: Leaderboard) -> str:
     body = []
     for r in board.ranked():
         rank = ("" if r.rank is None else str(r.rank))
-        rank_cell = (f'<td data-v="{rank}" class="tie" title="tied">{rank}=</td>' if r.tie
-                     else f'<td data-v="{rank}">{rank or "—"}</td>')
+        rank_cell = (f'<td data-v="{rank}" class="tie" title="statistically indistinguishable from its neighbours">'
+                     f'{escape(r.rank_text)}</td>' if r.tie else f'<td data-v="{rank}">{rank or "—"}</td>')
+        average = (r.ci_low, r.ci_high) if r.ci_low is not None else None
         cells = ([rank_cell, _text(r.candidate, title=f"{r.source}" + (f" ({r.note})" if r.note else "")),
-                  _text(r.variant), _cell(r.average)]
+                  _text(r.variant), _cell_ci(r.average, average)]
                  + [_cell(r.suites.get(s)) for s in suites]
-                 + [_cell(r.normalized.get(t)) for t in board.tasks]
+                 + [_cell_ci(r.normalized.get(t), r.intervals.get(t)) for t in board.tasks]
                  + [_delta_cell(r), _sparkline(r), _cell(r.tokens_per_s), _cell(r.first_token_latency_ms),
                     _cell(r.peak_memory_gb, 3), _cell(r.size_on_disk_gb, 4)])
         body.append(f'<tr data-key="{escape(r.key)}">' + "".join(cells) + "</tr>")
@@ -141,6 +153,9 @@ def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
     return [lo + i * step for i in range(n + 1)]
 
 
+LABEL_CHAR_PX = 6.6  # a generous width of one character of an 11px sans-serif label
+
+
 def scatter_svg(board: Leaderboard, width: int = 640, height: int = 380) -> str:
     pts = [(r.key, r.tokens_per_s, r.average, r) for r in board.ranked()
            if r.tokens_per_s is not None and r.average is not None]
@@ -149,7 +164,7 @@ def scatter_svg(board: Leaderboard, width: int = 640, height: int = 380) -> str:
     front = pareto_front([(k, x, y) for k, x, y, _ in pts])
     left, right, top, bottom = 56, 24, 16, 44
     x_hi = max(x for _, x, _, _ in pts) * 1.15 or 1.0
-    y_values = [y for _, _, y, _ in pts]
+    y_values = [y for _, _, y, _ in pts] + [v for *_, r in pts for v in (r.ci_low, r.ci_high) if v is not None]
     y_lo = max(0.0, floor(min(y_values) - 5))
     y_hi = min(100.0, ceil(max(y_values) + 5))
     if y_hi - y_lo < 10:
@@ -183,10 +198,19 @@ def scatter_svg(board: Leaderboard, width: int = 640, height: int = 380) -> str:
     for k, x, y, r in pts:
         on_front = k in front
         label = f"{r.candidate} / {r.variant}"
-        parts.append(f'<g class="point" data-key="{escape(k)}"><circle class="pt{" pareto" if on_front else ""}" '
-                     f'cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="6"><title>{escape(label)}: average {y:.1f}, '
+        bar = ("" if r.ci_low is None else
+               f'<line class="ci-bar" x1="{sx(x):.1f}" x2="{sx(x):.1f}" y1="{sy(r.ci_low):.1f}" '
+               f'y2="{sy(r.ci_high):.1f}"/>')
+        interval = "" if r.ci_low is None else f" (95% interval {r.ci_low:.1f}–{r.ci_high:.1f}, rank {r.rank_text})"
+        # Keep the label inside the plot: to the left of the point when it would run past the right edge.
+        tx, anchor = sx(x) + 9, "start"
+        if tx + LABEL_CHAR_PX * len(label) > width - 2:
+            tx, anchor = sx(x) - 9, "end"
+        ty = min(max(sy(y) - 7, top + 10), height - bottom - 4)
+        parts.append(f'<g class="point" data-key="{escape(k)}">{bar}<circle class="pt{" pareto" if on_front else ""}" '
+                     f'cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="6"><title>{escape(label)}: average {y:.1f}{interval}, '
                      f'{x:.3g} tokens/s{" — on the Pareto front" if on_front else ""}</title></circle>'
-                     f'<text x="{sx(x) + 9:.1f}" y="{sy(y) - 7:.1f}">{escape(label)}</text></g>')
+                     f'<text x="{tx:.1f}" y="{ty:.1f}" text-anchor="{anchor}">{escape(label)}</text></g>')
     parts.append("</svg>")
     legend = ('<p class="note"><span style="color:#d62728">●</span> on the Pareto front (no other model is both '
               'faster and more accurate, dashed line); <span style="color:#9aa5b1">●</span> dominated.</p>')
@@ -256,8 +280,9 @@ def render_html(board: Leaderboard) -> str:
             + (f" · protocol <code>{escape(board.protocol_id)}</code>" if board.protocol_id else ""))
     baselines = "".join(f"<li>{escape(t)} ({escape(board.task_metrics[t])}): {b['value']:.4f} — "
                         f"{escape(str(b['source']))}</li>" for t, b in board.baselines.items())
-    ties = ('<p class="note"><span class="tie">=</span> tied at the displayed precision.</p>'
-            if any(r.tie for r in board.rows) else "")
+    ties = ('<p class="note"><span class="tie">2–3</span>: a rank range: a paired test over the items cannot tell '
+            'the row apart from its neighbours at 95%, so it could hold any place in the range. Small grey numbers '
+            'and the bars in the plot: 95% intervals.</p>')
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{escape(board.title)}</title><style>{CSS}</style></head>

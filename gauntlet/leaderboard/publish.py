@@ -4,11 +4,11 @@ and the flat rows of the Prefect table artifact.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from gauntlet.config.leaderboard import LeaderboardSpec
+from gauntlet.files import write_json, write_text
 from gauntlet.leaderboard.board import Leaderboard, short_night
 from gauntlet.leaderboard.html import render_html
 from gauntlet.project import in_project
@@ -32,6 +32,11 @@ def one_line(text: str | None) -> str:
     return " ".join((text or "").split()).replace("|", "/")
 
 
+RANK_NOTE = ("Scores in brackets: 95% intervals (paired bootstrap over the items). A rank range such as `2–3`: "
+             "a paired test cannot tell the row apart from its neighbours at 95%, so its place is anywhere in the "
+             "range; `=`: tied at the displayed precision (speed keys).")
+
+
 def render_markdown(board: Leaderboard) -> str:
     suites = list(board.suites)
     head = (["rank", "model", "variant", "average"] + [f"suite {s}" for s in suites] + board.tasks
@@ -46,15 +51,16 @@ def render_markdown(board: Leaderboard) -> str:
     for r in board.rows:
         if r.status != "ranked":
             continue
-        rank = "—" if r.rank is None else f"{r.rank}{'=' if r.tie else ''}"
         delta = _fmt(r.delta_average, signed=True) if r.delta_average is not None else (r.delta_note or "—")
-        cells = ([rank, r.candidate, r.variant, _fmt(r.average)] + [_fmt(r.suites.get(s)) for s in suites]
-                 + [_fmt(r.normalized.get(t)) for t in board.tasks]
+        average = _fmt(r.average) + ("" if r.ci_low is None else f" ({r.ci_low:.1f}–{r.ci_high:.1f})")
+        cells = ([r.rank_text, r.candidate, r.variant, average] + [_fmt(r.suites.get(s)) for s in suites]
+                 + [_fmt(r.normalized.get(t)) + ("" if not r.intervals.get(t) else
+                                                 f" ({r.intervals[t][0]:.0f}–{r.intervals[t][1]:.0f})")
+                    for t in board.tasks]
                  + [delta, _fmt(r.tokens_per_s), _fmt(r.first_token_latency_ms), _fmt(r.peak_memory_gb, 3),
                     _fmt(r.size_on_disk_gb, 4)])
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
-    if any(r.tie for r in board.rows):
-        lines += ["", "`=`: tied at the displayed precision."]
+    lines += ["", RANK_NOTE]
     unscored = [r for r in board.ranked() if r.rank is None]
     lines += [f"- {r.candidate} / {r.variant}: {one_line(r.reason)}" for r in unscored]
     others = [r for r in board.rows if r.status != "ranked"]
@@ -72,9 +78,11 @@ def write_board(board: Leaderboard, out_dir: Path) -> dict[str, str]:
     files = {"json": out_dir / "leaderboard.json", "md": out_dir / "leaderboard.md",
              "html": out_dir / "leaderboard.html"}
     board = board.model_copy(update={"files": {k: str(v) for k, v in files.items()}})
-    files["md"].write_text(render_markdown(board), encoding="utf-8")
-    files["html"].write_text(render_html(board), encoding="utf-8")
-    files["json"].write_text(json.dumps(board.model_dump(mode="json"), indent=2), encoding="utf-8")
+    # each written whole (a temporary file renamed over the old one): a reader or a killed run never
+    # leaves a half-written board where the last good one was
+    write_text(files["md"], render_markdown(board))
+    write_text(files["html"], render_html(board))
+    write_json(files["json"], board.model_dump(mode="json"))
     return board.files
 
 

@@ -146,3 +146,31 @@ def test_cli_validates_leaderboard_configs_before_running(tmp_path: Path, capsys
                                    "eval": {"tasks": ["demo_facts"]}}))
     assert main(["leaderboard", str(bad)]) == 2
     assert "unknown variant(s) ['int3']" in capsys.readouterr().err
+
+
+def report_with_items(right: set[int], n: int = 48) -> EvalReport:
+    """A report whose demo_facts score comes from per-item records: items in ``right`` answered correctly."""
+    rep = report(len(right) / n)
+    items = {f"demo_facts/{i}": float(i in right) for i in range(n)}
+    result = rep.task_results[0].model_copy(update={"item_scores": {"acc": items}})
+    return rep.model_copy(update={"task_results": [result]})
+
+
+def test_rows_a_paired_test_cannot_tell_apart_share_a_rank_range(tmp_path: Path) -> None:
+    """48 items: a right on 40, b on 20, c on the same 20 and one more. b and c are one item apart: noise."""
+    from gauntlet.leaderboard.publish import render_markdown
+
+    strong, weak = set(range(40)), set(range(20))
+    board = build_leaderboard(spec_for(tmp_path), [
+        outcome("b", report_with_items(weak)), outcome("a", report_with_items(strong)),
+        outcome("c", report_with_items(weak | {45}))], [])
+    rows = {r.candidate: r for r in board.ranked()}
+    assert [r.candidate for r in board.ranked()] == ["a", "c", "b"]  # by the point estimate
+    assert (rows["a"].rank_text, rows["c"].rank_text, rows["b"].rank_text) == ("1", "2–3", "2–3")
+    assert rows["c"].rank == 2 and rows["b"].rank == 2 and not rows["a"].tie and rows["b"].tie
+    # every ranked score carries its interval, and the point estimate lies inside it
+    for r in rows.values():
+        assert r.ci_low < r.average < r.ci_high and r.intervals["demo_facts"] == (r.ci_low, r.ci_high)
+    assert rows["a"].ci_low > rows["c"].ci_high - 30  # the scale is points above chance (0..100)
+    markdown = render_markdown(board)
+    assert "| 2–3 | c |" in markdown and "| 1 | a |" in markdown and "95% intervals" in markdown
