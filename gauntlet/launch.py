@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from gauntlet.files import write_json, write_text
+
 
 class ProgramTimeout(RuntimeError):
     """The program ran past its time limit and was stopped."""
@@ -47,9 +49,7 @@ class Finished:
 
 def write_args(path: Path, args: dict) -> Path:
     """The program's arguments file (JSON, human-readable: it is also logged as an artifact)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(args, indent=2))
-    return path
+    return write_json(path, args)
 
 
 def stop_group(proc: subprocess.Popen, grace_s: float = 20.0) -> None:
@@ -76,7 +76,7 @@ def launch(cmd: list[str], *, cwd: Path, env: dict[str, str] | None = None, resu
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, text=True, bufsize=1, start_new_session=True)
     if pid_file is not None:
-        pid_file.write_text(f"{proc.pid}\n")
+        write_text(pid_file, f"{proc.pid}\n")
     timed_out = threading.Event()
 
     def on_timeout() -> None:

@@ -31,7 +31,7 @@ from typing import Callable
 
 from gauntlet.config.quantize import CalibrationSpec, QuantizeVariant
 from gauntlet.envs import QUANTIZE_ENV
-from gauntlet.files import mark_complete, size_on_disk
+from gauntlet.files import mark_complete, size_on_disk, write_json, write_text
 from gauntlet.hashing import sha256_dir
 from gauntlet.launch import launch, write_args
 from gauntlet.programs import quantizer
@@ -158,7 +158,7 @@ def quantize_bitsandbytes(variant: QuantizeVariant, model: ModelRef, out: Path) 
               "duration_s": duration, "device": "cuda" if cuda else "cpu",
               "quantization_config": json.loads((model_dir / "config.json").read_text())["quantization_config"],
               "versions": {p: version(p) for p in ("bitsandbytes", "transformers", "torch")}}
-    (out / "result.json").write_text(json.dumps(result, indent=2))
+    write_json(out / "result.json", result)
     return result
 
 
@@ -198,7 +198,7 @@ def quantize_model(variant: QuantizeVariant, calibration: CalibrationSpec, model
     if variant.calibrated:
         texts = calibration_texts(data, calibration)
         calibration_file = out / "calibration.jsonl"
-        calibration_file.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
+        write_text(calibration_file, "".join(json.dumps({"text": t}) + "\n" for t in texts))
         calibration_md5 = hashlib.md5(calibration_file.read_bytes()).hexdigest()
         started = time.time()
         QUANTIZE_ENV.ensure(echo)  # minutes on first use; not part of the variant's time
@@ -213,8 +213,8 @@ def quantize_model(variant: QuantizeVariant, calibration: CalibrationSpec, model
     sample = smoke_test(model_dir)
     echo(f"{variant.name}: reloaded and generated {sample!r}")
     result.update(wall_s=duration, env_setup_s=env_setup_s, smoke_text=sample, calibration_md5=calibration_md5)
-    (out / "result.json").write_text(json.dumps(result, indent=2))
-    (out / "quantization_config.json").write_text(json.dumps(result["quantization_config"], indent=2))
+    write_json(out / "quantization_config.json", result["quantization_config"])
+    write_json(out / "result.json", result)
     mark_complete(out)
     return QuantizedModel(
         name=f"{model.name}-{variant.name}", path=str(model_dir), source=f"quantized-from:{model.source}",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from gauntlet.config.data import DataChecksSpec
 from gauntlet.data.checks import DataCheckError, DataReport, check_data as run_checks
+from gauntlet.files import write_text
 from gauntlet.refs import DatasetRef, ModelRef
 from gauntlet.tasks._stage import StageRun, stage
 
@@ -27,5 +28,5 @@ def check_data(checks: DataChecksSpec, max_seq_len: int, data: DatasetRef, model
         raise DataCheckError("data checks failed:\n  " + "\n  ".join(report.problems))
     stage.log.info(f"data checks passed: prompt tokens {report.prompt_tokens}, contamination "
                    f"{report.contamination_rate:.1%}, truncated {report.truncated_rate:.1%}")
-    (stage.out / "data_report.json").write_text(report.model_dump_json(indent=2))
+    write_text(stage.out / "data_report.json", report.model_dump_json(indent=2))
     return report

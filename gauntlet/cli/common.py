@@ -60,8 +60,10 @@ def prepare_prefect_database() -> None:
             return
         from prefect.server.database import provide_database_interface
 
+        from gauntlet.files import write_text
+
         asyncio.run(provide_database_interface().create_db())
-        stamp.write_text("migrated\n")
+        write_text(stamp, "migrated\n")
 
 
 def registry_client():

@@ -20,6 +20,7 @@ from accelerate.utils import DistributedType
 from torch.utils.checkpoint import checkpoint
 
 from gauntlet.data.sft import IGNORE_INDEX
+from gauntlet.files import write_json
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -140,7 +141,7 @@ class Checkpointer:
         acc.save_state(str(partial), **self.save_kwargs)
         acc.wait_for_everyone()
         if acc.is_main_process:
-            (partial / STATE_FILE).write_text(json.dumps(state))
+            write_json(partial / STATE_FILE, state, indent=None)
             shutil.rmtree(final, ignore_errors=True)
             partial.rename(final)
             for old in sorted(p for p in self.root.glob("step-*") if not p.name.endswith(".partial"))[:-self.keep]:

@@ -41,6 +41,7 @@ from accelerate.utils import DistributedType, InitProcessGroupKwargs, set_seed
 from torch.utils.data import DataLoader, Sampler
 
 from gauntlet.data.sft import IGNORE_INDEX, collate, pack, read_jsonl, resolve_format, tokenize_rows
+from gauntlet.files import write_json, write_text
 from gauntlet.programs.train_kit import (
     CHECKPOINTS,
     Checkpointer,
@@ -324,9 +325,9 @@ def train(args: dict) -> dict:
                   history=sink.history)
     for kind, folder in (("adapter", adapter_dir), ("merged", merged_dir)):
         if folder.exists():
-            (folder / "README.md").write_text(model_card(args, result, kind))
+            write_text(folder / "README.md", model_card(args, result, kind))
     shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
-    (out / "result.json").write_text(json.dumps(result, indent=2))
+    write_json(out / "result.json", result)   # read by the training stage: whole or not at all
     say(f"[trainer] done: {step} steps in {result['duration_s']:.1f}s; merged model at {merged_dir}")
     return result
 

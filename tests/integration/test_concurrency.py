@@ -158,3 +158,17 @@ def test_two_runs_with_one_key_compute_it_once(prefect_api) -> None:
     assert (out / "computations.txt").read_text().count("\n") == 1
     assert results["first"] == results["second"] and results["first"].value == value * 2
     assert json.loads((out / "receipt.json").read_text())["result"]["value"] == value * 2
+
+
+def test_an_unreadable_receipt_is_a_logged_cache_miss(prefect_api, caplog) -> None:
+    value = int(time.time()) + 10**9
+    call_count_once(value=value, tag="first")
+    out = count_once.output_dir(value=value)
+    receipt = out / "receipt.json"
+    receipt.write_text(receipt.read_text()[:20])   # truncated, as a crash mid-write used to leave it
+    with caplog.at_level("WARNING"):
+        again = call_count_once(value=value, tag="second")
+    assert again.value == value * 2
+    assert (out / "computations.txt").read_text().count("\n") == 2
+    assert json.loads(receipt.read_text())["result"]["value"] == value * 2
+    assert "is unreadable" in caplog.text and "a cache miss, computing it again" in caplog.text
