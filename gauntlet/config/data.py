@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field, ValidationInfo, field_validator
 
-from gauntlet.config.base import Strict, dvc_produces, resolve
+from gauntlet.config.base import Strict, check_inside, dvc_produces, resolve
 
 
 class DataChecksSpec(Strict):
@@ -31,12 +31,30 @@ class DataSpec(Strict):
     max_row_bytes: int = Field(1 << 20, gt=0, description="a longer JSONL row is an error, not a memory spike")
     checks: DataChecksSpec = DataChecksSpec()
 
+    @field_validator("repo")
+    @classmethod
+    def _repo_is_a_dvc_repo(cls, v: str, info: ValidationInfo) -> str:
+        """The project itself, or another DVC repository (a data registry); never just any folder."""
+        repo = resolve(v, info, inside=False)
+        try:
+            resolve(v, info)
+        except ValueError:
+            if not (repo / ".dvc").is_dir():
+                raise ValueError(f"data.repo {str(repo)!r} is outside the project and is not a DVC repository (no "
+                                 ".dvc folder). Fix: point data.repo at a DVC repository, or leave it '.' and "
+                                 "track the data in this project") from None
+        return v
+
     @field_validator("train", "validation", "eval")
     @classmethod
     def _tracked(cls, v: str | None, info: ValidationInfo) -> str | None:
         if v is None:
             return v
-        repo = resolve(info.data.get("repo", "."), info)
+        if "repo" not in info.data:   # the repo itself was refused: its files cannot be checked
+            return v
+        repo = resolve(info.data["repo"], info, inside=False)   # vetted by _repo_is_a_dvc_repo
+        if info.context:   # read from a file: untrusted (see resolve)
+            check_inside(repo / v, repo)
         if not (repo / v).exists() and not dvc_produces(repo, v):
             raise ValueError(
                 f"{v!r} does not exist under {str(repo)!r} and no dvc.yaml stage or .dvc file produces it"

@@ -9,7 +9,7 @@ from pydantic import Field, ValidationInfo, field_validator
 from gauntlet.config.base import Strict, require_unique, resolve
 from gauntlet.config.data import DataSpec
 from gauntlet.config.eval import EvalSpec
-from gauntlet.config.model import REGISTRY_SCHEME, check_source_scheme
+from gauntlet.config.model import REGISTRY_SCHEME, TRUST_REMOTE_CODE_REFUSED, check_source_scheme
 from gauntlet.config.notify import TrackingSpec
 from gauntlet.config.quantize import CalibrationSpec, QuantizeVariant
 
@@ -56,6 +56,13 @@ class LeaderboardCandidate(Strict):
         check_source_scheme(v)
         return v
 
+    @field_validator("trust_remote_code")
+    @classmethod
+    def _no_remote_code(cls, v: bool) -> bool:
+        if v:
+            raise ValueError(TRUST_REMOTE_CODE_REFUSED)
+        return v
+
     @field_validator("variants")
     @classmethod
     def _variants_known(cls, v: list[str] | None) -> list[str] | None:
@@ -87,6 +94,13 @@ class PublishSpec(Strict):
                                               "$GAUNTLET_HOME/leaderboard/<name>)")
     history_nights: int = Field(14, gt=0, description="past nights shown in trends (read from MLflow)")
     title: str | None = None
+
+    @field_validator("dir")
+    @classmethod
+    def _dir_inside(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is not None:
+            resolve(v, info)   # inside the project, or refused with the fix
+        return v
 
 
 class ConcurrencySpec(Strict):

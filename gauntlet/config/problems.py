@@ -90,6 +90,7 @@ def problems_from(error: ValidationError, schema: type[BaseModel]) -> list[SpecP
     for err in error.errors():
         path = ".".join(str(x) for x in err["loc"]) or "(top level)"
         msg = err["msg"].removeprefix("Value error, ")
-        out.append(SpecProblem(path=path, message=msg, hint=_hint(err, schema)))
+        msg, own_fix, fix = msg.partition(" Fix: ")   # a validator that knows the fix says it: it wins
+        out.append(SpecProblem(path=path, message=msg, hint=fix if own_fix else _hint(err, schema)))
     return out
 

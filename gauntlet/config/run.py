@@ -8,9 +8,11 @@ from pydantic import Field
 
 from gauntlet.config.base import Strict
 from gauntlet.config.data import DataSpec
+from gauntlet.config.deploy import DeploySpec
 from gauntlet.config.eval import EvalSpec
 from gauntlet.config.gate import GateSpec, RegistrySpec
-from gauntlet.config.model import ModelSpec
+from gauntlet.config.base import check_model_name
+from gauntlet.config.model import ModelSpec, SourcesSpec
 from gauntlet.config.notify import NotifySpec, TrackingSpec
 from gauntlet.config.problems import SpecProblem
 from gauntlet.config.quantize import QuantizeSpec
@@ -29,6 +31,8 @@ class RunSpec(Strict):
     registry: RegistrySpec
     tracking: TrackingSpec = TrackingSpec()
     notify: NotifySpec = NotifySpec()
+    deploy: DeploySpec = DeploySpec()
+    sources: SourcesSpec = SourcesSpec()
 
     def section_hash(self, section: str) -> str:
         return sha256_json(getattr(self, section).model_dump(mode="json"))
@@ -46,6 +50,15 @@ def count_rows(path: Path) -> int:
 def cross_section_problems(spec: RunSpec, root: Path) -> list[SpecProblem]:
     """Rules that relate two sections (checked after each section is valid on its own)."""
     problems = []
+    try:
+        check_model_name(spec.registry.model_name)
+    except ValueError as e:
+        message, _, fix = str(e).partition(" Fix: ")
+        problems.append(SpecProblem(path="registry.model_name", message=message, hint=fix))
+    refused = spec.sources.refusal(spec.model.source)
+    if refused:
+        problems.append(SpecProblem(path="model.source", message=refused,
+                                    hint="use an allowed source, or add a pattern to sources.allow"))
     names = [v.name for v in spec.quantize.variants]
     unknown = [n for n in spec.gate.register_variants if n not in names]
     if unknown:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from gauntlet.config.base import Strict
 
@@ -20,6 +20,15 @@ class AccelerateSpec(Strict):
     profile: str | None = Field(None, description="name of a config in deployments/accelerate/ (None: plain launch)")
     num_processes: int = Field(1, gt=0)
     num_machines: int = Field(1, gt=0)
+
+    @field_validator("num_machines")
+    @classmethod
+    def _one_machine(cls, v: int) -> int:
+        if v > 1:
+            raise ValueError(f"num_machines: {v} is not supported: a multi-machine launch needs each machine's rank "
+                             "and the main machine's address, which Gauntlet does not hand out. Fix: set "
+                             "num_machines: 1 and use num_processes for the GPUs of one machine")
+        return v
     cpu: bool | None = Field(None, description="force CPU; None: CPU exactly when CUDA is unavailable")
 
 

@@ -30,7 +30,27 @@ CONFIG_MUTATIONS = {
     "eval_task_missing": lambda r, t: r["eval"].__setitem__("tasks", ["no_such_task"]),
     "dvc_target_missing": lambda r, t: r["data"].__setitem__("train", "data/demo/nothing.jsonl"),
     "registry_uri_malformed": lambda r, t: r["model"].__setitem__("source", "models:/gauntlet-demo"),
+    "data_outside_project": lambda r, t: r["data"].__setitem__("train", "../../../etc/passwd"),
+    "data_symlink_outside": lambda r, t: r["data"].update(repo=str(symlinked_repo(t)), train="train.jsonl"),
+    "data_repo_not_dvc": lambda r, t: r["data"].update(repo="/etc", train="passwd"),
+    "registry_name_sql": lambda r, t: r["registry"].__setitem__("model_name", "x' OR name LIKE '%"),
+    "registry_name_markup": lambda r, t: r["registry"].__setitem__("model_name", "<script>x</script>"),
+    "registry_uri_bad_name": lambda r, t: r["model"].__setitem__("source", "models:/x'y@champion"),
+    "hub_id_traversal": lambda r, t: r["model"].__setitem__("source", "hf://../../x@main"),
+    "object_store_traversal": lambda r, t: r["model"].__setitem__("source", "s3://bucket/../../etc"),
+    "trust_remote_code": lambda r, t: r["model"].__setitem__("trust_remote_code", True),
+    "num_machines_over_one": lambda r, t: r["train"].setdefault("accelerate", {}).__setitem__("num_machines", 2),
+    "source_not_allowed": lambda r, t: r.__setitem__("sources", {"allow": ["hf://my-org/*"]}),
+    "data_absolute_outside": lambda r, t: r["data"].__setitem__("validation", "/etc/hostname"),
 }
+
+
+def symlinked_repo(tmp_path: Path) -> Path:
+    """A DVC repository whose train.jsonl is a symlink to a file outside it."""
+    repo = tmp_path / "repo"
+    (repo / ".dvc").mkdir(parents=True)
+    (repo / "train.jsonl").symlink_to("/etc/passwd")
+    return repo
 
 
 def write_bad_config(name: str, tmp_path: Path) -> Path:

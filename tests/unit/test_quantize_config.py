@@ -42,6 +42,7 @@ def test_unsupported_method_and_bits_fail_validation(tmp_path: Path, variant: di
 
 def test_too_small_calibration_set_and_unknown_registered_variant_fail_validation(tmp_path: Path) -> None:
     repo = tmp_path / "repo"
+    (repo / ".dvc").mkdir(parents=True)   # a DVC repository (data.repo outside the project must be one)
     demo_data.write_jsonl(repo / "train.jsonl", demo_data.build(48, 7)["train"][:20])
     demo_data.write_jsonl(repo / "validation.jsonl", demo_data.build(48, 7)["validation"])
 
