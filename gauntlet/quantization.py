@@ -33,7 +33,7 @@ from gauntlet.config.quantize import CalibrationSpec, QuantizeVariant
 from gauntlet.envs import QUANTIZE_ENV
 from gauntlet.files import mark_complete, size_on_disk, write_json, write_text
 from gauntlet.hashing import sha256_dir
-from gauntlet.launch import launch, write_args
+from gauntlet.launch import ProgramTimeout, launch, write_args
 from gauntlet.programs import quantizer
 from gauntlet.prompting import format_prompt
 from gauntlet.refs import DatasetRef, ModelRef, QuantizedModel
@@ -123,8 +123,13 @@ def run_quantizer(variant: QuantizeVariant, model: ModelRef, calibration_file: P
     echo("running: " + " ".join(cmd))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false"}
-    finished = launch(cmd, cwd=out, env=env, result_file=out / "result.json", log_file=out / "quantizer.log",
-                      echo=echo, show=lambda line: line.startswith("[quantizer]") or "Error" in line, tail_lines=30)
+    try:
+        finished = launch(cmd, cwd=out, env=env, result_file=out / "result.json", log_file=out / "quantizer.log",
+                          echo=echo, show=lambda line: line.startswith("[quantizer]") or "Error" in line,
+                          tail_lines=30, timeout_s=variant.timeout_minutes * 60 if variant.timeout_minutes else None)
+    except ProgramTimeout as e:
+        raise QuantizeError(f"quantize stage ({variant.name}): stopped after timeout_minutes="
+                            f"{variant.timeout_minutes:g} (the quantizer's process group was killed): {e}") from None
     if finished.code == quantizer.EXIT_INVALID:
         raise QuantizeInputError(f"quantize variant {variant.name}: " + finished.last_lines())
     if not finished.ok:

@@ -31,7 +31,7 @@ from gauntlet.config.train import AccelerateSpec, TrainSpec
 from gauntlet.data.sft import DataFormatError, check_file, check_tokenizer, read_jsonl, tokenize_rows
 from gauntlet.files import is_complete, mark_complete
 from gauntlet.hashing import sha256_dir
-from gauntlet.launch import launch, write_args
+from gauntlet.launch import ProgramTimeout, launch, write_args
 from gauntlet.plan.memory import (
     LOSS_CHUNK_TOKENS,
     Devices,
@@ -195,9 +195,14 @@ def _launch(spec: TrainSpec, model: ModelRef, data: DatasetRef, out: Path, mlflo
         echo(f"resuming from checkpoint {resume}")
     cmd = launch_command(spec.accelerate, args_file, use_cpu)
     echo("launching: " + " ".join(cmd))
-    finished = launch(cmd, cwd=project_root(), env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                      result_file=out / "result.json", pid_file=out / PID_FILE, echo=echo,
-                      show=lambda line: line.startswith("[trainer]") or "Error" in line)
+    try:
+        finished = launch(cmd, cwd=project_root(), env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                          result_file=out / "result.json", pid_file=out / PID_FILE, echo=echo,
+                          show=lambda line: line.startswith("[trainer]") or "Error" in line,
+                          timeout_s=spec.timeout_minutes * 60 if spec.timeout_minutes else None)
+    except ProgramTimeout as e:
+        raise TrainingError(f"train stage: stopped after train.timeout_minutes={spec.timeout_minutes:g} "
+                            f"(the trainer and every worker it started were killed): {e}") from None
     if not finished.ok:
         saved = trainer.latest_checkpoint(out)
         where = f"; the retry resumes from {saved.name}" if saved else ""

@@ -26,6 +26,9 @@ class QuantizeVariant(Strict):
                                                            "must divide the model's hidden and intermediate sizes")
     name: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9._-]*$",
                              description="name in reports and the registry; default like gptq-w4g128")
+    # exclude: a time limit changes no result, so it is no part of the cache key
+    timeout_minutes: float | None = Field(None, gt=0, exclude=True,
+                                          description="stop the quantizer (its whole process group) past this")
 
     @model_validator(mode="before")
     @classmethod

@@ -57,6 +57,9 @@ class TrainSpec(Strict):
     checkpoint_steps: int | None = Field(100, gt=0, description="save a resumable checkpoint every N steps "
                                                                 "(None: never)")
     checkpoint_keep: int = Field(2, gt=0, description="how many of the latest checkpoints to keep")
+    # exclude: a time limit changes no result, so it is no part of the cache key
+    timeout_minutes: float | None = Field(None, gt=0, exclude=True,
+                                          description="stop the trainer (its whole process group) past this")
     memory_check: Literal["refuse", "warn", "off"] = Field(
         "refuse", description="before launching, compare the planner's memory estimate with the visible devices")
 
