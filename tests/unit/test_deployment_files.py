@@ -41,7 +41,7 @@ def test_every_deployment_entrypoint_imports_and_its_parameters_fit_the_flow(mon
         flow.validate_parameters(given)  # types, as the server enforces them (enforce_parameter_schema)
         assert (REPO / given["config"]).is_file()
         assert d["work_pool"]["name"] == "process"
-    assert names == {"leaderboard/nightly", "finetune/manual", "finetune/ci"}
+    assert names == {"leaderboard/nightly", "finetune/manual", "finetune/ci", "deploy/deploy"}
 
 
 def test_nightly_schedule_pull_step_and_build_steps() -> None:

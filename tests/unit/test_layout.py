@@ -68,7 +68,8 @@ def test_stages_and_flows_import_the_package_by_its_installed_name() -> None:
 def test_deployments_name_flows_by_module_path() -> None:
     spec = yaml.safe_load((REPO / "deployments" / "prefect.yaml").read_text())
     assert {d["entrypoint"] for d in spec["deployments"]} == {"gauntlet.flows.leaderboard:leaderboard",
-                                                               "gauntlet.flows.finetune:finetune"}
+                                                               "gauntlet.flows.finetune:finetune",
+                                                               "gauntlet.flows.deploy:deploy"}
 
 
 def test_no_module_is_long_without_saying_why() -> None:

@@ -1,0 +1,105 @@
+"""Input drift: served prompts against the training data, by the population stability index (PSI).
+
+Two views of a prompt: its length in words (ten bins cut at the reference's deciles) and its words (the
+reference's most common words, each a bin, plus one bin for every other word). PSI = sum over bins of
+(served - reference) * ln(served / reference), with empty bins given a small share; 0.1 is a small shift,
+0.25 a large one. The reported drift is the larger of the two.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import Counter
+from pathlib import Path
+
+from pydantic import BaseModel
+
+WORD = re.compile(r"[a-z0-9]+")
+EPSILON = 1e-4
+
+
+class Drift(BaseModel):
+    psi: float
+    psi_length: float
+    psi_vocabulary: float
+    served: int                      # prompts compared
+    reference: int
+
+
+def words(text: str) -> list[str]:
+    return WORD.findall(text.lower())
+
+
+def psi(reference: list[float], served: list[float]) -> float:
+    """PSI of two distributions over the same bins (each given as counts or shares)."""
+    rt, st = sum(reference) or 1.0, sum(served) or 1.0
+    total = 0.0
+    for r, s in zip(reference, served):
+        r, s = max(r / rt, EPSILON), max(s / st, EPSILON)
+        total += (s - r) * math.log(s / r)
+    return total
+
+
+def length_bins(reference_lengths: list[int], bins: int = 10) -> list[float]:
+    ordered = sorted(reference_lengths)
+    return sorted({ordered[min(len(ordered) - 1, int(len(ordered) * q / bins))] for q in range(1, bins)})
+
+
+def histogram(values: list[int], edges: list[float]) -> list[int]:
+    counts = [0] * (len(edges) + 1)
+    for v in values:
+        counts[sum(1 for e in edges if v >= e)] += 1
+    return counts
+
+
+def drift(reference_prompts: list[str], served_prompts: list[str], top_words: int = 50) -> Drift:
+    ref_words = [words(p) for p in reference_prompts]
+    served_words = [words(p) for p in served_prompts]
+    edges = length_bins([len(w) for w in ref_words])
+    psi_length = psi(histogram([len(w) for w in ref_words], edges), histogram([len(w) for w in served_words], edges))
+    vocabulary = [w for w, _ in Counter(w for ws in ref_words for w in ws).most_common(top_words)]
+
+    def vocab_counts(prompts: list[list[str]]) -> list[int]:
+        counts = Counter(w if w in set(vocabulary) else "\0other" for ws in prompts for w in ws)
+        return [counts.get(w, 0) for w in vocabulary] + [counts.get("\0other", 0)]
+
+    psi_vocabulary = psi(vocab_counts(ref_words), vocab_counts(served_words))
+    return Drift(psi=round(max(psi_length, psi_vocabulary), 4), psi_length=round(psi_length, 4),
+                 psi_vocabulary=round(psi_vocabulary, 4), served=len(served_prompts), reference=len(reference_prompts))
+
+
+def reference_prompts(path: Path, limit: int = 2000) -> list[str]:
+    """The prompts of a training file: alpaca ``instruction`` + ``input``, or chat rows' user turns."""
+    prompts = []
+    with open(path) as f:
+        for line in f:
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if "messages" in row or "conversations" in row:
+                turns = row.get("messages") or row.get("conversations")
+                prompts += [t.get("content") or t.get("value") or "" for t in turns
+                            if t.get("role", t.get("from")) in ("user", "human")]
+            else:
+                prompts.append(" ".join(x for x in (row.get("instruction", ""), row.get("input", "")) if x))
+            if len(prompts) >= limit:
+                break
+    return prompts
+
+
+def served_prompts(records: list[dict]) -> list[str]:
+    """The user turns of the chat requests in nginx's access-log records (and completions' prompts)."""
+    prompts = []
+    for r in records:
+        try:
+            body = json.loads(r.get("body") or "{}")
+        except ValueError:
+            continue
+        if isinstance(body.get("messages"), list):
+            prompts += [m.get("content", "") for m in body["messages"]
+                        if isinstance(m, dict) and m.get("role") == "user" and isinstance(m.get("content"), str)]
+        elif isinstance(body.get("prompt"), str):
+            prompts.append(body["prompt"])
+    return prompts
