@@ -11,6 +11,7 @@ import sys
 
 from gauntlet.cli import (
     demo,
+    deploy,
     eval,
     gc,
     history,
@@ -27,7 +28,7 @@ from gauntlet.config.problems import SpecError
 from gauntlet.project import ProjectError
 from gauntlet.state import StateError
 
-COMMANDS = (validate, run, demo, plan, eval, leaderboard, serve, promote, rollback, history, gc)
+COMMANDS = (validate, run, demo, plan, eval, leaderboard, serve, promote, rollback, history, deploy, gc)
 
 
 def parser() -> argparse.ArgumentParser:

@@ -13,6 +13,8 @@ from gauntlet.config.gate import RegistrySpec
 from gauntlet.names import metric_key
 from gauntlet.refs import DatasetRef, EvalReport, ModelRef, QuantizedModel, RegisteredVersion, TrainedModel
 from gauntlet.registry.lock import registry_lock
+from gauntlet.registry.reports import log_version_report
+from gauntlet.registry.mlflow_model import log_model_version
 from gauntlet.registry.store import PERF_TAG, SCORE_TAG, champion_of, version_with_sha
 from gauntlet.tracking import RunContext, git_commit
 
@@ -69,10 +71,8 @@ def register_candidate(c, registry: RegistrySpec, run_id: str, model_dir: Path, 
     sha = lineage["model.sha"]
     name = registry.model_name
 
-    def upload() -> str:
-        c.log_artifacts(run_id, str(model_dir), "model")
-        c.log_text(run_id, model_card(name, lineage, report), "model/README.md")
-        return f"{c.get_run(run_id).info.artifact_uri}/model"
+    def upload() -> str:   # an MLflow Model (transformers flavor) around the files as they are
+        return log_model_version(c, run_id, model_dir, model_card(name, lineage, report))
 
     # The upload is slow for big models: do it outside the lock; only find-or-create is inside it.
     source = upload() if version_with_sha(c, registry, sha) is None else None
