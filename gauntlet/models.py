@@ -24,6 +24,7 @@ from typing import Any
 from gauntlet.config.model import REGISTRY_SCHEME, REGISTRY_URI, ModelSpec
 from gauntlet.demo.model import DEMO_MODELS, build_demo_model
 from gauntlet.files import is_complete, mark_complete, partial_dir, publish_dir
+from gauntlet.gguf import GGUFError, dequantized_folder, find_gguf
 from gauntlet.hashing import sha256_dir
 from gauntlet.project import in_project
 from gauntlet.refs import ModelRef, Ref
@@ -157,6 +158,12 @@ def fetch_model(spec: ModelSpec) -> ModelRef:
         path = _from_object_store(spec.source)
     else:  # local directory or file://
         path = in_project(name if scheme == "local" else spec.source.removeprefix("file://")).resolve()
+        try:
+            gguf_file = find_gguf(path)
+            if gguf_file is not None:  # a .gguf file (or a folder holding one): a plain folder from here on
+                path = dequantized_folder(gguf_file)
+        except GGUFError as e:
+            raise ModelFetchError(f"{spec.source}: {e}") from None
     if not path.is_dir() or not looks_like_model_dir(path):
         raise ModelFetchError(
             f"{spec.source}: {path} is not a model directory (no config.json with *.safetensors/*.bin); "

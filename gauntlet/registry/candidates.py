@@ -99,6 +99,7 @@ def register_candidate(c, registry: RegistrySpec, run_id: str, model_dir: Path, 
             if not created:
                 c.set_model_version_tag(name, version, "gate.verdict", "pending")
         mv = c.get_model_version(name, version)
+        log_version_report(c, mv.run_id or run_id, report)  # per-item records: the gate's paired tests
     return RegisteredVersion(model_name=name, version=version, source=mv.source, model_sha=sha, created=created,
                              mlflow_run_id=mv.run_id)
 

@@ -11,6 +11,7 @@ from gauntlet.config.gate import GateSpec, RegistrySpec
 from gauntlet.gate import decide
 from gauntlet.refs import EvalReport, GateDecision, PromotionResult, RegisteredVersion
 from gauntlet.registry.lock import RegistryError, actor, registry_lock
+from gauntlet.registry.reports import version_report
 from gauntlet.registry.store import (
     ChampionEvent,
     champion_of,
@@ -38,7 +39,7 @@ def promote_if_passing(c, registry: RegistrySpec, gate: GateSpec, decision: Gate
                                                               f"@{registry.champion_alias}", **result)
         regated = current != decision.compared_to
         if regated:
-            decision = decide(gate, report, base, current, scores)
+            decision = decide(gate, report, base, current, scores, version_report(c, name, current))
         record_verdict(c, registry, version, decision)
         if not decision.passed:
             clear_challenger(c, registry, version)

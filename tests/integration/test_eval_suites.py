@@ -160,3 +160,16 @@ def test_wrapper_scores_equal_the_engines_cli(tiny_model, tmp_path: Path) -> Non
              ("mmlu_high_school_geography", "fixture_mmlu_high_school_geography", "acc")]
     for our_name, cli_name, metric in pairs:
         assert ours.score(our_name, metric) == cli[cli_name][f"{metric},none"], (our_name, metric)
+
+
+def test_a_task_yamls_own_few_shot_count_holds_unless_the_config_sets_one(tiny_model, tmp_path: Path) -> None:
+    """BBH's fixture YAML says ``num_fewshot: 3``: evaluated 3-shot and reported as 3, unless eval sets it."""
+    task = "fixture_bbh_cot_fewshot_boolean_expressions"
+    common = dict(tasks=[task], limit=2, max_gen_tokens=4, speed_probe=SpeedProbeSpec(enabled=False))
+    own = evaluate_model(EvalSpec(**common), tiny_model, None, tmp_path / "own").task_results[0]
+    assert own.num_fewshot == 3 and own.effective[task]["num_fewshot"] == 3
+    prompt = json.loads(Path(own.samples_path).read_text().splitlines()[0])["arguments"][0][0]
+    assert prompt.count("Q: ") == 4  # three worked examples, then the question
+    assert own.effective[task]["generation_kwargs"]["max_gen_toks"] == 4  # the config set this one
+    overridden = evaluate_model(EvalSpec(**common, num_fewshot=1), tiny_model, None, tmp_path / "set").task_results[0]
+    assert overridden.num_fewshot == 1
