@@ -13,7 +13,7 @@ import logging
 import shutil
 from pathlib import Path
 
-from gauntlet.files import is_complete, partial_dir, publish_dir
+from gauntlet.files import is_complete, partial_dir, publish_dir, write_text
 from gauntlet.hashing import sha256_files
 from gauntlet.state import models_cache
 
@@ -69,6 +69,5 @@ def dequantized_folder(gguf_file: Path) -> Path:
         del model.config.quantization_config
     model.save_pretrained(building)
     tokenizer.save_pretrained(building)
-    (building / "SOURCE.txt").write_text(f"dequantized by transformers from {gguf_file.name} (sha256 {sha})\n",
-                                         encoding="utf-8")
+    write_text(building / "SOURCE.txt", f"dequantized by transformers from {gguf_file.name} (sha256 {sha})\n")
     return publish_dir(building, target)

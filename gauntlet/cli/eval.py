@@ -8,6 +8,7 @@ from pathlib import Path
 
 from gauntlet.cli.common import EXIT_FAILED, EXIT_OK, start_environment
 from gauntlet.config.load import load_eval_request
+from gauntlet.files import write_text
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -46,6 +47,6 @@ def run(args: argparse.Namespace) -> int:
     print("\n" + report_markdown(report))
     print(f"\nreport: {report.report_path}  (MLflow run {report.mlflow_run_id})")
     if args.output:
-        Path(args.output).write_text(Path(report.report_path).read_text(encoding="utf-8"), encoding="utf-8")
+        write_text(args.output, Path(report.report_path).read_text(encoding="utf-8"))
         print(f"copied to {args.output}")
     return EXIT_OK

@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from gauntlet.eval.records import (
-    answer_of,
     chance_of,
+    changed_answers,
     effective_settings,
     jsonable,
     report_name,
@@ -34,6 +34,7 @@ from gauntlet.eval.records import (
 )
 from gauntlet.eval.suites import EvalTaskPlan, normalized_score, tasks_dir_of
 from gauntlet.eval.taskconfig import INDEX_LOCK, EvalError, task_manager_for
+from gauntlet.files import write_json, write_text
 from gauntlet.hashing import sha256_json
 from gauntlet.refs import ModelRef, TaskResult
 
@@ -285,20 +286,16 @@ def run_task(spec: Any, plan: EvalTaskPlan, engine: Engine, eval_data_path: str 
     all_samples = [{report_name(plan, t): rows for t, rows in samples.items()} for samples in engine_samples]
     baseline, baseline_source = chance_of(plan, runs[0], engine_samples[0])
     samples_path = out_dir / "lm_eval_samples.jsonl"
-    with open(samples_path, "w", encoding="utf-8") as f:
-        for repeat, samples in enumerate(all_samples):
-            for task, rows in samples.items():
-                for row in rows:
-                    record = {"task": task, **({"repeat": repeat, "seed": seeds[repeat]} if len(seeds) > 1 else {}),
-                              **row}
-                    f.write(json.dumps(jsonable(record), ensure_ascii=False) + "\n")
+    lines = [json.dumps(jsonable({"task": task, **({"repeat": repeat, "seed": seeds[repeat]} if len(seeds) > 1 else {}),
+                                  **row}), ensure_ascii=False)
+             for repeat, samples in enumerate(all_samples) for task, rows in samples.items() for row in rows]
+    write_text(samples_path, "".join(line + "\n" for line in lines))
     raws = [jsonable(r) for r in runs]
     raw = raws[0]
     results_path = out_dir / "lm_eval_results.json"
-    results_path.write_text(json.dumps(raw, indent=2, sort_keys=True, ensure_ascii=False), encoding="utf-8")
+    write_json(results_path, raw, sort_keys=True, ensure_ascii=False)
     for repeat, other in enumerate(raws[1:], start=1):
-        (out_dir / f"lm_eval_results.r{repeat}.json").write_text(json.dumps(other, indent=2, sort_keys=True),
-                                                                 encoding="utf-8")
+        write_json(out_dir / f"lm_eval_results.r{repeat}.json", other, sort_keys=True, ensure_ascii=False)
 
     per_repeat = [item_scores(samples) for samples in all_samples]
     items = {metric: {k: statistics.fmean(rep[metric][k] for rep in per_repeat if k in rep.get(metric, {}))
@@ -323,9 +320,7 @@ def run_task(spec: Any, plan: EvalTaskPlan, engine: Engine, eval_data_path: str 
     repeat_values = [next(o.value for o in rep if (o.task, o.metric) == (plan.name, plan.metric))
                      for rep in repeat_scores] if len(raws) > 1 else []
     greedy = not (gen_kwargs or {}).get("do_sample")
-    changed = sorted({f"{task}/{row['doc_id']}" for task, rows in all_samples[0].items() for i, row in enumerate(rows)
-                      if any(answer_of(other[task][i]) != answer_of(row) for other in all_samples[1:])}) \
-        if len(raws) > 1 and greedy else []
+    changed = changed_answers(all_samples) if len(raws) > 1 and greedy else []
     if changed:
         log.warning("eval task %s: %d item(s) answered differently across greedy repeats (not deterministic): %s",
                     plan.name, len(changed), changed[:10])

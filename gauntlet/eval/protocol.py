@@ -14,7 +14,13 @@ from __future__ import annotations
 from typing import Any
 
 from gauntlet.config.eval import EvalSpec
-from gauntlet.eval.engine import BOOTSTRAP_ITERS, EvalError, device_kind, dtype_for, pkg_version
+from gauntlet.eval.engine import (
+    BOOTSTRAP_ITERS,
+    EvalError,
+    device_kind,
+    dtype_for,
+    pkg_version,
+)
 from gauntlet.eval.suites import EvalTaskPlan, SuiteError, plan_tasks
 from gauntlet.refs import EvalReport
 

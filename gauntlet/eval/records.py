@@ -121,3 +121,10 @@ def with_intervals(scores: list[TaskScore], items: dict[str, dict[str, float]], 
 
 def answer_of(row: dict) -> str:
     return json.dumps(jsonable(row.get("filtered_resps")), sort_keys=True)
+
+
+def changed_answers(repeats: list[dict[str, list[dict]]]) -> list[str]:
+    """Items (``task/doc_id``) whose filtered answer differs between repeats (each repeat: task → sample rows)."""
+    first, rest = repeats[0], repeats[1:]
+    return sorted({f"{task}/{row['doc_id']}" for task, rows in first.items() for i, row in enumerate(rows)
+                   if any(answer_of(other[task][i]) != answer_of(row) for other in rest)})

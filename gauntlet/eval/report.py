@@ -11,7 +11,6 @@ No Prefect and no cache here: the stages in ``tasks/`` cache each task, the prob
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import statistics
@@ -19,9 +18,22 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from gauntlet.config.eval import EvalSpec
-from gauntlet.eval.engine import EvalError, device_kind, engine_for, engine_model_args, pkg_version, run_task
-from gauntlet.eval.protocol import engine_protocol, model_fingerprint, plans_of, protocol_of
+from gauntlet.eval.engine import (
+    EvalError,
+    device_kind,
+    engine_for,
+    engine_model_args,
+    pkg_version,
+    run_task,
+)
+from gauntlet.eval.protocol import (
+    engine_protocol,
+    model_fingerprint,
+    plans_of,
+    protocol_of,
+)
 from gauntlet.eval.speed import probe_speed
+from gauntlet.files import write_json
 from gauntlet.refs import EvalReport, ModelRef, PerfProbe, TaskResult
 
 log = logging.getLogger(__name__)
@@ -64,8 +76,7 @@ def build_report(spec: EvalSpec, model: ModelRef, variant: str, results: list[Ta
         timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         report_path=str(report_path),
     )
-    report_path.parent.mkdir(parents=True, exist_ok=True)
-    report_path.write_text(json.dumps(report.model_dump(mode="json"), indent=2, ensure_ascii=False), encoding="utf-8")
+    write_json(report_path, report.model_dump(mode="json"), ensure_ascii=False)
     log.info("report written to %s", report_path)
     return report
 
@@ -100,12 +111,24 @@ def report_markdown(report: EvalReport) -> str:
              f"- suite: {report.suite or '—'}; fixtures: {report.protocol.get('fixtures')}; backend "
              f"{report.protocol.get('backend')} on {report.protocol.get('device')}; lm-eval "
              f"{report.protocol.get('engine_version')}; model sha `{report.model_sha[:12]}`", "",
-             "| task | metric | score | ± stderr | random | normalized | shots | n |", "|---|---|---|---|---|---|---|---|"]
+             "| task | metric | score | ± stderr | 95% CI | random | normalized | shots | n |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    fmt = (lambda x, f: "—" if x is None else format(x, f))
     for r in report.task_results:
-        fmt = (lambda x, f: "—" if x is None else format(x, f))
-        lines.append(f"| {r.task} | {r.metric} | {fmt(r.value, '.4f')} | {fmt(r.stderr, '.4f')} | "
+        primary = next((s for s in r.scores if (s.task, s.metric) == (r.task, r.metric)), None)
+        ci = "—" if primary is None or primary.ci_low is None else f"{primary.ci_low:.4f}…{primary.ci_high:.4f}"
+        lines.append(f"| {r.task} | {r.metric} | {fmt(r.value, '.4f')} | {fmt(r.stderr, '.4f')} | {ci} | "
                      f"{r.random_baseline:.2f} | {fmt(r.normalized, '.1f')} | {r.num_fewshot} | "
                      f"{sum(r.n_samples.values())} |")
+    for r in report.task_results:
+        if len(r.repeat_values) > 1:
+            sd = statistics.stdev(r.repeat_values)
+            lines.append(f"\n{r.task}: {len(r.repeat_values)} repeats (seeds {r.repeat_seeds}): {r.metric} mean "
+                         f"{statistics.fmean(r.repeat_values):.4f} ± sd {sd:.4f}; per repeat "
+                         + ", ".join(f"{v:.4f}" for v in r.repeat_values))
+        if r.changed_items:
+            lines.append(f"\n**{r.task}: {len(r.changed_items)} item(s) answered differently across greedy repeats** "
+                         f"(not deterministic): {', '.join(r.changed_items[:10])}")
     if report.average_normalized is not None:
         lines += ["", f"**average normalized score: {report.average_normalized:.1f}** (0 = random, 100 = perfect)"]
     if report.perf:

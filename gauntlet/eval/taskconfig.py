@@ -52,7 +52,9 @@ def config_from_yaml(path: Path, task: str, eval_data_path: str | None) -> dict[
     A task marked ``metadata.uses_run_eval_data`` reads ``eval_data_path`` (when given) for its test
     split. Raises EvalError when a local data file does not exist.
     """
-    from lm_eval.tasks._yaml_loader import load_yaml  # resolves include: and !function like lm-eval does
+    from lm_eval.tasks._yaml_loader import (
+        load_yaml,  # resolves include: and !function like lm-eval does
+    )
 
     cfg = load_yaml(path, resolve_func=True)
     if not isinstance(cfg.get("task"), str):

@@ -173,3 +173,25 @@ def test_a_task_yamls_own_few_shot_count_holds_unless_the_config_sets_one(tiny_m
     assert own.effective[task]["generation_kwargs"]["max_gen_toks"] == 4  # the config set this one
     overridden = evaluate_model(EvalSpec(**common, num_fewshot=1), tiny_model, None, tmp_path / "set").task_results[0]
     assert overridden.num_fewshot == 1
+
+
+def test_repeats_record_their_seeds_and_check_greedy_determinism(tiny_model, demo_eval_data, tmp_path: Path) -> None:
+    """eval.repeats: sampled decoding reports each repeat (mean ± sd, distinct seeds); greedy repeats agree."""
+    from gauntlet.eval.report import report_markdown
+
+    common = dict(tasks=["demo_facts_gen"], limit=12, max_gen_tokens=6, speed_probe=SpeedProbeSpec(enabled=False))
+    sampled = evaluate_model(EvalSpec(**common, repeats=3, temperature=1.0), tiny_model, str(demo_eval_data),
+                             tmp_path / "sampled")
+    result = sampled.task_results[0]
+    assert result.repeat_seeds == [1234, 1235, 1236] and len(result.repeat_values) == 3
+    assert result.value == pytest.approx(sum(result.repeat_values) / 3)
+    rows = [json.loads(line) for line in Path(result.samples_path).read_text().splitlines()]
+    assert {r["seed"] for r in rows} == {1234, 1235, 1236}
+    answers = {seed: [r["resps"] for r in rows if r["seed"] == seed and r["filter"] == "first-word"]
+               for seed in (1234, 1235, 1236)}
+    assert answers[1234] != answers[1235]  # the sampling seed really changed what was generated
+    assert "3 repeats (seeds [1234, 1235, 1236])" in report_markdown(sampled) and "± sd" in report_markdown(sampled)
+
+    greedy = evaluate_model(EvalSpec(**common, repeats=2, temperature=0.0), tiny_model, str(demo_eval_data),
+                            tmp_path / "greedy").task_results[0]
+    assert greedy.changed_items == [] and greedy.repeat_values[0] == greedy.repeat_values[1]

@@ -130,3 +130,13 @@ def test_eval_cli_rejects_bad_input_with_exit_2(capsys: pytest.CaptureFixture) -
     assert main(["eval", "/no/such/model", "--suite", "en-cor", "--set", "limit=0"]) == 2
     err = capsys.readouterr().err
     assert "model.source" in err and "eval.suite: unknown suite 'en-cor'" in err and "eval.limit" in err
+
+
+def test_an_answer_that_changed_between_repeats_is_named() -> None:
+    from gauntlet.eval.records import changed_answers
+
+    def rows(*answers):
+        return {"facts": [{"doc_id": i, "filtered_resps": [a]} for i, a in enumerate(answers)]}
+
+    assert changed_answers([rows("red", "blue"), rows("red", "blue")]) == []
+    assert changed_answers([rows("red", "blue"), rows("red", "blue"), rows("red", "green")]) == ["facts/1"]
