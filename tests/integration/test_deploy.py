@@ -20,6 +20,12 @@ pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"),
               pytest.mark.skipif(nginx_binary() is None, reason="nginx is not installed (apt-get install nginx; "
                                                                  ".ci/run installs it where it runs as root)")]
 REPO = Path(__file__).parents[2]
+# The demo's data as its DVC stage writes it (byte for byte), where a fresh clone has none yet: the deploy
+# config's probe file and drift reference (data.train) are the project's own data/demo files.
+if not (REPO / "data" / "demo" / "train.jsonl").is_file():
+    from gauntlet.demo.data import main as write_demo_data
+
+    write_demo_data(["--params", str(REPO / "params.yaml"), "--out", str(REPO / "data" / "demo")])
 # clients ask what the model was trained on (no drift): the demo's training instructions
 TRAIN_ROWS = (REPO / "data" / "demo" / "train.jsonl").read_text().splitlines()
 PROMPTS = [json.loads(line)["instruction"] for line in TRAIN_ROWS[::max(1, len(TRAIN_ROWS) // 80)]]
