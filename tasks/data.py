@@ -1,7 +1,9 @@
 """Stage ``pull_data``: the run's DVC-tracked files, pulled (or reproduced), checked and hashed.
 
 Key: the data section and the md5s that ``dvc.lock`` / ``.dvc`` files record for its files (the data
-version), read without running DVC. Retried unless the data itself is wrong (``DataError``).
+version), read without running DVC. `dvc pull` is tried again inside the library when the remote does not answer
+or the repository is locked (never reproduced because of that); the stage is retried unless the data itself is
+wrong (``DataError``).
 """
 
 from __future__ import annotations

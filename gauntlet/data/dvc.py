@@ -1,15 +1,11 @@
 """Versioned data with DVC: pull the DVC-tracked JSONL files of a run, check them, and hash them.
 
-:func:`pull_data` opens the DVC repository named by ``DataSpec.repo`` with DVC's Python API and
-runs ``dvc pull`` for the spec's files. When the remote lacks them and the spec is reproducible it
-runs ``dvc repro`` for the stage that produces them and ``dvc push``es the result, so the next pull
-anywhere succeeds. Then it validates every file (UTF-8 JSON Lines, one object per line, required
-fields) and returns a :class:`~gauntlet.refs.DatasetRef` whose hashes are the md5s DVC records in
-``dvc.lock`` / ``.dvc`` files: the data version.
+:func:`pull_data` runs ``dvc pull`` (DVC's Python API) for the spec's files, again with a growing delay when
+the remote does not answer or DVC's lock is busy (``gauntlet.data.remote``); only a remote that answers and lacks
+the data leads (reproducible specs) to ``dvc repro`` and ``dvc push``. Then it validates every file (JSON Lines,
+required fields) and returns a DatasetRef whose hashes are the md5s DVC records: the data version.
 
-No Prefect here: ``tasks/data.py`` is the stage.
-
-Two DVC quirks shape the code (dvc 3.x):
+No Prefect here: ``tasks/data.py`` is the stage. Two DVC quirks shape the code (dvc 3.x):
 
 * DVC resolves relative paths (targets, and internally the run cache's stage paths) from the
   process's working directory, not from the repo; ``dvc repro`` fails with "is outside of DVC repo"
@@ -28,14 +24,17 @@ import logging
 import os
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from gauntlet.config.data import DataSpec
 from gauntlet.data.jsonl import DataError, validate_files
+from gauntlet.data.remote import PULL_ATTEMPTS, PULL_BACKOFF_S, DataUnavailable, network_cause, unreachable
 from gauntlet.project import project_root
 from gauntlet.refs import DatasetRef
+from gauntlet.secrets import redact_uri
 from gauntlet.state import gauntlet_home
 
 if TYPE_CHECKING:
@@ -61,12 +60,14 @@ class _Target:
 # ---------------------------------------------------------------------------------------------
 
 
-def pull_data(spec: DataSpec, root: Path | None = None) -> DatasetRef:
+def pull_data(spec: DataSpec, root: Path | None = None, attempts: int = PULL_ATTEMPTS,
+              backoff_s: float = PULL_BACKOFF_S) -> DatasetRef:
     """Pull (or reproduce) the spec's files with DVC, validate them and return their DatasetRef.
 
     Raises :class:`DataError` when a file is not tracked by DVC, when the remote lacks the data and
     the spec is not reproducible, when reproduction fails, when a working file does not match the
-    md5 recorded by DVC, and when a file is not valid JSON Lines with the required fields.
+    md5 recorded by DVC, and when a file is not valid JSON Lines with the required fields; raises
+    :class:`DataUnavailable` when the remote did not answer (or the lock stayed busy) in ``attempts`` tries.
     """
     repo_root = (Path(root or project_root()) / spec.repo).resolve()
     if not (repo_root / ".dvc").is_dir():
@@ -79,7 +80,7 @@ def pull_data(spec: DataSpec, root: Path | None = None) -> DatasetRef:
     with _DVC_LOCK, contextlib.chdir(repo_root), _open_repo(repo_root) as repo:
         remote = _remote_description(repo, spec.remote)
         outs = {t.role: _find_out(repo, t) for t in targets}
-        how = _pull_or_reproduce(repo, spec, targets, outs, remote)
+        how = _pull_or_reproduce(repo, spec, targets, outs, remote, attempts, backoff_s)
         # DVC drops its index after each locked operation: look the outs up again for fresh md5s.
         file_md5 = {t.rel: _recorded_md5(repo, t) for t in targets}
 
@@ -149,7 +150,7 @@ def _remote_description(repo: Repo, name: str | None) -> str:
     name = name or repo.config.get("core", {}).get("remote")
     if not name:
         return "(no DVC remote configured)"
-    url = remotes.get(name, {}).get("url", "?")
+    url = redact_uri(remotes.get(name, {}).get("url", "?"))
     return f"{name!r} ({url})"
 
 
@@ -190,22 +191,21 @@ def _workspace_state(repo: Repo, target: _Target) -> str:
     return "ok" if _file_md5(target.path, out.hash_name) == recorded else "modified"
 
 
-def _pull_or_reproduce(repo: Repo, spec: DataSpec, targets: list[_Target], outs: dict, remote: str) -> str:
-    from dvc.config import NoRemoteError
-    from dvc.exceptions import CheckoutError, DownloadError, DvcException
-
+def _pull_or_reproduce(repo: Repo, spec: DataSpec, targets: list[_Target], outs: dict, remote: str,
+                       attempts: int = PULL_ATTEMPTS, backoff_s: float = PULL_BACKOFF_S) -> str:
     paths = sorted({str(t.path) for t in targets})
-    try:
-        result = repo.pull(targets=paths, remote=spec.remote)
-    except (CheckoutError, DownloadError, NoRemoteError) as exc:
-        failure: Exception = exc
-    except DvcException as exc:
-        # e.g. "Can't remove the following unsaved files": a working file differs from dvc.lock.
-        modified = [t.rel for t in targets if _workspace_state(repo, t) == "modified"]
-        if modified:
-            raise DataError(_modified_message(repo, modified)) from exc
-        raise DataError(f"`dvc pull` failed in {repo.root_dir}: {exc}") from exc
-    else:
+    for attempt in range(1, attempts + 1):
+        result, failure, passing = _pull_once(repo, spec, targets, paths)
+        if passing is None:
+            break
+        if attempt == attempts:
+            raise DataUnavailable(f"`dvc pull` from {remote} failed {attempts} times: {passing}. Nothing was "
+                                  "reproduced or pushed. Fix: check the remote's address and the network (or the "
+                                  f"process holding DVC's lock in {repo.root_dir}), then run again.") from failure
+        delay = backoff_s * 2 ** (attempt - 1)
+        logger.warning("`dvc pull` attempt %d of %d failed: %s; trying again in %.0fs", attempt, attempts, passing, delay)
+        time.sleep(delay)
+    if failure is None:
         stats = result.get("stats", {})
         logger.info("pulled %s from DVC remote %s (fetched %s, added %s, modified %s)",
                     ", ".join(t.rel for t in targets), remote,
@@ -240,6 +240,32 @@ def _pull_or_reproduce(repo: Repo, spec: DataSpec, targets: list[_Target], outs:
     _reproduce(repo, list(stages.values()))
     _push(repo, spec, paths, remote)
     return "reproduced"
+
+
+def _pull_once(repo: Repo, spec: DataSpec, targets: list[_Target], paths: list[str]):
+    """One `dvc pull`: (result, error, why a retry may help), each None where it does not apply."""
+    from dvc.config import NoRemoteError
+    from dvc.exceptions import CheckoutError, DownloadError, DvcException
+    from dvc.lock import LockError
+
+    try:
+        return repo.pull(targets=paths, remote=spec.remote), None, None
+    except LockError as exc:
+        return None, exc, f"the DVC repository is locked by another process ({exc})"
+    except NoRemoteError as exc:
+        return None, exc, None
+    except (CheckoutError, DownloadError) as exc:
+        # DVC reports a remote it cannot reach as one that lacks the files: ask the remote itself.
+        why = unreachable(repo, spec.remote)
+        return None, exc, (f"the DVC remote does not answer ({why})" if why else None)
+    except DvcException as exc:
+        if cause := network_cause(exc):
+            return None, exc, f"network error ({cause})"
+        # e.g. "Can't remove the following unsaved files": a working file differs from dvc.lock.
+        modified = [t.rel for t in targets if _workspace_state(repo, t) == "modified"]
+        if modified:
+            raise DataError(_modified_message(repo, modified)) from exc
+        raise DataError(f"`dvc pull` failed in {repo.root_dir}: {exc}") from exc
 
 
 def _reproduce(repo: Repo, stages: list[DvcStage]) -> None:
