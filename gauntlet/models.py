@@ -28,6 +28,7 @@ from gauntlet.gguf import GGUFError, dequantized_folder, find_gguf
 from gauntlet.hashing import sha256_dir
 from gauntlet.project import in_project
 from gauntlet.refs import ModelRef, Ref
+from gauntlet.secrets import redact_uri
 from gauntlet.state import models_cache
 from gauntlet.tracking import client
 
@@ -81,7 +82,7 @@ def registry_version(uri: str, tracking_uri: str) -> tuple[Any, Any]:
     except MlflowException as e:
         what = f"alias @{alias}" if alias else f"version {number}"
         raise ModelFetchError(
-            f"{uri}: registered model {name!r} has no {what} in the MLflow registry at {tracking_uri} "
+            f"{uri}: registered model {name!r} has no {what} in the MLflow registry at {redact_uri(tracking_uri)} "
             f"({e.message.splitlines()[0]}). Register a version first (gauntlet run …) or fix the model source."
         ) from None
 

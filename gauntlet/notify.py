@@ -25,6 +25,7 @@ from pydantic import BaseModel
 from gauntlet.config.gate import RegistrySpec
 from gauntlet.config.notify import NotifySpec, WebhookSpec
 from gauntlet.refs import EvalReport, PromotionResult
+from gauntlet.secrets import redact_uri
 from gauntlet.tracking import RunContext, client
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,7 @@ def biggest_deltas(report: EvalReport, reference: dict[str, float], n: int = 3) 
 
 def mlflow_run_url(spec: NotifySpec, tracking_uri: str, experiment_id: str | None, run_id: str | None) -> str | None:
     base = spec.mlflow_ui_url or (tracking_uri if urlparse(tracking_uri).scheme in ("http", "https") else None)
+    base = redact_uri(base) if base else None   # a posted link never carries the store's credentials
     if not base or not run_id or not experiment_id:
         return None
     return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"

@@ -84,13 +84,16 @@ def check_servers(timeout_s: float = 5.0) -> None:
     import urllib.error
     import urllib.request
 
+    from gauntlet.secrets import redact_uri
+
     targets = []
     mlflow_uri = os.environ.get("MLFLOW_TRACKING_URI", "")
     if mlflow_uri.startswith(("http://", "https://")):
-        targets.append(("MLFLOW_TRACKING_URI", mlflow_uri.rstrip("/") + "/health"))
+        # without credentials: urllib takes "user:password@host" for a host name (and /health needs no login)
+        targets.append(("MLFLOW_TRACKING_URI", redact_uri(mlflow_uri).rstrip("/") + "/health"))
     prefect_url = os.environ.get("PREFECT_API_URL", "")
     if prefect_url.startswith(("http://", "https://")):
-        targets.append(("PREFECT_API_URL", prefect_url.rstrip("/") + "/health"))
+        targets.append(("PREFECT_API_URL", redact_uri(prefect_url).rstrip("/") + "/health"))
     for var, url in targets:
         try:
             with urllib.request.urlopen(url, timeout=timeout_s):
@@ -100,6 +103,6 @@ def check_servers(timeout_s: float = 5.0) -> None:
         except (urllib.error.URLError, OSError) as e:
             reason = getattr(e, "reason", e)
             raise ServerUnreachable(
-                f"{var}={os.environ[var]} does not answer ({reason}). Start that server, fix {var}, or unset "
+                f"{var}={redact_uri(os.environ[var])} does not answer ({reason}). Start that server, fix {var}, or unset "
                 f"it to use the local default (sqlite MLflow / ephemeral Prefect in $GAUNTLET_HOME)."
             ) from None

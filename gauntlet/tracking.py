@@ -21,6 +21,7 @@ from typing import Iterator
 from pydantic import BaseModel, ConfigDict
 
 from gauntlet.project import ProjectError, project_root
+from gauntlet.secrets import redact, redact_uri
 from gauntlet.state import StateError, default_tracking_uri, gauntlet_home, sqlite_path
 
 log = logging.getLogger(__name__)
@@ -173,8 +174,8 @@ def parent_run(uri: str, experiment: str, run_name: str, tags: dict[str, str],
     ctx = RunContext(tracking_uri=uri, experiment_id=exp_id, parent_run_id=run.info.run_id,
                      flow_run_id=tags.get("prefect.flow_run_id"))
     for k, v in params.items():
-        c.log_param(run.info.run_id, k, v)
-    log.info("MLflow run %s in experiment %r (%s)", run.info.run_id, experiment, uri)
+        c.log_param(run.info.run_id, k, redact(str(v)))
+    log.info("MLflow run %s in experiment %r (%s)", run.info.run_id, experiment, redact_uri(uri))
     try:
         yield ctx
     except BaseException as e:
@@ -234,7 +235,7 @@ def stage_run(ctx: RunContext, stage: str, params: dict | None = None,
             tags["prefect.flow_run_id"] = ctx.flow_run_id
         run_id = c.create_run(ctx.experiment_id, run_name=stage, tags=tags).info.run_id
         for k, v in (params or {}).items():
-            c.log_param(run_id, k, str(v)[:6000])
+            c.log_param(run_id, k, redact(str(v))[:6000])
     try:
         yield c, run_id
     except BaseException as e:
@@ -245,8 +246,8 @@ def stage_run(ctx: RunContext, stage: str, params: dict | None = None,
 
 def _record_failure(c, run_id: str, error: BaseException) -> None:
     try:
-        c.set_tag(run_id, "gauntlet.error", f"{type(error).__name__}: {error}"[:5000])
-        c.log_text(run_id, "".join(traceback.format_exception(error)), "error.txt")
+        c.set_tag(run_id, "gauntlet.error", redact(f"{type(error).__name__}: {error}")[:5000])
+        c.log_text(run_id, redact("".join(traceback.format_exception(error))), "error.txt")
     finally:
         c.set_terminated(run_id, "FAILED")
 

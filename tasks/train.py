@@ -12,6 +12,7 @@ from pathlib import Path
 
 from gauntlet.config.train import TrainSpec
 from gauntlet.refs import DatasetRef, ModelRef, TrainedModel
+from gauntlet.secrets import redact_uri
 from gauntlet.tracking import flatten_params
 from gauntlet.training import TrainingConfigError, train_model
 from gauntlet.tasks._stage import StageRun, stage
@@ -24,7 +25,7 @@ from gauntlet.tasks._stage import StageRun, stage
        retries=2, retry_delay_seconds=10, permanent=(TrainingConfigError,), resumable=True)
 def train(spec: TrainSpec, model: ModelRef, data: DatasetRef, stage: StageRun) -> TrainedModel:
     out = stage.out
-    result = train_model(spec, model, data, out, {"tracking_uri": stage.flow.tracking_uri, "run_id": stage.run_id},
+    result = train_model(spec, model, data, out, {"tracking_uri": redact_uri(stage.flow.tracking_uri), "run_id": stage.run_id},
                          echo=stage.log.info)
     for k, v in result.metrics.items():   # at the last step, so that the curves end there
         stage.metric(k, v, step=result.steps)

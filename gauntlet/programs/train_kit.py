@@ -166,7 +166,10 @@ class MetricsSink:
         if enabled and mlflow_args:
             from mlflow.tracking import MlflowClient
 
-            self.client = MlflowClient(tracking_uri=mlflow_args["tracking_uri"])
+            from gauntlet.secrets import with_credentials
+
+            # the arguments file (an MLflow artifact) names the store without credentials: they come from the environment
+            self.client = MlflowClient(tracking_uri=with_credentials(mlflow_args["tracking_uri"]))
             self.run_id = mlflow_args["run_id"]
         self.history: list[dict] = []
 
