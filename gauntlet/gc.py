@@ -40,9 +40,10 @@ def _last_used(path: Path) -> float:
 
 def registered_paths(tracking_uri: str | None) -> set[Path]:
     """Folders that registered model versions were built from (their ``model.path`` tags)."""
-    from mlflow.tracking import MlflowClient
+    from gauntlet import tracking
 
-    c = MlflowClient(tracking_uri=tracking_uri)
+    # the one client: a sqlite store is set up under its lock, like every other command's
+    c = tracking.client(tracking.tracking_uri(tracking_uri))
     paths: set[Path] = set()
     for model in c.search_registered_models():
         for version in c.search_model_versions(f"name='{model.name}'"):
@@ -79,7 +80,13 @@ def plan_gc(keep_days: float = 7.0, tracking_uri: str | None = None, home: Path 
     return GcPlan(remove=remove, keep=keep)
 
 
-def apply_gc(plan: GcPlan) -> int:
+def apply_gc(plan: GcPlan, reason: str = "gauntlet gc") -> int:
+    """Remove what ``plan`` lists; the removal is recorded in the audit log (what, how much, why)."""
+    if plan.remove:
+        from gauntlet.audit import record
+
+        record("gc", f"{len(plan.remove)} item(s), {plan.freed_bytes / 1e6:.1f} MB", reason,
+               freed_bytes=plan.freed_bytes, paths=[i.path for i in plan.remove][:200])
     for item in plan.remove:
         path = Path(item.path)
         if path.is_dir():

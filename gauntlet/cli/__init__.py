@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from gauntlet.cli import (
+    audit,
     demo,
     deploy,
     eval,
@@ -28,7 +29,7 @@ from gauntlet.config.problems import SpecError
 from gauntlet.project import ProjectError
 from gauntlet.state import StateError
 
-COMMANDS = (validate, run, demo, plan, eval, leaderboard, serve, promote, rollback, history, deploy, gc)
+COMMANDS = (validate, run, demo, plan, eval, leaderboard, serve, promote, rollback, history, deploy, gc, audit)
 
 
 def parser() -> argparse.ArgumentParser:

@@ -27,6 +27,6 @@ def run(args: argparse.Namespace) -> int:
               f"({item.reason})")
     for item in plan.keep:
         print(f"keeping         {item.bytes / 1e6:10.1f} MB  {item.path}  ({item.reason})")
-    freed = plan.freed_bytes if args.dry_run else apply_gc(plan)
+    freed = plan.freed_bytes if args.dry_run else apply_gc(plan, f"gauntlet gc --keep-days {args.keep_days:g}")
     print(f"{'would free' if args.dry_run else 'freed'} {freed / 1e6:.1f} MB in {len(plan.remove)} item(s)")
     return EXIT_OK

@@ -17,10 +17,14 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel
 
+from gauntlet.audit import record
 from gauntlet.config.deploy import DeploySpec
 from gauntlet.deploy.router import Router, Weights
 from gauntlet.deploy.servers import Server, now, pid_alive, start_server, stop_pid
 from gauntlet.state import gauntlet_home
+
+# rollout events that change what serves, and their audit actions
+AUDITED = {"started": "deploy", "promoted": "deploy-promote", "stopped": "deploy-stop", "stopped all": "deploy-stop"}
 
 if TYPE_CHECKING:
     from gauntlet.deploy.watch import StepReport
@@ -39,6 +43,11 @@ class DeployState(BaseModel):
     def event(self, what: str, **details) -> None:
         self.events.append({"at": now(), "event": what, **details})
         self.events = self.events[-200:]
+        if what in AUDITED:   # what serves changed: into the audit log too
+            version = details.get("version")
+            record(AUDITED[what], f"{self.model} v{version}" if version else self.model,
+                   f"deploy: {what}" + (f" ({details['slot']})" if "slot" in details else ""), model=self.model,
+                   **details)
 
 
 def folder_of(model: str) -> Path:

@@ -7,6 +7,7 @@ decided again (:func:`gauntlet.gate.decide`) against the new one. Every move is 
 
 from __future__ import annotations
 
+from gauntlet.audit import record
 from gauntlet.config.gate import GateSpec, RegistrySpec
 from gauntlet.gate import decide
 from gauntlet.refs import EvalReport, GateDecision, PromotionResult, RegisteredVersion
@@ -49,10 +50,10 @@ def promote_if_passing(c, registry: RegistrySpec, gate: GateSpec, decision: Gate
             return PromotionResult(registered=False, previous_champion=current, decision=decision, message=message,
                                    **result)
         against = f"v{current}" if current else "no champion"
-        set_champion(c, registry, version, current, "promote", by,
-                     f"gate passed against {against}" + (" (re-gated: the champion changed meanwhile)" if regated
-                                                         else ""),
-                     lease, compared_to=current, **(run_ids or {}))
+        why = f"gate passed against {against}" + (" (re-gated: the champion changed meanwhile)" if regated else "")
+        set_champion(c, registry, version, current, "promote", by, why, lease, compared_to=current, **(run_ids or {}))
+        record("promote", f"{name} v{version}", why, by=by, client=c, model=name, version=version, previous=current,
+               alias=registry.champion_alias, flow_run_id=(run_ids or {}).get("prefect_flow_run_id"))
     return PromotionResult(registered=True, alias=registry.champion_alias, previous_champion=current,
                            decision=decision,
                            message=f"{name} v{version} is now @{registry.champion_alias} ("
@@ -70,8 +71,11 @@ def promote_manually(c, registry: RegistrySpec, version: str, reason: str, by: s
         current, _ = champion_of(c, registry)
         if current == str(mv.version):
             return None
-        return set_champion(c, registry, str(mv.version), current, "manual-promote", by or actor(),
-                            f"{reason} (gate verdict: {mv.tags.get('gate.verdict', 'none')})", lease)
+        event = set_champion(c, registry, str(mv.version), current, "manual-promote", by or actor(),
+                             f"{reason} (gate verdict: {mv.tags.get('gate.verdict', 'none')})", lease)
+        record("manual-promote", f"{registry.model_name} v{mv.version}", event.reason, by=by or actor(), client=c,
+               model=registry.model_name, version=str(mv.version), previous=current, alias=registry.champion_alias)
+        return event
 
 
 def rollback(c, registry: RegistrySpec, reason: str = "", by: str | None = None) -> ChampionEvent:
@@ -93,4 +97,6 @@ def rollback(c, registry: RegistrySpec, reason: str = "", by: str | None = None)
         event = set_champion(c, registry, target, current, "rollback", by or actor(),
                              reason or f"rolled back from v{current}", lease)
         c.set_model_version_tag(name, current, "champion.rolled_back_at", event.at)
+        record("rollback", f"{name} v{target}", event.reason, by=by or actor(), client=c, model=name,
+               version=target, previous=current, alias=registry.champion_alias)
         return event
