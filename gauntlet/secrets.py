@@ -75,3 +75,22 @@ def with_credentials(uri: str, environ: dict[str, str] | None = None) -> str:
     env = os.environ if environ is None else environ
     configured = env.get("MLFLOW_TRACKING_URI", "")
     return configured if configured and redact_uri(configured) == uri else uri
+
+
+def credentials_to_environment(environ: dict[str, str] | None = None) -> None:
+    """Move ``user:password@`` out of ``MLFLOW_TRACKING_URI`` into ``MLFLOW_TRACKING_USERNAME``/``_PASSWORD``
+    (MLflow's own basic-auth variables), so the URI itself holds no secret: MLflow prints it ("View run … at")
+    and children inherit it. Variables the user set already win."""
+    from urllib.parse import unquote
+
+    env = os.environ if environ is None else environ
+    uri = env.get("MLFLOW_TRACKING_URI", "")
+    try:
+        parts = urlsplit(uri)
+    except ValueError:
+        return
+    if parts.scheme not in ("http", "https") or parts.username is None:
+        return
+    env.setdefault("MLFLOW_TRACKING_USERNAME", unquote(parts.username))
+    env.setdefault("MLFLOW_TRACKING_PASSWORD", unquote(parts.password or ""))
+    env["MLFLOW_TRACKING_URI"] = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))

@@ -68,6 +68,9 @@ def configure_environment() -> Path:
     }
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
+    from gauntlet.secrets import credentials_to_environment
+
+    credentials_to_environment()   # a tracking URI without its password: MLflow prints the URI it is given
     return home
 
 
