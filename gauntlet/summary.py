@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
+from gauntlet.eval.stats import paired_difference
 from gauntlet.refs import DatasetRef, EvalReport, GateDecision, ModelRef, PromotionResult, QuantizedModel, TrainedModel
 from gauntlet.secrets import redact_uri
 from gauntlet.tracking import RunContext
@@ -35,6 +36,7 @@ class VariantRow(BaseModel):
     tokens_per_s: float | None
     scores: dict[str, float]          # "task.metric" -> score
     deltas: dict[str, float | None]   # "task.metric" -> score - the fine-tuned model's
+    comparisons: dict[str, str] = {}  # "task.metric" -> the paired test against the fine-tuned model (Δ, interval)
     registry: str | None = None       # promotion message when gate.register_variants names it
 
 
@@ -94,6 +96,8 @@ class RunSummary(BaseModel):
                 task, metric = key.split(".", 1)
                 lines.append(f"| {v.variant} | {v.size_mb:.2f} | {v.size_ratio:.2f} | {_fmt(v.tokens_per_s, '.1f')} "
                              f"| {task} | {metric} | {value:.4f} | {_fmt(v.deltas.get(key), '+.4f')} |")
+        lines += ["", "Against the fine-tuned model, item by item (paired bootstrap):", ""]
+        lines += [f"- {v.variant} {key}: {text}" for v in self.variants for key, text in v.comparisons.items()]
         registered = [f"- {v.variant}: {v.registry}" for v in self.variants if v.registry]
         lines += ["", *registered] if registered else []
         return lines
@@ -113,7 +117,14 @@ def variant_rows(report: EvalReport, variants: list[QuantizedModel], reports: li
             before = report.score(*key.split(".", 1))
             deltas[key] = None if before is None else value - before
         promotion = promotions.get(q.variant)
-        rows.append(VariantRow(variant=q.variant, method=q.method, bits=q.bits, group_size=q.group_size, path=q.path,
+        comparisons = {}
+        for result in r.task_results:  # each task's reported metric, item by item against the parent
+            mine = result.item_scores.get(result.metric)
+            parent = next((p.item_scores.get(result.metric) for p in report.task_results if p.task == result.task),
+                          None)
+            if mine and parent:
+                comparisons[f"{result.task}.{result.metric}"] = paired_difference(mine, parent).text()
+        rows.append(VariantRow(comparisons=comparisons, variant=q.variant, method=q.method, bits=q.bits, group_size=q.group_size, path=q.path,
                                size_mb=q.size_bytes / 1e6, size_ratio=q.size_ratio,
                                tokens_per_s=r.perf.tokens_per_s if r.perf else None, scores=scores, deltas=deltas,
                                registry=promotion.message if promotion else None))

@@ -111,6 +111,9 @@ def test_first_run_trains_evaluates_and_promotes(first_run, dvc_repo) -> None:
     assert variant.scores["demo_facts.acc"] >= 0.5
     markdown = summary.markdown()
     assert "| fine-tuned (unquantized) |" in markdown and "| gptq-w4g64 |" in markdown
+    # the variant against its parent, item by item: the difference with its interval, not a bare delta
+    assert variant.comparisons["demo_facts.acc"].startswith("Δ ") and "95% CI" in variant.comparisons["demo_facts.acc"]
+    assert "Against the fine-tuned model, item by item" in markdown
     assert f"{variant.size_ratio:.2f}" in markdown
     quantize_run = stages["quantize-gptq-w4g64"].data
     lock = yaml.safe_load((dvc_repo / "dvc.lock").read_text())
