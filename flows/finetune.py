@@ -13,10 +13,11 @@ from gauntlet.config.run import RunSpec
 from gauntlet.summary import RunSummary
 from gauntlet.project import in_project
 from gauntlet.tracking import flatten_params, parent_run, tracking_uri
-from gauntlet.tasks.checks import check_data
+from gauntlet.tasks.checks import check_data, check_drift
 from gauntlet.tasks.data import pull_data
 from gauntlet.tasks.evaluate import evaluate
 from gauntlet.tasks.gate import gate, promote
+from gauntlet.tasks.judge import judge_candidate
 from gauntlet.tasks.models import fetch_model, resolve_model
 from gauntlet.tasks.notify import notify_failed_run, notify_outcome
 from gauntlet.tasks.quantize import quantize
@@ -33,10 +34,14 @@ def run_pipeline(spec: RunSpec) -> RunSummary:
         data = pull_data(spec=spec.data, run=run)
         base = fetch_model(resolved=resolve_model(spec=spec.model, run=run), run=run)
         check_data(checks=spec.data.checks, max_seq_len=spec.train.max_seq_len, data=data, model=base, run=run)
+        check_drift(checks=spec.data.checks, registry=spec.registry, data=data, run=run)   # against the champion's data
         trained = train(spec=spec.train, model=base, data=data, run=run)
         base_report = (evaluate(spec=spec.eval, model=base, data=data, variant="base", run=run)
                        if spec.eval.compare_with_base else None)
         report = evaluate(spec=spec.eval, model=trained.merged, data=data, variant="finetuned", run=run)
+        if spec.eval.judge is not None:   # the win rate against the champion (or the base) joins the report
+            report = judge_candidate(spec=spec.eval.judge, registry=spec.registry, candidate=trained.merged, base=base,
+                                     report=report, run=run)
         # Quantized variants are evaluated exactly like the unquantized model.
         variants = [quantize(variant=v, calibration=spec.quantize.calibration, model=trained.merged, data=data,
                              run=run) for v in spec.quantize.variants]

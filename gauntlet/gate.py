@@ -16,6 +16,7 @@ the gate stage reads the champion and hands its scores in, and the registry's co
 from __future__ import annotations
 
 from gauntlet.config.gate import GateSpec
+from gauntlet.eval.judge import JUDGE_TASK, WIN_RATE
 from gauntlet.eval.protocol import task_differences
 from gauntlet.eval.stats import Comparison, paired_difference
 from gauntlet.names import metric_key, mlflow_name
@@ -149,6 +150,9 @@ def decide(spec: GateSpec, report: EvalReport, base: EvalReport | None,
             rules.append(GateRule(rule=f"gain_over_base[{s.task}]", measured=gain, limit=need, passed=passed,
                                   detail=detail + (f"; must clear {need:+.4f}" + (
                                       " with its whole interval" if spec.significance.min_gain_over_base else ""))))
+    if spec.min_win_rate is not None:
+        rules.append(_judged_minimum(report, "min_win_rate", JUDGE_TASK, WIN_RATE, spec.min_win_rate,
+                                     spec.significance.min_win_rate, "eval.judge"))
     if champion_version is not None:
         for s in gated_scores(report, spec.metric):
             key = metric_key(s.task, s.metric)  # as the registry tags store it
@@ -176,6 +180,20 @@ def decide(spec: GateSpec, report: EvalReport, base: EvalReport | None,
                                   passed=passed, detail=detail))
     return GateDecision(passed=all(r.passed for r in rules), rules=rules, compared_to=champion_version,
                         champion_scores=champion_scores)
+
+
+def _judged_minimum(report: EvalReport, rule: str, task: str, metric: str, limit: float, significant: bool,
+                    configure: str) -> GateRule:
+    """A judged score (a rate with its interval) that must reach ``limit``; with ``significant`` its whole
+    interval must. A report without it fails, naming the config section that measures it."""
+    found = resolve_metric(report, task, metric)
+    if found is None:
+        return GateRule(rule=rule, measured=None, limit=limit, passed=False,
+                        detail=f"the report has no {task} {metric}: configure {configure} to measure it")
+    lower = found.ci_low if significant and found.ci_low is not None else found.value
+    return GateRule(rule=rule, measured=found.value, limit=limit, passed=lower >= limit - EPS,
+                    detail=f"{metric} {found.value:.4f}{_ci(found)} vs minimum {limit:.4f}"
+                           + (", its whole interval must clear it" if significant else ""))
 
 
 def _ci(score: TaskScore) -> str:

@@ -7,7 +7,9 @@ Key: the ``data.checks`` section, ``train.max_seq_len``, the data version and th
 from __future__ import annotations
 
 from gauntlet.config.data import DataChecksSpec
+from gauntlet.config.gate import RegistrySpec
 from gauntlet.data.checks import DataCheckError, DataReport, check_data as run_checks
+from gauntlet.data.drift import DriftReport, champion_training_file, compare as compare_drift, read_rows
 from gauntlet.files import write_text
 from gauntlet.refs import DatasetRef, ModelRef
 from gauntlet.tasks._stage import StageRun, stage
@@ -29,4 +31,24 @@ def check_data(checks: DataChecksSpec, max_seq_len: int, data: DatasetRef, model
     stage.log.info(f"data checks passed: prompt tokens {report.prompt_tokens}, contamination "
                    f"{report.contamination_rate:.1%}, truncated {report.truncated_rate:.1%}")
     write_text(stage.out / "data_report.json", report.model_dump_json(indent=2))
+    return report
+
+
+@stage("check_drift", params=lambda checks, registry, data: {"data.md5": data.md5,
+                                                            "registry.model_name": registry.model_name})
+def check_drift(checks: DataChecksSpec, registry: RegistrySpec, data: DatasetRef, stage: StageRun) -> DriftReport | None:
+    """Never cached: the reference is whatever the champion is now (gauntlet/data/drift.py)."""
+    found = champion_training_file(stage.client, registry, data)
+    if isinstance(found, str):
+        stage.log.info(f"drift not measured: {found}")
+        return None
+    reference_path, reference = found
+    report = compare_drift(read_rows(reference_path), read_rows(data.train_path), checks, reference)
+    stage.metrics(report.psi, prefix="psi.")
+    stage.metrics(report.ks, prefix="ks.")
+    stage.metrics({"row_change": report.row_change, "overlap": report.overlap})
+    stage.json(report, "drift_report.json")
+    if not report.passed:
+        raise DataCheckError("data drift against the champion's training data:\n  " + "\n  ".join(report.problems))
+    stage.log.info(f"drift against {reference}: PSI {report.psi}, rows {report.rows}, overlap {report.overlap:.0%}")
     return report

@@ -14,6 +14,11 @@ class DataChecksSpec(Strict):
     max_prompt_tokens_p95: int | None = Field(None, gt=0, description="default: train.max_seq_len")
     max_contamination_rate: float = Field(0.0, ge=0, le=1,
                                           description="fraction of eval items found in the training data")
+    max_length_psi: float | None = Field(None, gt=0, description="drift against the champion's training data: largest "
+                                                                "PSI of prompt or response lengths (0.25: a large "
+                                                                "shift); None: measured and logged only")
+    max_row_change: float | None = Field(None, gt=0, description="drift: largest relative change of the training row "
+                                                                "count against the champion's data (0.5 = ±50%)")
 
 
 class DataSpec(Strict):

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, ValidationInfo, field_validator
 
 from gauntlet.config.base import Strict, resolve
+from gauntlet.config.judge import JudgeSpec
 from gauntlet.eval.suites import check_suite, load_catalog, task_problems
 
 
@@ -53,6 +54,8 @@ class EvalSpec(Strict):
     tensor_parallel_size: int = Field(1, gt=0, description="vllm backend: GPUs one model is split across")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vllm backend: share of GPU memory it may take")
     max_model_len: int | None = Field(None, gt=0, description="vllm backend: context length (None: the model's)")
+    judge: JudgeSpec | None = Field(None, description="pairwise LLM judge of the candidate against the champion "
+                                                      "(or the base): win rate, gated by gate.min_win_rate")
 
     @field_validator("suite")
     @classmethod

@@ -24,6 +24,8 @@ class Significance(Strict):
                                                   "lies below it (off: the point estimate decides)")
     min_gain_over_base: bool = Field(False, description="require the lower end of the gain's interval to clear "
                                                         "min_gain_over_base (off: the point estimate decides)")
+    min_win_rate: bool = Field(False, description="require the lower end of the judge win rate's interval to clear "
+                                                  "min_win_rate (off: the point estimate decides)")
 
 
 class GateSpec(Strict):
@@ -38,6 +40,8 @@ class GateSpec(Strict):
                                       description="tasks that must have a score; a missing one fails the gate")
     ceilings: PerfCeilings = PerfCeilings()
     min_gain_over_base: float | None = Field(None, description="require the fine-tuned model to beat its base by this")
+    min_win_rate: float | None = Field(None, ge=0, le=1, description="minimum win rate of the candidate against the "
+                                                                   "champion (or base) by the LLM judge (eval.judge)")
     alpha: float = Field(0.05, gt=0, lt=0.5, description="significance level of the paired comparisons: "
                                                          "their intervals are 1 - alpha")
     significance: Significance = Significance()

@@ -1,0 +1,176 @@
+"""Data drift before training: the new training data against the data the current champion was trained on.
+
+The champion's lineage names its data version (``data.md5``); the run that registered it logged the
+``DatasetRef`` it pulled (``dataset_ref.json`` of its ``pull_data`` stage), which names the training file's
+own md5, and DVC keeps that version's content in its cache (or a local remote) by md5. Compared:
+
+- row counts (relative change);
+- prompt (instruction + input) and response (output, or the last assistant turn) lengths in characters, by the
+  population stability index over the reference's deciles (PSI; 0.1 is a small shift, 0.25 a large one) and
+  the two-sample Kolmogorov-Smirnov statistic;
+- overlap: the share of new rows whose prompt the old set already had.
+
+A threshold in ``data.checks`` that a measure passes fails the run before training, naming the field that
+moved and by how much. No Prefect here.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import math
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from pydantic import BaseModel
+
+from gauntlet.config.data import DataChecksSpec
+
+FIELDS = ("prompt_chars", "response_chars")
+
+
+class DriftReport(BaseModel):
+    reference: str                               # what the new data was compared with (version, md5)
+    rows: dict[str, int]                         # {"reference": n, "new": n}
+    row_change: float                            # relative change of the row count
+    psi: dict[str, float]                        # field -> PSI
+    ks: dict[str, float]                         # field -> KS statistic
+    median: dict[str, dict[str, float]]          # field -> {"reference": m, "new": m}
+    overlap: float                               # share of new prompts already in the reference
+    problems: list[str] = []
+
+    @property
+    def passed(self) -> bool:
+        return not self.problems
+
+
+def _text(row: dict) -> tuple[str, str]:
+    """(prompt, response) of an alpaca or a chat row."""
+    turns = row.get("messages") or row.get("conversations")
+    if isinstance(turns, list) and turns:
+        said = [(t.get("role") or t.get("from"), t.get("content") or t.get("value") or "") for t in turns
+                if isinstance(t, dict)]
+        answers = [text for who, text in said if who in ("assistant", "gpt")]
+        prompts = [text for who, text in said if who not in ("assistant", "gpt")]
+        return "\n".join(prompts), answers[-1] if answers else ""
+    return f"{row.get('instruction', '')}\n{row.get('input', '')}".strip(), str(row.get("output", ""))
+
+
+def read_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def lengths(rows: Iterable[dict]) -> dict[str, list[int]]:
+    pairs = [_text(r) for r in rows]
+    return {"prompt_chars": [len(p) for p, _ in pairs], "response_chars": [len(a) for _, a in pairs]}
+
+
+def psi(reference: Sequence[float], new: Sequence[float], bins: int = 10) -> float:
+    """Population stability index of ``new`` against ``reference``, over the reference's quantile bins
+    (empty bins smoothed by half a count)."""
+    ref = sorted(reference)
+    edges = sorted({ref[min(len(ref) - 1, int(len(ref) * q / bins))] for q in range(1, bins)})
+
+    def shares(values: Sequence[float]) -> list[float]:
+        counts = [0] * (len(edges) + 1)
+        for v in values:
+            counts[bisect.bisect_right(edges, v)] += 1
+        return [(c + 0.5) / (len(values) + 0.5 * len(counts)) for c in counts]
+
+    a, b = shares(reference), shares(new)
+    return math.fsum((q - p) * math.log(q / p) for p, q in zip(a, b))
+
+
+def ks(reference: Sequence[float], new: Sequence[float]) -> float:
+    """The two-sample Kolmogorov-Smirnov statistic: the largest gap between the two empirical CDFs."""
+    a, b = sorted(reference), sorted(new)
+    return max(abs(bisect.bisect_right(a, x) / len(a) - bisect.bisect_right(b, x) / len(b)) for x in a + b)
+
+
+def _median(xs: Sequence[float]) -> float:
+    s = sorted(xs)
+    return float(s[len(s) // 2]) if len(s) % 2 else (s[len(s) // 2 - 1] + s[len(s) // 2]) / 2
+
+
+def compare(reference_rows: list[dict], new_rows: list[dict], checks: DataChecksSpec, reference: str) -> DriftReport:
+    """The new training rows against the reference's, each measure checked against its ``data.checks`` limit."""
+    old, new = lengths(reference_rows), lengths(new_rows)
+    old_prompts = {_text(r)[0].strip().lower() for r in reference_rows}
+    report = DriftReport(
+        reference=reference, rows={"reference": len(reference_rows), "new": len(new_rows)},
+        row_change=(len(new_rows) - len(reference_rows)) / max(1, len(reference_rows)),
+        psi={f: psi(old[f], new[f]) for f in FIELDS}, ks={f: ks(old[f], new[f]) for f in FIELDS},
+        median={f: {"reference": _median(old[f]), "new": _median(new[f])} for f in FIELDS},
+        overlap=sum(_text(r)[0].strip().lower() in old_prompts for r in new_rows) / max(1, len(new_rows)))
+    problems = []
+    if checks.max_length_psi is not None:
+        for f in FIELDS:
+            if report.psi[f] > checks.max_length_psi:
+                m = report.median[f]
+                problems.append(f"{f} shifted against {reference}: PSI {report.psi[f]:.3f} > data.checks."
+                                f"max_length_psi {checks.max_length_psi} (median {m['reference']:g} → {m['new']:g} "
+                                f"chars, KS {report.ks[f]:.3f})")
+    if checks.max_row_change is not None and abs(report.row_change) > checks.max_row_change:
+        problems.append(f"row count changed {report.row_change:+.1%} against {reference} ({len(reference_rows)} → "
+                        f"{len(new_rows)}) > data.checks.max_row_change {checks.max_row_change:.0%}")
+    return report.model_copy(update={"problems": problems})
+
+
+def dvc_cached_file(repo: Path, md5: str, remote_dirs: Sequence[Path] = ()) -> Path | None:
+    """The file DVC stored under ``md5`` in the repository's cache, or in a local remote's folder; None if neither
+    has it (DVC 3 layout ``files/md5/ab/cdef…``, and DVC 2's ``ab/cdef…``)."""
+    for root in [Path(repo) / ".dvc" / "cache", *map(Path, remote_dirs)]:
+        for path in (root / "files" / "md5" / md5[:2] / md5[2:], root / md5[:2] / md5[2:]):
+            if path.is_file():
+                return path
+    return None
+
+
+def champion_training_file(c, registry, data) -> tuple[Path, str] | str:
+    """(the champion's training file, as DVC stored it; a label naming it) or why it cannot be found.
+
+    ``c``: an MlflowClient; ``registry``: the RegistrySpec; ``data``: this run's DatasetRef."""
+    from mlflow.exceptions import MlflowException
+
+    from gauntlet.refs import DatasetRef
+
+    try:
+        mv = c.get_model_version_by_alias(registry.model_name, registry.champion_alias)
+    except MlflowException:
+        return f"no {registry.model_name}@{registry.champion_alias} to compare with"
+    old_md5 = mv.tags.get("data.md5")
+    label = f"champion v{mv.version}'s data {str(old_md5)[:12]}"
+    if not old_md5:
+        return f"champion v{mv.version} records no data.md5"
+    if old_md5 == data.md5:
+        return f"the data is the champion's own version ({old_md5[:12]})"
+    experiments = [e.experiment_id for e in c.search_experiments()]
+    runs = c.search_runs(experiments, f"tags.`data.md5` = '{old_md5}'", max_results=20)
+    for run in runs:
+        try:
+            ref = DatasetRef.model_validate_json(Path(c.download_artifacts(run.info.run_id,
+                                                                           "dataset_ref.json")).read_text())
+        except (MlflowException, OSError, ValueError):
+            continue
+        train_md5 = next((m for rel, m in ref.file_md5.items() if ref.train_path and ref.train_path.endswith(rel)),
+                         None)
+        if train_md5 is None:
+            continue
+        path = dvc_cached_file(Path(data.repo), train_md5, local_remotes(Path(data.repo)))
+        if path is not None:
+            return path, label
+        return f"{label}: its training file (md5 {train_md5}) is in neither the DVC cache nor a local remote"
+    return f"{label}: no run that pulled it logged its dataset_ref.json"
+
+
+def local_remotes(repo: Path) -> list[Path]:
+    """The folders of the repository's DVC remotes that are local paths."""
+    from dvc.repo import Repo
+
+    try:
+        with Repo(str(repo)) as r:
+            urls = [section.get("url", "") for section in r.config.get("remote", {}).values()]
+    except Exception:   # an unreadable config: no remote to look in (the cache is still searched)
+        return []
+    return [(repo / ".dvc" / u).resolve() if not Path(u).is_absolute() else Path(u)
+            for u in urls if u and "://" not in u]
