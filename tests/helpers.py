@@ -40,6 +40,17 @@ def register_as_champion(c, experiment: str, folder: Path, name: str, tags: dict
     return version
 
 
+def project_workdir(name: str) -> Path:
+    """A new folder inside the project (under the git-ignored .gauntlet/): what a config names must lie inside
+    its project (configs are untrusted input), so tests whose configs name data or output folders work here.
+    The caller removes it (``shutil.rmtree``)."""
+    import uuid
+
+    folder = REPO / ".gauntlet" / "test-work" / f"{name}-{uuid.uuid4().hex[:8]}"
+    folder.mkdir(parents=True)
+    return folder
+
+
 def write_demo_config(tmp_path: Path, mutate, name: str = "config.yaml") -> Path:
     """configs/demo.yaml changed by ``mutate(raw_dict)``, written to ``tmp_path/name``."""
     raw = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())

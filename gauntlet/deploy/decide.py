@@ -59,8 +59,9 @@ def judge(report: StepReport, t: Thresholds, stable_version: str = "stable") -> 
     quality = quality_breach(c.probe_score, s.probe_score, t.max_quality_drop, stable_version)
     if quality:
         reasons.append(quality)
-    if report.drift is not None and report.drift.psi > t.max_drift_psi:
-        reasons.append(f"input drift: PSI {report.drift.psi:.3f} over {t.max_drift_psi} "
+    if report.drift is not None and report.drift.psi > max(t.max_drift_psi, report.drift.noise_floor):
+        reasons.append(f"input drift: PSI {report.drift.psi:.3f} over {t.max_drift_psi} and over the "
+                       f"{report.drift.noise_floor:.3f} that sampling alone reaches "
                        f"(length {report.drift.psi_length:.3f}, vocabulary {report.drift.psi_vocabulary:.3f}; "
                        f"{report.drift.served} served prompts)")
     if reasons:

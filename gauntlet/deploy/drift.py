@@ -3,7 +3,9 @@
 Two views of a prompt: its length in words (ten bins cut at the reference's deciles) and its words (the
 reference's most common words, each a bin, plus one bin for every other word). PSI = sum over bins of
 (served - reference) * ln(served / reference), with empty bins given a small share; 0.1 is a small shift,
-0.25 a large one. The reported drift is the larger of the two.
+0.25 a large one. The reported drift is the larger of the two. PSI is biased upward on small samples (32
+prompts over 51 word bins reach 0.3 by chance), so each measurement carries its noise floor: the PSI that as
+many prompts drawn from the training data itself reach (99th percentile); an alarm needs both.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ class Drift(BaseModel):
     psi_vocabulary: float
     served: int                      # prompts compared
     reference: int
+    noise_floor: float = 0.0         # PSI that sampling alone reaches (99th percentile) at this many served prompts
 
 
 def words(text: str) -> list[str]:
@@ -54,20 +57,42 @@ def histogram(values: list[int], edges: list[float]) -> list[int]:
     return counts
 
 
+def vocab_counts(prompts: list[list[str]], vocabulary: list[str]) -> list[int]:
+    known = set(vocabulary)
+    counts = Counter(w if w in known else "\0other" for ws in prompts for w in ws)
+    return [counts.get(w, 0) for w in vocabulary] + [counts.get("\0other", 0)]
+
+
+def noise_floor(ref_words: list[list[str]], n: int, edges: list[float], vocabulary: list[str], draws: int = 200,
+                quantile: float = 0.99, seed: int = 0) -> float:
+    """The PSI that ``n`` prompts drawn from the reference itself reach (its ``quantile`` over ``draws``): a
+    small sample of served prompts drifts this far by chance alone (about (bins - 1) / words), so an alarm
+    needs more than this."""
+    import random
+
+    rng = random.Random(seed)
+    ref_length = histogram([len(w) for w in ref_words], edges)
+    ref_vocab = vocab_counts(ref_words, vocabulary)
+    values = []
+    for _ in range(draws):
+        sample = [rng.choice(ref_words) for _ in range(n)]
+        values.append(max(psi(ref_length, histogram([len(w) for w in sample], edges)),
+                          psi(ref_vocab, vocab_counts(sample, vocabulary))))
+    values.sort()
+    return values[min(draws - 1, int(quantile * draws))]
+
+
 def drift(reference_prompts: list[str], served_prompts: list[str], top_words: int = 50) -> Drift:
     ref_words = [words(p) for p in reference_prompts]
     served_words = [words(p) for p in served_prompts]
     edges = length_bins([len(w) for w in ref_words])
     psi_length = psi(histogram([len(w) for w in ref_words], edges), histogram([len(w) for w in served_words], edges))
     vocabulary = [w for w, _ in Counter(w for ws in ref_words for w in ws).most_common(top_words)]
-
-    def vocab_counts(prompts: list[list[str]]) -> list[int]:
-        counts = Counter(w if w in set(vocabulary) else "\0other" for ws in prompts for w in ws)
-        return [counts.get(w, 0) for w in vocabulary] + [counts.get("\0other", 0)]
-
-    psi_vocabulary = psi(vocab_counts(ref_words), vocab_counts(served_words))
+    psi_vocabulary = psi(vocab_counts(ref_words, vocabulary), vocab_counts(served_words, vocabulary))
+    floor = noise_floor(ref_words, len(served_words), edges, vocabulary) if served_words and ref_words else 0.0
     return Drift(psi=round(max(psi_length, psi_vocabulary), 4), psi_length=round(psi_length, 4),
-                 psi_vocabulary=round(psi_vocabulary, 4), served=len(served_prompts), reference=len(reference_prompts))
+                 psi_vocabulary=round(psi_vocabulary, 4), served=len(served_prompts), reference=len(reference_prompts),
+                 noise_floor=round(floor, 4))
 
 
 def reference_prompts(path: Path, limit: int = 2000) -> list[str]:

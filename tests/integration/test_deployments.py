@@ -175,7 +175,7 @@ def test_gauntlet_serve_schedules_and_runs_the_nightly_leaderboard(tmp_path: Pat
                 local = run.expected_start_time.astimezone(ZoneInfo("Europe/Berlin"))
                 assert (local.hour, local.minute) == (2, 0)
             assert client.read_concurrency_limit_by_tag("gpu").concurrency_limit == 1
-            assert {d.name for d in client.read_deployments()} == {"nightly", "manual", "ci"}
+            assert {d.name for d in client.read_deployments()} == {"nightly", "manual", "ci", "deploy"}
 
         # The demo, fine-tuned, quantized, gated and promoted by the worker: gauntlet-demo@champion.
         finetune_run_id = deployment_run("finetune/manual", demo, client_env, timeout=480)

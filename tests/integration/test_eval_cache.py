@@ -67,7 +67,7 @@ def test_unchanged_suite_costs_nothing_and_an_added_task_runs_alone(prefect_api,
     assert {"arc_challenge.acc_norm", "hellaswag.acc_norm", "arc_challenge.normalized",
             "average_normalized", "perf.tokens_per_s", "perf.tokens_per_s_large_batch",
             "perf.ttft_p95_ms"} <= set(run.data.metrics)
-    assert run.data.params["eval.decoding"] == "greedy" and run.data.params["eval.fewshot_seed"] == "1234"
+    assert run.data.params["eval.decoding"] == "each task's own" and run.data.params["eval.fewshot_seed"] == "1234"
     assert run.data.params["eval.task_settings.arc_challenge.engine_task"] == "fixture_arc_challenge"
     assert {"report.json", "report.md"} <= {a.path for a in c.list_artifacts(run.info.run_id)}
     nested = c.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'")

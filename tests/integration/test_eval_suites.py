@@ -101,7 +101,7 @@ def test_every_suite_fixture_runs_through_the_engine(all_suites_report) -> None:
     assert 0 < perf.ttft_p50_ms <= perf.ttft_p95_ms and perf.first_token_latency_ms > 0
     assert perf.peak_memory_gb > 0 and 0 < perf.size_on_disk_gb < 0.01
 
-    assert report.protocol["fixtures"] is True and report.protocol["decoding"] == "greedy"
+    assert report.protocol["fixtures"] is True and report.protocol["decoding"] == "each task's own"
     assert report.protocol["task_versions"]["mmlu"]["mmlu_elementary_mathematics"] == "1.0"
     saved = json.loads((out / "report.json").read_text())
     for key in ("model", "model_sha", "variant", "scores", "task_results", "normalized", "average_normalized",

@@ -41,10 +41,16 @@ def register_model(folder: Path, name: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, prefect_api) -> dict:
+def world(prefect_api):
     from gauntlet.demo.model import build_demo_model
+    from tests.helpers import project_workdir
 
-    root = tmp_path_factory.mktemp("leaderboard")
+    root = project_workdir("leaderboard")  # its eval file and publish folder must lie inside the project
+    yield make_world(root, build_demo_model)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def make_world(root: Path, build_demo_model) -> dict:
     eval_file = root / "eval.jsonl"
     demo_data.write_jsonl(eval_file, demo_data.build(48, 7)["eval"])
     models = {name: build_demo_model("tiny-llama", out=root / "models" / name, seed=seed)

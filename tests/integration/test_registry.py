@@ -112,7 +112,8 @@ def test_gate_task_logs_decision_to_mlflow_and_prefect(prefect_api) -> None:
     local = Path(c.download_artifacts(stage.info.run_id, "gate_decision.json"))
     logged = json.loads(local.read_text())
     assert logged["verdict"] == "failed"
-    assert logged["reasons"] == ["required[reasoning]: required task 'reasoning' has no acc score in the report"]
+    assert logged["reasons"] == ["required[reasoning]: task 'reasoning' is not in the report (its tasks: ['facts']); "
+                                 "add it to eval.tasks or fix the task name"]
     with get_client(sync_client=True) as client:
         artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["gate-decision"])))
     assert any("| required[reasoning] | — | — | **FAIL** |" in (a.data or "") for a in artifacts)
