@@ -82,15 +82,18 @@ def protocol_of(spec: EvalSpec) -> dict:
     }
 
 
-# What of a model's generation_config.json changes what HF ``generate`` does under lm-eval's explicit
-# settings (token ids and version stamps left out: they differ between tokenizers and tools, not decodings).
-DECODING_FIELDS = ("do_sample", "temperature", "top_p", "top_k", "min_p", "typical_p", "repetition_penalty",
-                   "num_beams", "no_repeat_ngram_size", "length_penalty", "epsilon_cutoff", "eta_cutoff")
+# What of a model's generation_config.json changes what HF ``generate`` does under lm-eval's explicit settings.
+# Under greedy decoding lm-eval passes do_sample=False, so the sampling fields (temperature, top_p, …, which many
+# instruct models set) do nothing and are left out, or models of different families could never be ranked
+# together; what still acts is below. Sampled protocols (eval.temperature > 0) add the sampling fields.
+GREEDY_FIELDS = ("repetition_penalty", "no_repeat_ngram_size", "num_beams", "length_penalty", "diversity_penalty",
+                 "encoder_repetition_penalty")
+SAMPLING_FIELDS = ("top_p", "top_k", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff")
 
 
-def model_fingerprint(model_path: str, apply_chat_template: bool) -> dict[str, Any]:
-    """What of the model itself shapes the measurement: the decoding fields of its generation config and,
-    when prompts go through it, its chat template (hashed)."""
+def model_fingerprint(model_path: str, apply_chat_template: bool, sampled: bool = False) -> dict[str, Any]:
+    """What of the model itself shapes the measurement: the fields of its generation config that act on this
+    decoding and, when prompts go through it, its chat template (hashed)."""
     import json
     from pathlib import Path
 
@@ -99,7 +102,8 @@ def model_fingerprint(model_path: str, apply_chat_template: bool) -> dict[str, A
     folder = Path(model_path)
     gen_file = folder / "generation_config.json"
     gen = json.loads(gen_file.read_text(encoding="utf-8")) if gen_file.is_file() else {}
-    out: dict[str, Any] = {"generation_config": {k: gen[k] for k in DECODING_FIELDS if k in gen}}
+    fields = GREEDY_FIELDS + (SAMPLING_FIELDS if sampled else ())
+    out: dict[str, Any] = {"generation_config": {k: gen[k] for k in fields if k in gen}}
     if apply_chat_template:
         template = None
         if (folder / "chat_template.jinja").is_file():

@@ -140,3 +140,28 @@ def test_an_answer_that_changed_between_repeats_is_named() -> None:
 
     assert changed_answers([rows("red", "blue"), rows("red", "blue")]) == []
     assert changed_answers([rows("red", "blue"), rows("red", "blue"), rows("red", "green")]) == ["facts/1"]
+
+
+def test_the_model_fingerprint_holds_what_acts_on_the_decoding_and_the_gate_names_it(tmp_path) -> None:
+    import json
+
+    from gauntlet.eval.protocol import model_fingerprint, task_differences
+
+    def folder(name: str, generation: dict, template: str) -> str:
+        path = tmp_path / name
+        path.mkdir()
+        (path / "generation_config.json").write_text(json.dumps(generation))
+        (path / "chat_template.jinja").write_text(template)
+        return str(path)
+
+    qwen_like = folder("a", {"do_sample": True, "temperature": 0.7, "top_p": 0.8, "transformers_version": "5"}, "T1")
+    llama_like = folder("b", {"temperature": 0.6, "transformers_version": "4"}, "T1")
+    repeating = folder("c", {"repetition_penalty": 1.1}, "T2")
+    # sampling fields do nothing under greedy decoding: two families compare
+    assert model_fingerprint(qwen_like, False) == model_fingerprint(llama_like, False)
+    assert model_fingerprint(qwen_like, False, sampled=True) != model_fingerprint(llama_like, False, sampled=True)
+    a = {"task_settings": {}, "model_fingerprint": model_fingerprint(llama_like, True)}
+    b = {"task_settings": {}, "model_fingerprint": model_fingerprint(repeating, True)}
+    diff = task_differences(a, b, "facts")
+    assert any(d.startswith("model_fingerprint.generation_config.repetition_penalty") for d in diff), diff
+    assert any(d.startswith("model_fingerprint.chat_template_sha") for d in diff), diff
