@@ -9,7 +9,7 @@ from pydantic import Field, ValidationInfo, field_validator
 from gauntlet.config.base import Strict, require_unique, resolve
 from gauntlet.config.data import DataSpec
 from gauntlet.config.eval import EvalSpec
-from gauntlet.config.model import REGISTRY_SCHEME, TRUST_REMOTE_CODE_REFUSED, check_source_scheme
+from gauntlet.config.model import REGISTRY_SCHEME, refuse_remote_code, check_source_scheme
 from gauntlet.config.notify import TrackingSpec
 from gauntlet.config.quantize import CalibrationSpec, QuantizeVariant
 
@@ -59,9 +59,7 @@ class LeaderboardCandidate(Strict):
     @field_validator("trust_remote_code")
     @classmethod
     def _no_remote_code(cls, v: bool) -> bool:
-        if v:
-            raise ValueError(TRUST_REMOTE_CODE_REFUSED)
-        return v
+        return refuse_remote_code(v)
 
     @field_validator("variants")
     @classmethod

@@ -21,6 +21,13 @@ TRUST_REMOTE_CODE_REFUSED = (
     "trust_remote_code: false")
 
 
+def refuse_remote_code(v: bool) -> bool:
+    """``trust_remote_code`` as every section takes it: false, or ValueError with the reason and the fix."""
+    if v:
+        raise ValueError(TRUST_REMOTE_CODE_REFUSED)
+    return v
+
+
 def check_source_scheme(v: str) -> None:
     """ValueError naming the accepted forms when ``v`` is neither a known scheme, a registry URI nor a path;
     hub ids and object-store URIs with ``..`` segments (path traversal) are refused."""
@@ -66,9 +73,7 @@ class ModelSpec(Strict):
     @field_validator("trust_remote_code")
     @classmethod
     def _no_remote_code(cls, v: bool) -> bool:
-        if v:
-            raise ValueError(TRUST_REMOTE_CODE_REFUSED)
-        return v
+        return refuse_remote_code(v)
 
     @field_validator("source")
     @classmethod
