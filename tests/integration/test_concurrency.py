@@ -172,3 +172,39 @@ def test_an_unreadable_receipt_is_a_logged_cache_miss(prefect_api, caplog) -> No
     assert (out / "computations.txt").read_text().count("\n") == 2
     assert json.loads(receipt.read_text())["result"]["value"] == value * 2
     assert "is unreadable" in caplog.text and "a cache miss, computing it again" in caplog.text
+
+
+def test_eight_evaluations_at_once_on_one_state_folder(tmp_path: Path) -> None:
+    """Eight `gauntlet eval` processes of one model on a fresh state folder: every one succeeds (MLflow's and
+    Prefect's stores set up once, the one stage key computed once and reused) and all report the same score."""
+    from gauntlet.demo.model import build_demo_model
+
+    model = build_demo_model("tiny-llama", out=tmp_path / "tiny-llama")
+    home = tmp_path / "home"
+    outputs = [tmp_path / f"report-{i}.json" for i in range(8)]
+    procs = [gauntlet("eval", str(model), "--task", "arc_challenge", "--fixtures", "--set", "limit=4",
+                      "--set", "speed_probe.enabled=false", "--output", str(out), home=home) for out in outputs]
+    answers = [(p.wait(timeout=900), p.stdout.read()) for p in procs]
+    failed = [out[-2000:] for rc, out in answers if rc != 0]
+    assert not failed, failed
+    scores = {json.loads(out.read_text())["task_results"][0]["value"] for out in outputs}
+    assert len(scores) == 1, scores
+
+
+def test_two_runs_of_one_config_at_once_train_once(tmp_path: Path, dvc_repo: Path) -> None:
+    """Two `gauntlet run` of the demo config started together on a fresh state folder (and one DVC repo): both
+    succeed, the second waits on the training stage's lock and takes its result, one version is registered."""
+    home = tmp_path / "home"
+    args = ("run", "configs/demo.yaml", "--set", f"data.repo={dvc_repo}", "--set", "quantize.variants=[]",
+            "--set", "gate.register_variants=[]",
+            "--set", "train.max_steps=20", "--set", "eval.speed_probe.enabled=false")
+    procs = [gauntlet(*args, home=home) for _ in range(2)]
+    answers = [(p.wait(timeout=900), p.stdout.read()) for p in procs]
+    assert all(rc == 0 for rc, _ in answers), [out[-3000:] for _, out in answers]
+    launches = sum(out.count("launching: ") for _, out in answers)
+    assert launches == 1, launches   # one `accelerate launch` of the trainer between them
+    assert len(list((home / "stages" / "train").iterdir())) == 1
+    from mlflow.tracking import MlflowClient
+
+    versions = MlflowClient(f"sqlite:///{home / 'mlflow.db'}").search_model_versions("name='gauntlet-demo'")
+    assert len(versions) == 1

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -130,8 +131,9 @@ def test_gauntlet_serve_schedules_and_runs_the_nightly_leaderboard(tmp_path: Pat
 
     from gauntlet.envs import QUANTIZE_ENV
     from gauntlet.leaderboard.board import Leaderboard
-    from tests.helpers import make_demo_dvc_repo, write_demo_config
+    from tests.helpers import make_demo_dvc_repo, project_workdir, write_demo_config
 
+    site = project_workdir("served-site")  # a config names only folders inside its project
     prefect_port, mlflow_port = free_port(), free_port()
     api, tracking = f"http://127.0.0.1:{prefect_port}/api", f"http://127.0.0.1:{mlflow_port}"
     home = tmp_path / "home"
@@ -148,7 +150,7 @@ def test_gauntlet_serve_schedules_and_runs_the_nightly_leaderboard(tmp_path: Pat
         demo = write_demo_config(tmp_path, lambda raw: raw["data"].update(repo=str(repo)), "demo.yaml")
         board_config = yaml.safe_load((REPO / "configs" / "leaderboard.yaml").read_text())
         board_config["data"]["repo"] = str(repo)
-        board_config["publish"] = {**board_config.get("publish", {}), "dir": str(tmp_path / "site")}
+        board_config["publish"] = {**board_config.get("publish", {}), "dir": str(site)}
         board_config["eval"]["speed_probe"] = {"prompts": 2, "max_new_tokens": 8}
         leaderboard_yaml = tmp_path / "leaderboard.yaml"
         leaderboard_yaml.write_text(yaml.safe_dump(board_config))
@@ -191,7 +193,7 @@ def test_gauntlet_serve_schedules_and_runs_the_nightly_leaderboard(tmp_path: Pat
         assert flow_run.state.is_completed() and flow_run.deployment_id == deployment.id
         assert {(a.key, a.type) for a in artifacts} >= {("leaderboard-nightly", "table"),
                                                        ("leaderboard-nightly-summary", "markdown")}
-        board = Leaderboard.model_validate_json((tmp_path / "site" / "leaderboard.json").read_text())
+        board = Leaderboard.model_validate_json((site / "leaderboard.json").read_text())
         rows = {(r.candidate, r.variant): r for r in board.rows}
         assert set(rows) == {(c, v) for c in ("tiny-llama-base", "demo-champion") for v in ("bf16", "gptq-int4")}
         assert all(r.status == "ranked" and r.average is not None for r in rows.values()), \
@@ -205,7 +207,7 @@ def test_gauntlet_serve_schedules_and_runs_the_nightly_leaderboard(tmp_path: Pat
         for name in ("tiny-llama-base", "demo-champion"):
             assert rows[name, "gptq-int4"].size_on_disk_gb < rows[name, "bf16"].size_on_disk_gb
             assert rows[name, "gptq-int4"].model_sha != rows[name, "bf16"].model_sha
-        assert (tmp_path / "site" / "leaderboard.html").stat().st_size > 5000
+        assert (site / "leaderboard.html").stat().st_size > 5000
 
         # What CI collects from a finished run: state, markdown artifacts, the MLflow JSON.
         collect = load_collector()
@@ -223,6 +225,7 @@ def test_gauntlet_serve_schedules_and_runs_the_nightly_leaderboard(tmp_path: Pat
         if serve.proc.poll() is None:
             serve.proc.send_signal(signal.SIGTERM)
         code = serve.proc.wait(120)
+        shutil.rmtree(site, ignore_errors=True)
     assert code == 0, serve.output
     for name in ("worker", "prefect-server", "mlflow"):
         assert f"stopped {name}" in serve.output
