@@ -25,7 +25,7 @@ from gauntlet.state import gauntlet_home
 log = logging.getLogger(__name__)
 AUDIT_FILE = "audit.jsonl"
 AUDIT_EXPERIMENT = "gauntlet-audit"
-ACTIONS = ("promote", "manual-promote", "rollback", "deploy", "deploy-promote", "deploy-stop", "gc")
+ACTIONS = ("register", "promote", "manual-promote", "rollback", "deploy", "deploy-promote", "deploy-stop", "gc")
 LOCK_TIMEOUT_S = 60.0
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from gauntlet.audit import record
 from gauntlet.config.gate import RegistrySpec
 from gauntlet.names import metric_key
 from gauntlet.refs import DatasetRef, EvalReport, ModelRef, QuantizedModel, RegisteredVersion, TrainedModel
@@ -88,6 +89,9 @@ def register_candidate(c, registry: RegistrySpec, run_id: str, model_dir: Path, 
             mv = c.create_model_version(name, source=source, run_id=run_id, tags=candidate_tags(lineage, report),
                                         description=f"candidate from flow run {lineage.get('prefect.flow_run_id')}")
             version, created = str(mv.version), True
+            record("register", f"{name} v{version}", f"candidate from flow run {lineage.get('prefect.flow_run_id')}",
+                   client=c, flow_run_id=lineage.get("prefect.flow_run_id"), model=name, version=version,
+                   model_sha=sha, data_md5=lineage.get("data.md5"))
         else:
             created = False
             for k, v in candidate_tags(lineage, report).items():

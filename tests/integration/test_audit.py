@@ -50,8 +50,11 @@ def test_every_change_is_recorded_and_printed(audit_home: Path, tmp_path: Path, 
 
     entries = read()
     assert [(e["action"], e["subject"]) for e in entries] == [
-        ("promote", f"{name} v{v1}"), ("promote", f"{name} v{v2}"), ("manual-promote", f"{name} v{v1}"),
+        ("register", f"{name} v{v1}"), ("promote", f"{name} v{v1}"), ("register", f"{name} v{v2}"),
+        ("promote", f"{name} v{v2}"), ("manual-promote", f"{name} v{v1}"),
         ("rollback", f"{name} v{v2}"), ("deploy", f"{name} v{v2}"), ("gc", "2 item(s), 0.0 MB")]
+    assert entries[0]["details"]["model_sha"] and entries[0]["reason"] == "candidate from flow run flow-run-test"
+    entries = [e for e in entries if e["action"] != "register"]
     manual = entries[2]
     assert manual["reason"].startswith("v2 answers in the wrong language") and manual["details"]["previous"] == v2
     assert entries[3]["reason"] == "back to the gated one" and entries[3]["details"]["previous"] == v1
@@ -65,7 +68,7 @@ def test_every_change_is_recorded_and_printed(audit_home: Path, tmp_path: Path, 
     exp = c.get_experiment_by_name(AUDIT_EXPERIMENT)
     runs = c.search_runs([exp.experiment_id], f"tags.`audit.subject` LIKE '{name}%'")
     assert sorted(r.data.tags["audit.action"] for r in runs) == sorted(
-        ["promote", "promote", "manual-promote", "rollback", "deploy"])
+        ["register", "register", "promote", "promote", "manual-promote", "rollback", "deploy"])
     rollback_run = next(r for r in runs if r.data.tags["audit.action"] == "rollback")
     assert rollback_run.data.tags["audit.reason"] == "back to the gated one"
 
@@ -76,7 +79,7 @@ def test_every_change_is_recorded_and_printed(audit_home: Path, tmp_path: Path, 
     assert [json.loads(line)["subject"] for line in lines] == [f"{name} v{v2}"]
     assert main(["audit", "--model", name]) == 0
     out = capsys.readouterr().out
-    assert out.count(f"| {name} v") == 5 and "gauntlet gc" not in out and "back to the gated one" in out
+    assert out.count(f"| {name} v") == 7 and "gauntlet gc" not in out and "back to the gated one" in out
     assert main(["audit", "--since", "1h", "--action", "gc"]) == 0
     assert "gauntlet gc --keep-days 7" in capsys.readouterr().out
     future = (datetime.now(timezone.utc) + timedelta(days=1)).date().isoformat()
