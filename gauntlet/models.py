@@ -205,14 +205,49 @@ def _from_hf(repo_id: str, revision: str | None) -> Path:
         log.warning("hf://%s has no pinned revision: results are not reproducible; pin one with @<sha>", repo_id)
     try:
         # snapshot_download resumes partial files and skips complete ones; the token is read from HF_TOKEN.
-        return Path(snapshot_download(repo_id=repo_id, revision=revision,
+        path = Path(snapshot_download(repo_id=repo_id, revision=revision,
                                       cache_dir=str(models_cache() / "hf"),
                                       allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.py"]))
+        expected = hub_file_hashes(repo_id, revision)
     except Exception as e:  # network, auth or missing repo: say which and what to check
         raise ModelDownloadError(
             f"could not download hf://{repo_id}@{revision or 'main'}: {type(e).__name__}: {e}. "
             "Check the repo id and revision, network access to the Hub, and HF_TOKEN for gated models."
         ) from e
+    wrong = hash_mismatches(path, expected)
+    if wrong:
+        raise ModelFetchError(
+            f"hf://{repo_id}@{revision or 'main'}: {wrong} do not match the sha256 the Hub publishes for them; the "
+            f"files on disk are corrupt or were changed. Delete {path} and fetch again; if it persists, do not use "
+            "this copy")
+    log.info("hf://%s: %d weight file(s) match the Hub's published sha256", repo_id, len(expected))
+    return path
+
+
+def hub_file_hashes(repo_id: str, revision: str | None) -> dict[str, str]:
+    """The sha256 the Hub publishes for each large (LFS) file of the repo at ``revision``: weights, mostly."""
+    from huggingface_hub import HfApi
+
+    info = HfApi().model_info(repo_id, revision=revision, files_metadata=True)
+    return {s.rfilename: s.lfs.sha256 for s in info.siblings or [] if getattr(s, "lfs", None) is not None}
+
+
+def hash_mismatches(folder: Path, expected: dict[str, str]) -> list[str]:
+    """The files under ``folder`` whose sha256 differs from ``expected`` (files not downloaded are skipped)."""
+    import hashlib
+
+    wrong = []
+    for name, sha in sorted(expected.items()):
+        f = Path(folder) / name
+        if not f.is_file():
+            continue  # outside allow_patterns: never used
+        h = hashlib.sha256()
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        if h.hexdigest() != sha:
+            wrong.append(name)
+    return wrong
 
 
 def _from_modelscope(model_id: str, revision: str | None) -> Path:
