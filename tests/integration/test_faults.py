@@ -52,3 +52,27 @@ def test_killed_during_evaluation_then_rerun(dvc_repo: Path, tmp_path: Path) -> 
         [c.get_experiment_by_name("gauntlet-demo").experiment_id]) if "mlflow.parentRunId" not in r.data.tags)
     assert statuses == ["FAILED", "FINISHED"], statuses
     assert not c.search_runs([c.get_experiment_by_name("gauntlet-demo").experiment_id], "attributes.status = 'RUNNING'")
+
+
+def test_a_training_past_its_time_limit_is_stopped_and_the_run_fails_naming_the_stage(dvc_repo: Path,
+                                                                                      tmp_path: Path) -> None:
+    """train.timeout_minutes: the trainer (its whole process group) is killed at the limit; the run exits
+    failed naming the stage and the setting, its MLflow run FAILED, no trainer left running, nothing registered."""
+    import sqlite3
+
+    home = tmp_path / "home"
+    proc = subprocess.run([sys.executable, "-m", "gauntlet.cli", "run", "configs/demo.yaml",
+                           "--set", f"data.repo={dvc_repo}", "--set", "quantize.variants=[]",
+                           "--set", "gate.register_variants=[]", "--set", "train.timeout_minutes=0.05"],
+                          env=cli_env(home), cwd=REPO, capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-3000:]
+    assert "train stage: stopped after train.timeout_minutes=0.05" in out, out[-3000:]
+    args_files = list((home / "stages" / "train").rglob("train_args.json"))
+    assert args_files   # it was launched ...
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert not [line for line in ps.splitlines() if str(args_files[0].parent) in line]   # ... and nothing of it runs
+    with sqlite3.connect(home / "mlflow.db") as db:
+        statuses = {row[0] for row in db.execute("SELECT status FROM runs WHERE name LIKE 'train%'")}
+        assert statuses == {"FAILED"}, statuses
+        assert db.execute("SELECT COUNT(*) FROM model_versions").fetchone()[0] == 0
