@@ -6,8 +6,11 @@ registry. Everything on 127.0.0.1; skipped, saying why, where nginx is not insta
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -196,5 +199,55 @@ def test_broken_canary_is_rolled_back_and_champion_restored(models, prefect_api,
         assert state.stable.version == v1 and state.canary is None and state.weights.canary == 0
         # the clients saw the canary's 500s only during its one step at 10%
         assert result.ok > 0 and result.failed <= result.sent * 0.3, (result.ok, result.failed)
+    finally:
+        stop_all(name)
+
+
+def test_a_canary_whose_server_dies_is_rolled_back_and_clients_barely_notice(models, prefect_api, load,
+                                                                            tmp_path) -> None:
+    """The canary's server is killed during its first step: the window ends early, the rollout rolls back on
+    its own (the probe gets no answer), and nginx sends the clients' requests on to stable."""
+    from gauntlet.deploy.rollout import load_state, stop_all
+    from gauntlet.deploy.servers import pid_alive
+
+    c = mlflow_client()
+    name = f"deploy-killed-{uuid.uuid4().hex[:6]}"
+    s = spec(steps=[(50, 20), (100, 6)])
+    killed: list[int] = []
+
+    def kill_the_canary() -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not killed:
+            state = load_state(name)
+            if state.canary is not None and pid_alive(state.canary.pid) and state.weights.canary > 0:
+                time.sleep(3)                     # let it take traffic first
+                os.kill(state.canary.pid, signal.SIGKILL)
+                killed.append(state.canary.pid)
+            time.sleep(0.5)
+
+    try:
+        v1 = register(c, name, models["a"])
+        run_flow(name, s, tmp_path)
+        v2 = register(c, name, models["b"])
+        finish = load(s.router_port, name)
+        killer = threading.Thread(target=kill_the_canary, daemon=True)
+        killer.start()
+        started = time.monotonic()
+        message = run_flow(name, s, tmp_path)
+        result = finish()
+        assert killed, "the canary never served"
+        assert message.startswith("rolled back"), message
+        from gauntlet.registry.store import history
+
+        reason = history(c, name)[-1].reason
+        assert "no answer from the canary" in reason, reason   # judged on the dead server, not by luck
+        assert time.monotonic() - started < 20 + 60   # the 20 s window ended early, not at its end
+        assert str(c.get_model_version_by_alias(name, "champion").version) == v1
+        assert str(c.get_model_version(name, v2).version) == v2   # still registered
+        state = load_state(name)
+        assert state.stable.version == v1 and state.canary is None
+        # requests that hit the dead canary were passed on to stable (proxy_next_upstream): few or none lost
+        assert result.ok > 10 and result.failed <= max(2, result.sent * 0.05), (result.ok, result.failed,
+                                                                               result.failures[:3])
     finally:
         stop_all(name)
