@@ -65,20 +65,33 @@ def lengths(rows: Iterable[dict]) -> dict[str, list[int]]:
     return {"prompt_chars": [len(p) for p, _ in pairs], "response_chars": [len(a) for _, a in pairs]}
 
 
-def psi(reference: Sequence[float], new: Sequence[float], bins: int = 10) -> float:
-    """Population stability index of ``new`` against ``reference``, over the reference's quantile bins
-    (empty bins smoothed by half a count)."""
+def quantile_edges(reference: Sequence[float], bins: int = 10) -> list[float]:
+    """Bin edges at the reference's quantiles (fewer when values repeat)."""
     ref = sorted(reference)
-    edges = sorted({ref[min(len(ref) - 1, int(len(ref) * q / bins))] for q in range(1, bins)})
+    return sorted({ref[min(len(ref) - 1, int(len(ref) * q / bins))] for q in range(1, bins)})
 
-    def shares(values: Sequence[float]) -> list[float]:
-        counts = [0] * (len(edges) + 1)
-        for v in values:
-            counts[bisect.bisect_right(edges, v)] += 1
-        return [(c + 0.5) / (len(values) + 0.5 * len(counts)) for c in counts]
+
+def bin_counts(values: Sequence[float], edges: Sequence[float]) -> list[int]:
+    counts = [0] * (len(edges) + 1)
+    for v in values:
+        counts[bisect.bisect_right(edges, v)] += 1
+    return counts
+
+
+def psi_counts(reference: Sequence[float], new: Sequence[float]) -> float:
+    """Population stability index of two histograms over the same bins (empty bins smoothed by half a count).
+    The one PSI of the project: data drift before training and served-prompt drift in a canary use it."""
+    def shares(counts: Sequence[float]) -> list[float]:
+        return [(c + 0.5) / (sum(counts) + 0.5 * len(counts)) for c in counts]
 
     a, b = shares(reference), shares(new)
     return math.fsum((q - p) * math.log(q / p) for p, q in zip(a, b))
+
+
+def psi(reference: Sequence[float], new: Sequence[float], bins: int = 10) -> float:
+    """PSI of ``new`` against ``reference``, over the reference's quantile bins."""
+    edges = quantile_edges(reference, bins)
+    return psi_counts(bin_counts(reference, edges), bin_counts(new, edges))
 
 
 def ks(reference: Sequence[float], new: Sequence[float]) -> float:

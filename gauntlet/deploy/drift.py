@@ -2,7 +2,7 @@
 
 Two views of a prompt: its length in words (ten bins cut at the reference's deciles) and its words (the
 reference's most common words, each a bin, plus one bin for every other word). PSI = sum over bins of
-(served - reference) * ln(served / reference), with empty bins given a small share; 0.1 is a small shift,
+(served - reference) * ln(served / reference), empty bins smoothed by half a count (gauntlet.data.drift); 0.1 is a small shift,
 0.25 a large one. The reported drift is the larger of the two. PSI is biased upward on small samples (32
 prompts over 51 word bins reach 0.3 by chance), so each measurement carries its noise floor: the PSI that as
 many prompts drawn from the training data itself reach (99th percentile); an alarm needs both.
@@ -11,15 +11,15 @@ many prompts drawn from the training data itself reach (99th percentile); an ala
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections import Counter
 from pathlib import Path
 
 from pydantic import BaseModel
 
+from gauntlet.data.drift import bin_counts, psi_counts, quantile_edges
+
 WORD = re.compile(r"[a-z0-9]+")
-EPSILON = 1e-4
 
 
 class Drift(BaseModel):
@@ -33,28 +33,6 @@ class Drift(BaseModel):
 
 def words(text: str) -> list[str]:
     return WORD.findall(text.lower())
-
-
-def psi(reference: list[float], served: list[float]) -> float:
-    """PSI of two distributions over the same bins (each given as counts or shares)."""
-    rt, st = sum(reference) or 1.0, sum(served) or 1.0
-    total = 0.0
-    for r, s in zip(reference, served):
-        r, s = max(r / rt, EPSILON), max(s / st, EPSILON)
-        total += (s - r) * math.log(s / r)
-    return total
-
-
-def length_bins(reference_lengths: list[int], bins: int = 10) -> list[float]:
-    ordered = sorted(reference_lengths)
-    return sorted({ordered[min(len(ordered) - 1, int(len(ordered) * q / bins))] for q in range(1, bins)})
-
-
-def histogram(values: list[int], edges: list[float]) -> list[int]:
-    counts = [0] * (len(edges) + 1)
-    for v in values:
-        counts[sum(1 for e in edges if v >= e)] += 1
-    return counts
 
 
 def vocab_counts(prompts: list[list[str]], vocabulary: list[str]) -> list[int]:
@@ -71,13 +49,13 @@ def noise_floor(ref_words: list[list[str]], n: int, edges: list[float], vocabula
     import random
 
     rng = random.Random(seed)
-    ref_length = histogram([len(w) for w in ref_words], edges)
+    ref_length = bin_counts([len(w) for w in ref_words], edges)
     ref_vocab = vocab_counts(ref_words, vocabulary)
     values = []
     for _ in range(draws):
         sample = [rng.choice(ref_words) for _ in range(n)]
-        values.append(max(psi(ref_length, histogram([len(w) for w in sample], edges)),
-                          psi(ref_vocab, vocab_counts(sample, vocabulary))))
+        values.append(max(psi_counts(ref_length, bin_counts([len(w) for w in sample], edges)),
+                          psi_counts(ref_vocab, vocab_counts(sample, vocabulary))))
     values.sort()
     return values[min(draws - 1, int(quantile * draws))]
 
@@ -85,10 +63,10 @@ def noise_floor(ref_words: list[list[str]], n: int, edges: list[float], vocabula
 def drift(reference_prompts: list[str], served_prompts: list[str], top_words: int = 50) -> Drift:
     ref_words = [words(p) for p in reference_prompts]
     served_words = [words(p) for p in served_prompts]
-    edges = length_bins([len(w) for w in ref_words])
-    psi_length = psi(histogram([len(w) for w in ref_words], edges), histogram([len(w) for w in served_words], edges))
+    edges = quantile_edges([len(w) for w in ref_words])
+    psi_length = psi_counts(bin_counts([len(w) for w in ref_words], edges), bin_counts([len(w) for w in served_words], edges))
     vocabulary = [w for w, _ in Counter(w for ws in ref_words for w in ws).most_common(top_words)]
-    psi_vocabulary = psi(vocab_counts(ref_words, vocabulary), vocab_counts(served_words, vocabulary))
+    psi_vocabulary = psi_counts(vocab_counts(ref_words, vocabulary), vocab_counts(served_words, vocabulary))
     floor = noise_floor(ref_words, len(served_words), edges, vocabulary) if served_words and ref_words else 0.0
     return Drift(psi=round(max(psi_length, psi_vocabulary), 4), psi_length=round(psi_length, 4),
                  psi_vocabulary=round(psi_vocabulary, 4), served=len(served_prompts), reference=len(reference_prompts),
