@@ -54,6 +54,10 @@ class EvalSpec(Strict):
     tensor_parallel_size: int = Field(1, gt=0, description="vllm backend: GPUs one model is split across")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vllm backend: share of GPU memory it may take")
     max_model_len: int | None = Field(None, gt=0, description="vllm backend: context length (None: the model's)")
+    # exclude: a time limit changes no result, so it is no part of the protocol or the cache key
+    timeout_minutes: float | None = Field(None, gt=0, exclude=True,
+                                          description="stop a task's scoring of one model (all its repeats) past "
+                                                      "this; checked before each batch the model runs")
     judge: JudgeSpec | None = Field(None, description="pairwise LLM judge of the candidate against the champion "
                                                       "(or the base): win rate, gated by gate.min_win_rate")
 

@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 # Stderr of mean-aggregated metrics (acc, exact_match) is closed-form; other aggregations bootstrap.
 BOOTSTRAP_ITERS = 1000
 GPU_EXTRA_HINT = "install the GPU extra (pip install 'llm-gauntlet[gpu]') or set eval.backend: hf"
-__all__ = ["EvalError", "Engine", "engine_for", "run_task"]   # EvalError: where callers have always found it
+__all__ = ["EvalError", "EvalTimeout", "Engine", "engine_for", "run_task"]   # EvalError: where callers have always found it
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,6 +204,52 @@ def engine_for(spec: Any, model: ModelRef) -> Iterator[Engine]:
 
 
 # ---------------------------------------------------------------------------------------------
+# time limit
+# ---------------------------------------------------------------------------------------------
+
+# Where lm-eval's backends run the model: every batch of the hf backend (log-likelihood and generation) and
+# of vLLM goes through one of these.
+MODEL_CALLS = ("_model_call", "_model_generate")
+
+
+class EvalTimeout(EvalError):
+    """A task's scoring ran past ``eval.timeout_minutes``."""
+
+
+@contextlib.contextmanager
+def time_limit(lm: Any, seconds: float | None, what: str) -> Iterator[None]:
+    """Raise :class:`EvalTimeout`, saying ``what`` stopped, at the first model batch that starts more than
+    ``seconds`` after entering (None: no limit).
+
+    The evaluation runs in this process, so there is nothing to kill: the limit is checked before each batch
+    the model runs, which stops a long or stuck evaluation within one batch of the limit. A single model
+    call that never returns is not interrupted (see docs/reliability.md).
+    """
+    if seconds is None:
+        yield
+        return
+    started = time.monotonic()
+    wrapped = []
+    for name in MODEL_CALLS:
+        method = getattr(lm, name, None)
+        if method is None or name in vars(lm):
+            continue
+
+        def checked(*args, _method=method, **kwargs):
+            if time.monotonic() - started > seconds:
+                raise EvalTimeout(f"{what} (stopped {time.monotonic() - started:.1f}s in, before its next "
+                                  f"model batch)")
+            return _method(*args, **kwargs)
+        setattr(lm, name, checked)   # on the instance: removing it brings back the class's method
+        wrapped.append(name)
+    try:
+        yield
+    finally:
+        for name in wrapped:
+            vars(lm).pop(name, None)
+
+
+# ---------------------------------------------------------------------------------------------
 # one task
 # ---------------------------------------------------------------------------------------------
 
@@ -250,24 +296,27 @@ def run_task(spec: Any, plan: EvalTaskPlan, engine: Engine, eval_data_path: str 
                  plan.source, "task's own" if plan.num_fewshot is None else plan.num_fewshot, plan.limit,
                  gen_kwargs or "task's own", f", {len(seeds)} repeats" if len(seeds) > 1 else "")
         t0 = time.perf_counter()
+        limit = getattr(spec, "timeout_minutes", None)
+        stopped = f"score stage ({plan.name}): stopped after eval.timeout_minutes={limit:g}" if limit else ""
         for seed in seeds:
             try:
-                results = lm_eval.simple_evaluate(
-                    model=lm,
-                    tasks=[plan.engine_task],
-                    num_fewshot=plan.num_fewshot,
-                    limit=plan.limit,
-                    bootstrap_iters=BOOTSTRAP_ITERS,
-                    log_samples=True,
-                    apply_chat_template=spec.apply_chat_template,
-                    fewshot_as_multiturn=spec.apply_chat_template,
-                    gen_kwargs=dict(gen_kwargs) if gen_kwargs else None,
-                    task_manager=manager,
-                    random_seed=seed,
-                    numpy_random_seed=seed,
-                    torch_random_seed=seed,
-                    fewshot_random_seed=spec.fewshot_seed,
-                )
+                with time_limit(lm, limit * 60 - (time.perf_counter() - t0) if limit else None, stopped):
+                    results = lm_eval.simple_evaluate(
+                        model=lm,
+                        tasks=[plan.engine_task],
+                        num_fewshot=plan.num_fewshot,
+                        limit=plan.limit,
+                        bootstrap_iters=BOOTSTRAP_ITERS,
+                        log_samples=True,
+                        apply_chat_template=spec.apply_chat_template,
+                        fewshot_as_multiturn=spec.apply_chat_template,
+                        gen_kwargs=dict(gen_kwargs) if gen_kwargs else None,
+                        task_manager=manager,
+                        random_seed=seed,
+                        numpy_random_seed=seed,
+                        torch_random_seed=seed,
+                        fewshot_random_seed=spec.fewshot_seed,
+                    )
             except EvalError:
                 raise
             except KeyError as e:

@@ -76,3 +76,36 @@ def test_a_training_past_its_time_limit_is_stopped_and_the_run_fails_naming_the_
         statuses = {row[0] for row in db.execute("SELECT status FROM runs WHERE name LIKE 'train%'")}
         assert statuses == {"FAILED"}, statuses
         assert db.execute("SELECT COUNT(*) FROM model_versions").fetchone()[0] == 0
+
+
+def test_an_evaluation_past_its_time_limit_is_stopped_naming_the_stage(tmp_path: Path) -> None:
+    """eval.timeout_minutes: the scoring stops at the first model batch past the limit; `gauntlet eval` exits
+    failed naming the stage and the setting, the score stage's MLflow run is FAILED. The same evaluation
+    with a limit it fits in passes (the limit changes nothing else: no part of the key)."""
+    import json
+    import sqlite3
+
+    from gauntlet.demo.model import build_demo_model
+
+    model = build_demo_model("tiny-llama", out=tmp_path / "tiny-llama")
+    home = tmp_path / "home"
+
+    def evaluate(minutes: float) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "gauntlet.cli", "eval", str(model), "--task", "arc_challenge",
+                               "--fixtures", "--set", "limit=8", "--set", "batch_size=1",
+                               "--set", "speed_probe.enabled=false", "--set", f"timeout_minutes={minutes}",
+                               "--output", str(tmp_path / "report.json")],
+                              env=cli_env(home), cwd=REPO, capture_output=True, text=True, timeout=600)
+
+    stopped = evaluate(0.0001)         # 6 ms: past it before the second of 32 model batches
+    out = stopped.stdout + stopped.stderr
+    assert stopped.returncode != 0, out[-3000:]
+    assert "score stage (arc_challenge): stopped after eval.timeout_minutes=0.0001" in out, out[-3000:]
+    assert not (tmp_path / "report.json").exists()
+    with sqlite3.connect(home / "mlflow.db") as db:
+        statuses = {row[0] for row in db.execute("SELECT status FROM runs WHERE name LIKE 'score%'")}
+    assert statuses == {"FAILED"}, statuses
+
+    fits = evaluate(10)
+    assert fits.returncode == 0, (fits.stdout + fits.stderr)[-3000:]
+    assert json.loads((tmp_path / "report.json").read_text())["task_results"][0]["task"] == "arc_challenge"
