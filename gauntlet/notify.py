@@ -1,7 +1,8 @@
 """Notifications: a Slack-compatible (or DingTalk/Feishu) JSON message to each configured webhook.
 
-Sent on a promotion, on a failed gate (``notify_outcome``, after ``promote``) and on a failed run (the
-flow's ``on_failure``/``on_crashed`` hook, :func:`notify_failed_run`). The message names the model, the
+Sent on a promotion, on a failed gate (``notify_outcome``, after ``promote``), on a failed run (the
+flow's ``on_failure``/``on_crashed`` hook, :func:`notify_failed_run`) and on a canary rolled back in serving
+(``rolled_back``, the deploy flow's ``roll_back`` stage). The message names the model, the
 verdict, the three biggest score deltas and links to the MLflow run and the Prefect flow run.
 
 Webhook URLs are secrets: they come from an environment variable or a Prefect Secret block (read by the
@@ -29,7 +30,7 @@ from gauntlet.secrets import redact_uri
 from gauntlet.tracking import RunContext, client
 
 log = logging.getLogger(__name__)
-Event = Literal["promoted", "gate_failed", "run_failed"]
+Event = Literal["promoted", "gate_failed", "run_failed", "rolled_back"]
 
 
 class ScoreDelta(BaseModel):
@@ -59,8 +60,9 @@ class Notice(BaseModel):
 
     @property
     def title(self) -> str:
-        icon = {"promoted": "✅", "gate_failed": "⛔", "run_failed": "❌"}[self.event]
-        label = {"promoted": "promoted", "gate_failed": "gate FAILED", "run_failed": "run FAILED"}[self.event]
+        icon = {"promoted": "✅", "gate_failed": "⛔", "run_failed": "❌", "rolled_back": "↩️"}[self.event]
+        label = {"promoted": "promoted", "gate_failed": "gate FAILED", "run_failed": "run FAILED",
+                 "rolled_back": "canary ROLLED BACK"}[self.event]
         return f"{icon} Gauntlet: {self.model_name}" + (f" v{self.version}" if self.version else "") + f" — {label}"
 
     def lines(self, link) -> list[str]:

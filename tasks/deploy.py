@@ -117,7 +117,7 @@ def roll_back(state: rollout.DeployState, outcome: StepOutcome, notify: NotifySp
         message = f"@champion is v{champion}, not the canary: left alone"
     stage.log.warning(message)
     stage.tag("deploy.rollback", message[:4000])
-    notice = Notice(event="gate_failed", model_name=state.model, version=canary,
+    notice = Notice(event="rolled_back", model_name=state.model, version=canary,
                     verdict=f"rolled back in serving: v{canary} → v{stable}; {message}",
                     reasons=outcome.verdict.reasons, mlflow_run_id=stage.flow.parent_run_id,
                     flow_run_id=str(stage.flow.flow_run_id))

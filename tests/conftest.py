@@ -6,8 +6,10 @@ because both read their settings on import.
 
 from __future__ import annotations
 
+import http.server
 import os
 import tempfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -30,6 +32,26 @@ def prefect_api():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture
+def webhook():
+    """A local webhook that records every request's path and body."""
+    received: list[tuple[str, bytes]] = []
+
+    class Hook(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            received.append((self.path, self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server.server_address[1], received
+    server.shutdown()
 
 
 @pytest.fixture(scope="session")

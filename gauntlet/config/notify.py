@@ -9,7 +9,7 @@ from pydantic import Field, model_validator
 from gauntlet.config.base import Strict
 
 
-NOTIFY_EVENTS = ("promoted", "gate_failed", "run_failed")
+NOTIFY_EVENTS = ("promoted", "gate_failed", "run_failed", "rolled_back")
 
 
 class WebhookSpec(Strict):
@@ -19,7 +19,7 @@ class WebhookSpec(Strict):
     url_env: str | None = Field(None, description="name of the environment variable holding the URL")
     secret_block: str | None = Field(None, description="name of a Prefect Secret block holding the URL")
     format: Literal["slack", "dingtalk", "feishu"] = "slack"
-    events: list[Literal["promoted", "gate_failed", "run_failed"]] = list(NOTIFY_EVENTS)
+    events: list[Literal["promoted", "gate_failed", "run_failed", "rolled_back"]] = list(NOTIFY_EVENTS)
 
     @model_validator(mode="after")
     def _one_source(self) -> "WebhookSpec":

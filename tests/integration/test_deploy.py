@@ -76,12 +76,13 @@ def spec(**steps) -> DeploySpec:
     return DeploySpec(router_port=base, stable_port=base + 1, canary_port=base + 2, start_timeout_s=120,
                       steps=[CanaryStep(weight=w, watch_s=s) for w, s in steps.get("steps", [(10, 6), (50, 6),
                                                                                               (100, 6)])],
-                      thresholds=Thresholds(min_requests=3, max_p95_ratio=None, min_tokens_per_s_ratio=None,
-                                            **steps.get("thresholds", {})))
+                      thresholds=Thresholds(**{"min_requests": 3, "max_p95_ratio": None,
+                                               "min_tokens_per_s_ratio": None, **steps.get("thresholds", {})}))
 
 
-def run_flow(name: str, deploy_spec: DeploySpec, tmp_path: Path):
-    """The deploy flow on ``name``'s champion, with ``deploy_spec`` as the deploy: section of a demo config."""
+def run_flow(name: str, deploy_spec: DeploySpec, tmp_path: Path, webhook_env: str | None = None):
+    """The deploy flow on ``name``'s champion, with ``deploy_spec`` as the deploy: section of a demo config
+    (and a webhook, its URL in ``$webhook_env``, subscribed to the default events)."""
     from gauntlet.flows.deploy import deploy
     from tests.helpers import write_demo_config
 
@@ -89,6 +90,8 @@ def run_flow(name: str, deploy_spec: DeploySpec, tmp_path: Path):
         raw["deploy"] = deploy_spec.model_dump(mode="json", exclude={"kserve"})
         raw["deploy"]["probe"] = {"file": str(REPO / "data" / "demo" / "eval.jsonl"),
                                   "limit": 3, "max_tokens": 4}
+        if webhook_env:
+            raw["notify"] = {"webhooks": [{"url_env": webhook_env}]}
     return deploy(model=name, config=str(write_demo_config(tmp_path, mutate)))
 
 
@@ -176,19 +179,22 @@ def test_healthy_canary_goes_10_50_100_without_a_failed_request(models, prefect_
         stop_all(name)
 
 
-def test_broken_canary_is_rolled_back_and_champion_restored(models, prefect_api, load, tmp_path) -> None:
+def test_broken_canary_is_rolled_back_and_champion_restored(models, prefect_api, load, webhook, monkeypatch,
+                                                            tmp_path) -> None:
     from gauntlet.deploy.rollout import load_state, stop_all
     from gauntlet.registry.store import history
 
     c = mlflow_client()
     name = f"deploy-bad-{uuid.uuid4().hex[:6]}"
     s = spec()
+    hook_port, received = webhook
+    monkeypatch.setenv("GAUNTLET_TEST_DEPLOY_HOOK", f"http://127.0.0.1:{hook_port}/deploy")
     try:
         v1 = register(c, name, models["a"])
-        run_flow(name, s, tmp_path)
+        run_flow(name, s, tmp_path, "GAUNTLET_TEST_DEPLOY_HOOK")
         v2 = register(c, name, models["broken"])
         finish = load(s.router_port, name)
-        message = run_flow(name, s, tmp_path)
+        message = run_flow(name, s, tmp_path, "GAUNTLET_TEST_DEPLOY_HOOK")
         result = finish()
         assert message.startswith("rolled back"), message
         assert str(c.get_model_version_by_alias(name, "champion").version) == v1
@@ -199,6 +205,11 @@ def test_broken_canary_is_rolled_back_and_champion_restored(models, prefect_api,
         assert state.stable.version == v1 and state.canary is None and state.weights.canary == 0
         # the clients saw the canary's 500s only during its one step at 10%
         assert result.ok > 0 and result.failed <= result.sent * 0.3, (result.ok, result.failed)
+        # the webhook (default events) got one message: the rollback, naming the versions and the breach
+        (path, body), = received
+        text = json.loads(body)["text"]
+        assert path == "/deploy" and "canary ROLLED BACK" in text and f"v{v2} → v{v1}" in text, text
+        assert "error rate" in json.dumps(json.loads(body)["blocks"]), body
     finally:
         stop_all(name)
 

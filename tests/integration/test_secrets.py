@@ -7,13 +7,11 @@ file in the state folder and the server's folder."""
 
 from __future__ import annotations
 
-import http.server
 import json
 import os
 import sqlite3
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -61,26 +59,6 @@ def mlflow_server(tmp_path: Path):
     yield port, folder
     os.killpg(proc.pid, 15)
     proc.wait(timeout=30)
-
-
-@pytest.fixture
-def webhook():
-    """A local webhook that records every request's path and body."""
-    received: list[tuple[str, bytes]] = []
-
-    class Hook(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):
-            received.append((self.path, self.rfile.read(int(self.headers["Content-Length"]))))
-            self.send_response(200)
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hook)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield server.server_address[1], received
-    server.shutdown()
 
 
 def test_no_planted_secret_is_logged_saved_or_posted(dvc_repo: Path, tmp_path: Path, mlflow_server, webhook) -> None:

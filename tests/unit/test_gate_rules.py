@@ -120,5 +120,5 @@ def test_webhook_urls_cannot_be_written_into_the_config() -> None:
     assert "exactly one of url_env" in by_path["notify.webhooks.1"].message
     assert ">= 0" in by_path["gate.max_regression_by_task"].message
     spec = load_spec(demo, ["notify.webhooks=[{secret_block: team-slack}]", "gate.ceilings.peak_memory_gb=2"])
-    assert spec.notify.webhooks[0].events == ["promoted", "gate_failed", "run_failed"]
+    assert spec.notify.webhooks[0].events == ["promoted", "gate_failed", "run_failed", "rolled_back"]
     assert spec.gate.ceilings.peak_memory_gb == 2
