@@ -71,6 +71,25 @@ def models(tmp_path_factory) -> dict[str, Path]:
     return {"a": good, "b": other, "broken": broken}
 
 
+@pytest.fixture(scope="module")
+def slow_model(models, tmp_path_factory) -> Path:
+    """The tiny model's tokenizer on a much wider and deeper Llama (512 wide, 8 layers, about 25M parameters
+    against 0.5M): the same answers' shape, each about 20x slower on the CPU."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("deploy-models") / "v-slow"
+    shutil.copytree(models["a"], out)
+    for weights in out.glob("*.safetensors"):
+        weights.unlink()
+    config = LlamaConfig.from_pretrained(models["a"])
+    config.update({"hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 8,
+                   "num_attention_heads": 8, "num_key_value_heads": 8})
+    torch.manual_seed(2)
+    LlamaForCausalLM(config).save_pretrained(out)
+    return out
+
+
 def spec(**steps) -> DeploySpec:
     base = 8700 + uuid.uuid4().int % 200 * 3
     return DeploySpec(router_port=base, stable_port=base + 1, canary_port=base + 2, start_timeout_s=120,
@@ -210,6 +229,41 @@ def test_broken_canary_is_rolled_back_and_champion_restored(models, prefect_api,
         text = json.loads(body)["text"]
         assert path == "/deploy" and "canary ROLLED BACK" in text and f"v{v2} → v{v1}" in text, text
         assert "error rate" in json.dumps(json.loads(body)["blocks"]), body
+    finally:
+        stop_all(name)
+
+
+def test_slow_canary_is_rolled_back_on_its_p95(models, slow_model, prefect_api, load, tmp_path) -> None:
+    """A canary that answers, right-shaped and without errors, but about 20x slower than stable: its p95 at
+    the router breaches max_p95_ratio (3x stable's in the same window) and it is rolled back."""
+    from gauntlet.deploy.rollout import load_state, stop_all
+    from gauntlet.registry.store import history
+
+    c = mlflow_client()
+    name = f"deploy-slow-{uuid.uuid4().hex[:6]}"
+    s = spec(steps=[(50, 10), (100, 6)], thresholds={"max_p95_ratio": 3.0})
+    try:
+        v1 = register(c, name, models["a"])
+        run_flow(name, s, tmp_path)
+        v2 = register(c, name, slow_model)
+        finish = load(s.router_port, name)
+        message = run_flow(name, s, tmp_path)
+        result = finish()
+        assert message.startswith("rolled back"), message
+        (report,) = step_reports(c)                      # judged, and rolled back, at its first step
+        canary, stable = report["canary"], report["stable"]
+        print(f"p95 canary {canary['p95_s']} s ({canary['requests']} requests), stable {stable['p95_s']} s "
+              f"({stable['requests']})")
+        assert canary["requests"] >= 3 and canary["errors"] == 0, canary
+        assert canary["p95_s"] > 3.0 * stable["p95_s"], (canary, stable)
+        last = history(c, name)[-1]
+        assert last.action == "rollback" and f"canary v{v2}" in last.reason and "p95 latency" in last.reason, \
+            last.reason
+        assert str(c.get_model_version_by_alias(name, "champion").version) == v1
+        assert str(c.get_model_version(name, v2).version) == v2           # still registered
+        state = load_state(name)
+        assert state.stable.version == v1 and state.canary is None and state.weights.canary == 0
+        assert result.failed == 0, result.failures[:3]                   # slow, never failed
     finally:
         stop_all(name)
 
