@@ -27,7 +27,7 @@ from gauntlet.project import project_root
 from gauntlet.state import configure_environment, default_tracking_uri
 
 PREFECT_FILE = "deployments/prefect.yaml"
-DEPLOYMENTS = ("leaderboard/nightly", "finetune/manual", "finetune/ci")
+DEPLOYMENTS = ("leaderboard/nightly", "finetune/manual", "finetune/ci", "deploy/deploy")
 
 
 class ServeError(RuntimeError):

@@ -13,7 +13,7 @@ from gauntlet.registry.promotion import promote_if_passing
 from gauntlet.registry.reports import version_report
 from gauntlet.registry.store import champion_of
 from gauntlet.tasks._stage import StageRun, stage
-from gauntlet.tasks.register import emit_champion_moved
+from gauntlet.tasks.events import emit_champion_moved
 
 
 def record_decision(stage: StageRun, model_name: str, decision: GateDecision, name: str = "gate_decision") -> str:

@@ -25,16 +25,3 @@ def register_challenger(registry: RegistrySpec, trained: TrainedModel, report: E
                    f"{registry.model_name} v{candidate.version} (source {candidate.source})")
     return candidate
 
-
-CHAMPION_MOVED = "gauntlet.champion.moved"
-
-
-def emit_champion_moved(model_name: str, version: str, previous: str | None, action: str, reason: str = "") -> None:
-    """The Prefect event a move of ``@champion`` sends: the ``deploy`` deployment's trigger
-    (deployments/prefect.yaml) starts the deploy flow on it, with ``models:/NAME/VERSION``."""
-    from prefect.events import emit_event
-
-    emit_event(event=CHAMPION_MOVED,
-               resource={"prefect.resource.id": f"gauntlet.model.{model_name}", "gauntlet.model.name": model_name},
-               payload={"model": model_name, "version": str(version), "previous": previous, "action": action,
-                        "uri": f"models:/{model_name}/{version}", "reason": reason})

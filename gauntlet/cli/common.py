@@ -88,3 +88,21 @@ def registry_errors(action):
     except RegistryError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_FAILED
+
+
+
+def announce_champion_moved(model_name: str, event) -> None:
+    """``@champion`` moved by hand (``event``, the registry's ChampionEvent): the ``gauntlet.champion.moved``
+    Prefect event a gated promotion sends too, so the ``deploy`` deployment's trigger serves the new champion.
+    Only to a Prefect server (``PREFECT_API_URL``): without one, Prefect would start a local API just to drop it."""
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():
+        print(f"no Prefect server (PREFECT_API_URL unset), so no deploy was triggered; "
+              f"`gauntlet deploy {model_name}` serves the champion by hand")
+        return
+    from gauntlet.tasks.events import emit_champion_moved
+
+    sent = emit_champion_moved(model_name, event.version, event.previous, event.action, event.reason, wait_s=30)
+    print("sent gauntlet.champion.moved: the deploy deployment's trigger serves it" if sent
+          else "gauntlet.champion.moved not sent: Prefect emits no events here")

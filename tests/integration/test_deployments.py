@@ -232,3 +232,89 @@ def test_gauntlet_serve_schedules_and_runs_the_nightly_leaderboard(tmp_path: Pat
     assert not port_open(prefect_port) and not port_open(mlflow_port)
     for pid in re.findall(r"started \S+ \(pid (\d+)", serve.output):
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+
+
+@pytest.mark.skipif(shutil.which("nginx") is None and not Path("/usr/sbin/nginx").is_file(),
+                    reason="nginx is not installed (apt-get install nginx)")
+def test_a_promotion_by_hand_starts_the_deploy_deployment_through_its_event_trigger(tmp_path: Path) -> None:
+    """`gauntlet promote` against a served Prefect sends gauntlet.champion.moved; the server's triggers service
+    matches the deploy deployment's trigger (deployments/prefect.yaml), which creates a flow run with the
+    promoted models:/NAME/VERSION; the worker runs it and the version serves behind nginx."""
+    from mlflow.tracking import MlflowClient
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import DeploymentUpdate
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from gauntlet.config.deploy import DeploySpec
+    from gauntlet.demo.model import build_demo_model
+    from gauntlet.deploy.servers import chat
+    from gauntlet.registry.mlflow_model import log_model_version
+    from tests.helpers import write_demo_config
+
+    prefect_port, mlflow_port = free_port(), free_port()
+    api, tracking = f"http://127.0.0.1:{prefect_port}/api", f"http://127.0.0.1:{mlflow_port}"
+    home = tmp_path / "home"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    env.update({"GAUNTLET_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                "PREFECT_SERVER_SERVICES_TRIGGERS_ENABLED": "true",   # the default, said out loud: it is tested
+                "PREFECT_WORKER_QUERY_SECONDS": "2"})
+    started = time.monotonic()
+    serve = ServeProcess(["--prefect-port", str(prefect_port), "--mlflow-port", str(mlflow_port)], env)
+    name = f"trigger-{os.getpid()}-{int(time.time()) % 100000}"
+    client_env = {**env, "PREFECT_API_URL": api, "MLFLOW_TRACKING_URI": tracking, "PREFECT_HOME": str(home / "prefect")}
+    try:
+        model = build_demo_model("tiny-llama", out=tmp_path / "model", seed=0)
+        base = 8600 + os.getpid() % 30 * 3      # not the other deploy tests' 8700-8899
+        deploy_spec = DeploySpec(router_port=base, stable_port=base + 1, canary_port=base + 2, start_timeout_s=120)
+        config = write_demo_config(tmp_path, lambda raw: raw.update(
+            deploy=deploy_spec.model_dump(mode="json", exclude={"kserve"})))
+        serve.wait_for("READY", timeout=400)
+        print(f"served in {time.monotonic() - started:.0f} s")
+
+        mlflow = MlflowClient(tracking)
+        run = mlflow.create_run(mlflow.create_experiment("trigger-test"), run_name="register")
+        source = log_model_version(mlflow, run.info.run_id, model, f"# {name}\n")
+        mlflow.set_terminated(run.info.run_id, "FINISHED")
+        mlflow.create_registered_model(name)
+        version = mlflow.create_model_version(name, source=source, run_id=run.info.run_id).version
+        with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
+            deployment = client.read_deployment_by_name("deploy/deploy")
+            # the operator's settings for this machine: the deployment's config parameter (ports of its own)
+            client.update_deployment(deployment.id, DeploymentUpdate(parameters={
+                "model": "gauntlet-demo", "config": str(config)}))
+            assert not client.read_flow_runs(deployment_filter=DeploymentFilter(
+                id=DeploymentFilterId(any_=[deployment.id])))
+
+        promoted = subprocess.run([sys.executable, "-m", "gauntlet.cli", "promote", name, str(version), "--reason",
+                                   "first champion"], cwd=REPO, env=client_env, capture_output=True, text=True,
+                                  timeout=180)
+        assert promoted.returncode == 0 and "sent gauntlet.champion.moved" in promoted.stdout, \
+            promoted.stdout + promoted.stderr
+
+        with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
+            deadline, runs = time.monotonic() + 60, []
+            while not runs and time.monotonic() < deadline:     # the trigger's flow run
+                runs = client.read_flow_runs(deployment_filter=DeploymentFilter(
+                    id=DeploymentFilterId(any_=[deployment.id])))
+                time.sleep(1)
+            assert len(runs) == 1, f"the trigger started {len(runs)} flow runs"
+            print(f"flow run created at {time.monotonic() - started:.0f} s")
+            (flow_run,) = runs
+            assert flow_run.parameters == {"model": f"models:/{name}/{version}", "config": str(config)}
+            assert flow_run.created_by is not None and flow_run.created_by.type == "AUTOMATION", flow_run.created_by
+            deadline = time.monotonic() + 240
+            while not flow_run.state.is_final() and time.monotonic() < deadline:
+                time.sleep(2)
+                flow_run = client.read_flow_run(flow_run.id)
+            assert flow_run.state.is_completed(), (flow_run.state, serve.output[-3000:])
+            print(f"flow run completed at {time.monotonic() - started:.0f} s")
+        # the promoted version serves behind nginx, started by the triggered run
+        answer = chat(f"http://127.0.0.1:{base}", name, "What colour is the sky?", 3)
+        assert answer["choices"][0]["message"]["role"] == "assistant"
+    finally:
+        subprocess.run([sys.executable, "-m", "gauntlet.cli", "deploy", "stop", name], cwd=REPO, env=client_env,
+                       capture_output=True, timeout=120)
+        if serve.proc.poll() is None:
+            serve.proc.send_signal(signal.SIGTERM)
+        serve.proc.wait(120)
