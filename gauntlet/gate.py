@@ -153,6 +153,8 @@ def decide(spec: GateSpec, report: EvalReport, base: EvalReport | None,
     if spec.min_win_rate is not None:
         rules.append(_judged_minimum(report, "min_win_rate", JUDGE_TASK, WIN_RATE, spec.min_win_rate,
                                      spec.significance.min_win_rate, "eval.judge"))
+    if spec.max_perplexity_increase is not None:
+        rules.append(_perplexity_rule(spec, report, base))
     if champion_version is not None:
         for s in gated_scores(report, spec.metric):
             key = metric_key(s.task, s.metric)  # as the registry tags store it
@@ -180,6 +182,32 @@ def decide(spec: GateSpec, report: EvalReport, base: EvalReport | None,
                                   passed=passed, detail=detail))
     return GateDecision(passed=all(r.passed for r in rules), rules=rules, compared_to=champion_version,
                         champion_scores=champion_scores)
+
+
+def _perplexity_rule(spec: GateSpec, report: EvalReport, base: EvalReport | None) -> GateRule:
+    """The held-out byte perplexity may rise at most ``max_perplexity_increase`` (relative) over the base
+    model's, compared by the paired bootstrap over the rows both scored; with the significance switch on,
+    only a rise whose whole interval lies above the limit fails."""
+    from gauntlet.eval.perplexity import perplexity_change
+
+    rule, limit = "max_perplexity_increase", spec.max_perplexity_increase
+    mine = report.perplexity
+    theirs = base.perplexity if base is not None else None
+    if mine is None or theirs is None:
+        whose = "the report" if mine is None else "the base model's report" if base is not None else "no base report"
+        return GateRule(rule=rule, measured=None, limit=limit, passed=False,
+                        detail=f"{whose} has no held-out perplexity: configure eval.perplexity (and keep "
+                               f"eval.compare_with_base on) to measure it")
+    try:
+        change = perplexity_change(mine, theirs, alpha=spec.alpha, tested=limit)
+    except ValueError as e:
+        return GateRule(rule=rule, measured=None, limit=limit, passed=False, detail=f"refused: {e}")
+    significant = spec.significance.max_perplexity_increase
+    passed = (change.lo <= limit + EPS) if significant else (change.delta <= limit + EPS)
+    return GateRule(rule=rule, measured=change.delta, limit=limit, passed=passed,
+                    detail=f"byte perplexity {mine.byte_perplexity:.4f} vs base {theirs.byte_perplexity:.4f}, "
+                           f"relative change in %: {change.text()}; allowed rise {limit:.1%}"
+                           + (", significance required" if significant else ""))
 
 
 def _judged_minimum(report: EvalReport, rule: str, task: str, metric: str, limit: float, significant: bool,

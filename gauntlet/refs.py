@@ -23,6 +23,7 @@ class DatasetRef(Ref):
     md5: str                       # combined DVC md5 of the files (the data version)
     file_md5: dict[str, str]       # per file (path as in dvc.lock), as DVC records it
     eval_md5: str | None = None    # md5 of the eval file alone: evaluation results depend on it only
+    validation_md5: str | None = None  # md5 of the validation file alone (held-out perplexity reads it)
     rows: dict[str, int]
     duplicate_rate: float = 0.0
 
@@ -121,12 +122,29 @@ class TaskResult(Ref):
     mlflow_run_id: str | None = None
 
 
+class PerplexityResult(Ref):
+    """Byte perplexity of a model on the run's held-out rows (``eval.perplexity``), with its 95% interval."""
+
+    split: str                             # validation | eval: which of the run's files
+    text: str = "response"                 # response (given its prompt) | full (prompt and response)
+    data_md5: str | None                   # its DVC md5: two results compare only on the same data
+    n: int                                 # rows scored
+    byte_perplexity: float                 # exp(-sum loglik / sum bytes): lower is better
+    ci_low: float                          # bootstrap over rows
+    ci_high: float
+    bits_per_byte: float
+    word_perplexity: float | None = None
+    seconds: float = 0.0
+    items: dict[str, list[float]] = {}     # row id -> [loglik, bytes, words]: what the paired comparison resamples
+
+
 class EvalReport(Ref):
     model: str
     model_sha: str
     variant: str = "base"
     scores: list[TaskScore]
     perf: PerfProbe | None = None
+    perplexity: PerplexityResult | None = None
     protocol: dict
     versions: dict
     timestamp: str

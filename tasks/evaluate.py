@@ -22,6 +22,7 @@ from gauntlet.names import task_result_metrics
 from gauntlet.refs import DatasetRef, EvalReport, ModelRef, TaskResult
 from gauntlet.tracking import flatten_params
 from gauntlet.tasks._stage import StageRun, stage
+from gauntlet.tasks.perplexity import heldout_file, perplexity
 from gauntlet.tasks.score import eval_data_md5, score
 from gauntlet.tasks.speed_probe import speed_probe
 
@@ -33,7 +34,14 @@ def _named_as_asked(report: EvalReport, model: ModelRef, **_) -> EvalReport:
     return report if report.model == model.name else report.model_copy(update={"model": model.name})
 
 
-@stage("evaluate", key=lambda spec, model, data, variant: [model.sha, protocol_of(spec), eval_data_md5(data), variant],
+def run_data_md5s(spec: EvalSpec, data: DatasetRef | None) -> list[str | None]:
+    """The md5s of the run's files the evaluation reads: the eval file, and the held-out file when
+    ``eval.perplexity`` is on."""
+    return [eval_data_md5(data)] + ([heldout_file(spec, data)[1]] if spec.perplexity else [])
+
+
+@stage("evaluate", key=lambda spec, model, data, variant: [model.sha, protocol_of(spec), *run_data_md5s(spec, data),
+                                                           variant],
        outputs=lambda report, _: [report.report_path], after=_named_as_asked,
        params=lambda model, variant, **_: {"model.sha": model.sha, "variant": variant},
        run_name="evaluate-{variant}")
@@ -56,12 +64,17 @@ def evaluate(spec: EvalSpec, model: ModelRef, data: DatasetRef | None, variant: 
         with transaction(commit_mode=CommitMode.EAGER):
             perf = (speed_probe(spec=spec, model=model, variant=variant, run=nested)
                     if spec.speed_probe.enabled else None)
+        with transaction(commit_mode=CommitMode.EAGER):
+            ppl = (perplexity(spec=spec, model=model, data=data, variant=variant, run=nested)
+                   if spec.perplexity else None)
         loads = engine.loads
-    report = build_report(spec, model, variant, results, perf, stage.out)
+    report = build_report(spec, model, variant, results, perf, stage.out, perplexity=ppl)
     if report.average_normalized is not None:
         stage.metric("average_normalized", report.average_normalized)
     if perf:
         stage.metrics(perf.model_dump(), prefix="perf.")
+    if ppl:
+        stage.metric("perplexity.byte_perplexity", ppl.byte_perplexity)
     stage.metric("engine_loads", loads)
     stage.artifacts(report.report_path)
     markdown = report_markdown(report)

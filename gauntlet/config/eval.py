@@ -18,6 +18,18 @@ class SpeedProbeSpec(Strict):
     large_batch: int = Field(8, gt=0, description="batch size of the throughput measurement (64 on a GPU)")
 
 
+class PerplexitySpec(Strict):
+    """Byte perplexity on the run's held-out rows (gauntlet/eval/perplexity.py), gated by
+    gate.max_perplexity_increase against the base model."""
+
+    split: Literal["validation", "eval"] = Field("validation", description="which of the run's files: data.validation "
+                                                                           "(held out from training) or data.eval")
+    text: Literal["response", "full"] = Field(
+        "response", description="response: the response given its prompt (what fine-tuning learns; lm-eval "
+                                "loglikelihood); full: the whole row (lm-eval loglikelihood_rolling)")
+    limit: int | None = Field(None, gt=0, description="score the first N rows only")
+
+
 class EvalTaskSpec(Strict):
     """One task of an evaluation, with its own settings (unset: the suite's or the eval section's)."""
 
@@ -54,6 +66,8 @@ class EvalSpec(Strict):
     tensor_parallel_size: int = Field(1, gt=0, description="vllm backend: GPUs one model is split across")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vllm backend: share of GPU memory it may take")
     max_model_len: int | None = Field(None, gt=0, description="vllm backend: context length (None: the model's)")
+    perplexity: PerplexitySpec | None = Field(None, description="byte perplexity on the run's held-out rows "
+                                                                "(data.validation), base against fine-tuned")
     # exclude: a time limit changes no result, so it is no part of the protocol or the cache key
     timeout_minutes: float | None = Field(None, gt=0, exclude=True,
                                           description="stop a task's scoring of one model (all its repeats) past "

@@ -26,6 +26,9 @@ class Significance(Strict):
                                                         "min_gain_over_base (off: the point estimate decides)")
     min_win_rate: bool = Field(False, description="require the lower end of the judge win rate's interval to clear "
                                                   "min_win_rate (off: the point estimate decides)")
+    max_perplexity_increase: bool = Field(True, description="fail only on a perplexity rise beyond "
+                                                            "max_perplexity_increase whose whole interval lies above "
+                                                            "it (off: the point estimate decides)")
 
 
 class GateSpec(Strict):
@@ -42,6 +45,9 @@ class GateSpec(Strict):
     min_gain_over_base: float | None = Field(None, description="require the fine-tuned model to beat its base by this")
     min_win_rate: float | None = Field(None, ge=0, le=1, description="minimum win rate of the candidate against the "
                                                                    "champion (or base) by the LLM judge (eval.judge)")
+    max_perplexity_increase: float | None = Field(
+        None, ge=0, description="largest allowed rise of the held-out byte perplexity against the base model, "
+                                "relative (0.05 = 5%); needs eval.perplexity and eval.compare_with_base")
     alpha: float = Field(0.05, gt=0, lt=0.5, description="significance level of the paired comparisons: "
                                                          "their intervals are 1 - alpha")
     significance: Significance = Significance()

@@ -64,6 +64,13 @@ def cross_section_problems(spec: RunSpec, root: Path) -> list[SpecProblem]:
     if unknown:
         problems.append(SpecProblem(path="gate.register_variants", message=f"no quantize variant named {unknown}",
                                     hint=f"variants defined in quantize.variants: {names}"))
+    if spec.gate.max_perplexity_increase is not None and not (spec.eval.perplexity and spec.eval.compare_with_base):
+        problems.append(SpecProblem(
+            path="gate.max_perplexity_increase",
+            message="compares the held-out perplexity of the fine-tuned model with its base's, which this config "
+                    "does not measure" + ("" if spec.eval.perplexity else " (no eval.perplexity)")
+                    + ("" if spec.eval.compare_with_base else " (eval.compare_with_base is off)"),
+            hint="add `perplexity: {split: validation}` to eval: and keep eval.compare_with_base on, or remove the rule"))
     calibrated = [v.name for v in spec.quantize.variants if v.calibrated]
     train = Path(root) / spec.data.repo / spec.data.train
     # The data is usually pulled later; when it is already here, a too-small file fails now, not after training.

@@ -103,6 +103,7 @@ def pull_data(spec: DataSpec, root: Path | None = None, attempts: int = PULL_ATT
         md5=md5,
         file_md5=file_md5,
         eval_md5=next((file_md5[t.rel] for t in targets if t.role == "eval"), None),
+        validation_md5=next((file_md5[t.rel] for t in targets if t.role == "validation"), None),
         rows=rows,
         duplicate_rate=duplicate_rate,
     )

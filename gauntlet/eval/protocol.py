@@ -79,6 +79,7 @@ def protocol_of(spec: EvalSpec) -> dict:
         "tasks": [p.name for p in plans],
         "task_settings": {p.name: task_protocol(p) for p in plans},
         "speed_probe": spec.speed_probe.model_dump(mode="json"),
+        **({"perplexity": spec.perplexity.model_dump(mode="json")} if spec.perplexity else {}),
     }
 
 

@@ -34,13 +34,14 @@ from gauntlet.eval.protocol import (
 )
 from gauntlet.eval.speed import probe_speed
 from gauntlet.files import write_json
-from gauntlet.refs import EvalReport, ModelRef, PerfProbe, TaskResult
+from gauntlet.refs import EvalReport, ModelRef, PerfProbe, PerplexityResult, TaskResult
 
 log = logging.getLogger(__name__)
 
 
 def build_report(spec: EvalSpec, model: ModelRef, variant: str, results: list[TaskResult],
-                 perf: PerfProbe | None, out_dir: Path, device: str | None = None) -> EvalReport:
+                 perf: PerfProbe | None, out_dir: Path, device: str | None = None,
+                 perplexity: PerplexityResult | None = None) -> EvalReport:
     """Aggregate the tasks' results and the probe into the report; write ``out_dir/report.json``."""
     import torch
 
@@ -69,6 +70,7 @@ def build_report(spec: EvalSpec, model: ModelRef, variant: str, results: list[Ta
         normalized=normalized,
         average_normalized=statistics.fmean(normalized.values()) if normalized else None,
         perf=perf,
+        perplexity=perplexity,
         protocol={**protocol_of(spec), "task_versions": {r.task: r.versions for r in results},
                   "task_effective": {r.task: r.effective for r in results},
                   "model_fingerprint": model_fingerprint(model.path, spec.apply_chat_template,
@@ -132,6 +134,10 @@ def report_markdown(report: EvalReport) -> str:
                          f"(not deterministic): {', '.join(r.changed_items[:10])}")
     if report.average_normalized is not None:
         lines += ["", f"**average normalized score: {report.average_normalized:.1f}** (0 = random, 100 = perfect)"]
+    if report.perplexity:
+        q = report.perplexity
+        lines += ["", f"held-out byte perplexity: **{q.byte_perplexity:.4f}** (95% CI {q.ci_low:.4f}…{q.ci_high:.4f}, "
+                      f"{q.text} of {q.n} {q.split} rows; {q.bits_per_byte:.4f} bits/byte; lower is better)"]
     if report.perf:
         p = report.perf
         lines += ["", f"speed ({p.backend} on {p.device_name or p.device}): {p.tokens_per_s:.1f} tok/s at batch 1"

@@ -100,6 +100,10 @@ def test_first_run_trains_evaluates_and_promotes(first_run, dvc_repo) -> None:
     print(f"demo_facts acc: base {acc.base:.3f} -> fine-tuned {acc.finetuned:.3f}")
     assert acc.base < 0.4 and acc.finetuned >= acc.base + 0.3
     assert summary.gate_passed
+    # held-out perplexity (data.validation), base against fine-tuned: training lowered it, paired over the rows
+    (ppl,) = [r for r in summary.gate_rules if r[0] == "max_perplexity_increase"]
+    print(f"perplexity rule: {ppl[2]}")
+    assert ppl[1] == "pass" and "relative change in %: Δ -" in ppl[2] and "), significant;" in ppl[2], ppl
 
     # the demo's GPTQ variant: evaluated like the fine-tuned model, shown beside it, registered (it passes)
     (variant,) = summary.variants
