@@ -22,6 +22,7 @@ from gauntlet.tasks.models import fetch_model, resolve_model
 from gauntlet.tasks.notify import notify_failed_run, notify_outcome
 from gauntlet.tasks.quantize import quantize
 from gauntlet.tasks.register import register_challenger
+from gauntlet.tasks.safety import check_safety
 from gauntlet.tasks.summarize import summarize
 from gauntlet.tasks.train import train
 
@@ -42,6 +43,9 @@ def run_pipeline(spec: RunSpec) -> RunSummary:
         if spec.eval.judge is not None:   # the win rate against the champion (or the base) joins the report
             report = judge_candidate(spec=spec.eval.judge, registry=spec.registry, candidate=trained.merged, base=base,
                                      report=report, run=run)
+        if spec.eval.safety is not None:   # harmful compliance and over-refusal, judged with the rubric
+            report = check_safety(spec=spec.eval.safety, judge=spec.eval.judge, candidate=trained.merged,
+                                  report=report, run=run)
         # Quantized variants are evaluated exactly like the unquantized model.
         variants = [quantize(variant=v, calibration=spec.quantize.calibration, model=trained.merged, data=data,
                              run=run) for v in spec.quantize.variants]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from gauntlet.config.gate import GateSpec
 from gauntlet.eval.judge import JUDGE_TASK, WIN_RATE
+from gauntlet.eval.safety import BENIGN_TASK, HARMFUL_RATE, HARMFUL_TASK, OVER_REFUSAL_RATE
 from gauntlet.eval.protocol import task_differences
 from gauntlet.eval.stats import Comparison, paired_difference
 from gauntlet.names import metric_key, mlflow_name
@@ -151,8 +152,13 @@ def decide(spec: GateSpec, report: EvalReport, base: EvalReport | None,
                                   detail=detail + (f"; must clear {need:+.4f}" + (
                                       " with its whole interval" if spec.significance.min_gain_over_base else ""))))
     if spec.min_win_rate is not None:
-        rules.append(_judged_minimum(report, "min_win_rate", JUDGE_TASK, WIN_RATE, spec.min_win_rate,
-                                     spec.significance.min_win_rate, "eval.judge"))
+        rules.append(_judged_limit(report, "min_win_rate", JUDGE_TASK, WIN_RATE, spec.min_win_rate,
+                                   spec.significance.min_win_rate, "eval.judge"))
+    for rule, task, metric in (("max_harmful_rate", HARMFUL_TASK, HARMFUL_RATE),
+                               ("max_over_refusal_rate", BENIGN_TASK, OVER_REFUSAL_RATE)):
+        if getattr(spec, rule) is not None:
+            rules.append(_judged_limit(report, rule, task, metric, getattr(spec, rule),
+                                       getattr(spec.significance, rule), "eval.safety", upper=True))
     if spec.max_perplexity_increase is not None:
         rules.append(_perplexity_rule(spec, report, base))
     if champion_version is not None:
@@ -210,18 +216,24 @@ def _perplexity_rule(spec: GateSpec, report: EvalReport, base: EvalReport | None
                            + (", significance required" if significant else ""))
 
 
-def _judged_minimum(report: EvalReport, rule: str, task: str, metric: str, limit: float, significant: bool,
-                    configure: str) -> GateRule:
-    """A judged score (a rate with its interval) that must reach ``limit``; with ``significant`` its whole
-    interval must. A report without it fails, naming the config section that measures it."""
+def _judged_limit(report: EvalReport, rule: str, task: str, metric: str, limit: float, significant: bool,
+                  configure: str, upper: bool = False) -> GateRule:
+    """A judged rate (with its interval) that must reach ``limit`` (``upper``: stay at or under it); with
+    ``significant`` its whole interval must. A report without it fails, naming the config section that
+    measures it."""
     found = resolve_metric(report, task, metric)
     if found is None:
         return GateRule(rule=rule, measured=None, limit=limit, passed=False,
                         detail=f"the report has no {task} {metric}: configure {configure} to measure it")
-    lower = found.ci_low if significant and found.ci_low is not None else found.value
-    return GateRule(rule=rule, measured=found.value, limit=limit, passed=lower >= limit - EPS,
-                    detail=f"{metric} {found.value:.4f}{_ci(found)} vs minimum {limit:.4f}"
-                           + (", its whole interval must clear it" if significant else ""))
+    if upper:
+        worst = found.ci_high if significant and found.ci_high is not None else found.value
+        passed, bound, end = worst <= limit + EPS, "maximum", "upper"
+    else:
+        worst = found.ci_low if significant and found.ci_low is not None else found.value
+        passed, bound, end = worst >= limit - EPS, "minimum", "lower"
+    return GateRule(rule=rule, measured=found.value, limit=limit, passed=passed,
+                    detail=f"{metric} {found.value:.4f}{_ci(found)} vs {bound} {limit:.4f}"
+                           + (f", the {end} end of its interval must meet it" if significant else ""))
 
 
 def _ci(score: TaskScore) -> str:

@@ -20,7 +20,7 @@ from pathlib import Path
 from gauntlet.config.gate import RegistrySpec
 from gauntlet.config.judge import JudgeSpec
 from gauntlet.config.model import ModelSpec
-from gauntlet.eval.judge import (EndpointJudge, JudgeError, JudgeReport, ModelJudge, as_task_result, file_md5,
+from gauntlet.eval.judge import (EndpointJudge, Judge, JudgeError, JudgeReport, ModelJudge, as_task_result, file_md5,
                                  generate_answers, judge_pairs, judge_protocol, load_instructions, prompt_template,
                                  summarize, with_results, write_items)
 from gauntlet.files import write_json
@@ -64,6 +64,20 @@ def answer(spec: JudgeSpec, model: ModelRef, stage: StageRun) -> list[str]:
     return answers
 
 
+def judge_of(spec: JudgeSpec, judge_model: ModelRef | None) -> Judge:
+    """The configured judge: the fetched judge model run with transformers, or the endpoint (its key read now)."""
+    if judge_model is not None:
+        return ModelJudge(judge_model.path, spec.batch_size)
+    return EndpointJudge(spec.base_url, spec.endpoint_model, read_api_key(spec), spec.judge_max_tokens, spec.timeout_s)
+
+
+def fetch_judge_model(spec: JudgeSpec, run: RunContext) -> ModelRef | None:
+    """The judge model fetched like any model (None for an endpoint judge)."""
+    if spec.model is None:
+        return None
+    return fetch_model(resolved=resolve_model(spec=ModelSpec(source=spec.model), run=run), run=run)
+
+
 def _judge_key(spec: JudgeSpec, candidate: ModelRef, opponent: ModelRef, opponent_role: str,
                judge_model: ModelRef | None) -> list:
     protocol = judge_protocol(spec, in_project(spec.prompt), _set_path(spec), judge_model.sha if judge_model else None)
@@ -81,9 +95,7 @@ def judge(spec: JudgeSpec, candidate: ModelRef, opponent: ModelRef, opponent_rol
     mine = answer(spec=spec, model=candidate, run=nested)
     theirs = mine if opponent.sha == candidate.sha else answer(spec=spec, model=opponent, run=nested)
     rows = load_instructions(_set_path(spec), spec.limit)
-    judge_impl = (ModelJudge(judge_model.path, spec.batch_size) if judge_model is not None
-                  else EndpointJudge(spec.base_url, spec.endpoint_model, read_api_key(spec), spec.judge_max_tokens,
-                                     spec.timeout_s))
+    judge_impl = judge_of(spec, judge_model)
     stage.log.info(f"judging {len(rows)} pairs in both orders with {spec.model or spec.base_url}")
     items, prior = judge_pairs(judge_impl, prompt_template(in_project(spec.prompt)), rows, mine, theirs,
                                spec.tie_margin)
@@ -119,8 +131,7 @@ def judge_candidate(spec: JudgeSpec, registry: RegistrySpec | None, candidate: M
     else:
         opponent = fetch_model(resolved=resolve_model(spec=ModelSpec(source=found[0]), run=run), run=run)
         role = found[1]
-    judge_model = (fetch_model(resolved=resolve_model(spec=ModelSpec(source=spec.model), run=run), run=run)
-                   if spec.model is not None else None)
+    judge_model = fetch_judge_model(spec, run)
     judged = judge(spec=spec, candidate=candidate, opponent=opponent, opponent_role=role, judge_model=judge_model,
                    run=run)
     return with_results(report, [as_task_result(judged)])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from gauntlet.config.base import Strict, resolve
 from gauntlet.config.judge import JudgeSpec
@@ -28,6 +28,25 @@ class PerplexitySpec(Strict):
         "response", description="response: the response given its prompt (what fine-tuning learns; lm-eval "
                                 "loglikelihood); full: the whole row (lm-eval loglikelihood_rolling)")
     limit: int | None = Field(None, gt=0, description="score the first N rows only")
+
+
+class SafetySpec(Strict):
+    """Harmful compliance and over-refusal, judged by eval.judge with a rubric (gauntlet/eval/safety.py); gated
+    by gate.max_harmful_rate and gate.max_over_refusal_rate."""
+
+    harmful: str = Field("evals/safety/harmful.jsonl", description="harmful requests (JSONL rows with `instruction`)")
+    benign: str = Field("evals/safety/benign.jsonl", description="benign requests that sound edgy (over-refusal)")
+    rubric: str = Field("evals/safety/rubric.md", description="the judge's rubric (its sha256 is in the protocol)")
+    limit: int | None = Field(None, gt=0, description="the first N requests of each set")
+    max_new_tokens: int = Field(64, gt=0, description="the candidate's answer length (greedy)")
+
+    @field_validator("harmful", "benign", "rubric")
+    @classmethod
+    def _file_exists(cls, v: str, info: ValidationInfo) -> str:
+        if not resolve(v, info).is_file():
+            raise ValueError(f"{v!r} does not exist. Fix: point eval.safety.{info.field_name} at a file, e.g. the "
+                             f"shipped {SafetySpec.model_fields[info.field_name].default}")
+        return v
 
 
 class EvalTaskSpec(Strict):
@@ -74,6 +93,8 @@ class EvalSpec(Strict):
                                                       "this; checked before each batch the model runs")
     judge: JudgeSpec | None = Field(None, description="pairwise LLM judge of the candidate against the champion "
                                                       "(or the base): win rate, gated by gate.min_win_rate")
+    safety: SafetySpec | None = Field(None, description="harmful-compliance and over-refusal rates, judged by "
+                                                        "eval.judge with a rubric")
 
     @field_validator("suite")
     @classmethod
@@ -97,3 +118,9 @@ class EvalSpec(Strict):
             raise ValueError("; ".join(problems))
         return v
 
+    @model_validator(mode="after")
+    def _safety_needs_a_judge(self) -> EvalSpec:
+        if self.safety is not None and self.judge is None:
+            raise ValueError("eval.safety is judged by eval.judge, which is not set. Fix: configure eval.judge (a "
+                             "model or an endpoint), or remove eval.safety")
+        return self

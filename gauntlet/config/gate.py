@@ -26,6 +26,10 @@ class Significance(Strict):
                                                         "min_gain_over_base (off: the point estimate decides)")
     min_win_rate: bool = Field(False, description="require the lower end of the judge win rate's interval to clear "
                                                   "min_win_rate (off: the point estimate decides)")
+    max_harmful_rate: bool = Field(False, description="require the upper end of the harmful rate's interval to stay "
+                                                      "under max_harmful_rate (off: the point estimate decides)")
+    max_over_refusal_rate: bool = Field(False, description="require the upper end of the over-refusal rate's "
+                                                           "interval to stay under max_over_refusal_rate")
     max_perplexity_increase: bool = Field(True, description="fail only on a perplexity rise beyond "
                                                             "max_perplexity_increase whose whole interval lies above "
                                                             "it (off: the point estimate decides)")
@@ -45,6 +49,10 @@ class GateSpec(Strict):
     min_gain_over_base: float | None = Field(None, description="require the fine-tuned model to beat its base by this")
     min_win_rate: float | None = Field(None, ge=0, le=1, description="minimum win rate of the candidate against the "
                                                                    "champion (or base) by the LLM judge (eval.judge)")
+    max_harmful_rate: float | None = Field(None, ge=0, le=1, description="largest share of harmful requests the "
+                                                                        "candidate may comply with (eval.safety)")
+    max_over_refusal_rate: float | None = Field(None, ge=0, le=1, description="largest share of benign requests the "
+                                                                             "candidate may refuse (eval.safety)")
     max_perplexity_increase: float | None = Field(
         None, ge=0, description="largest allowed rise of the held-out byte perplexity against the base model, "
                                 "relative (0.05 = 5%); needs eval.perplexity and eval.compare_with_base")

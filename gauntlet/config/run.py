@@ -71,6 +71,11 @@ def cross_section_problems(spec: RunSpec, root: Path) -> list[SpecProblem]:
                     "does not measure" + ("" if spec.eval.perplexity else " (no eval.perplexity)")
                     + ("" if spec.eval.compare_with_base else " (eval.compare_with_base is off)"),
             hint="add `perplexity: {split: validation}` to eval: and keep eval.compare_with_base on, or remove the rule"))
+    for rule in ("max_harmful_rate", "max_over_refusal_rate"):
+        if getattr(spec.gate, rule) is not None and spec.eval.safety is None:
+            problems.append(SpecProblem(path=f"gate.{rule}", message="reads the safety rates, which this config does "
+                                                                     "not measure (no eval.safety)",
+                                        hint="add `safety: {}` (and a judge) to eval:, or remove the rule"))
     calibrated = [v.name for v in spec.quantize.variants if v.calibrated]
     train = Path(root) / spec.data.repo / spec.data.train
     # The data is usually pulled later; when it is already here, a too-small file fails now, not after training.

@@ -39,6 +39,7 @@ CONFIG_MUTATIONS = {
     "hub_id_traversal": lambda r, t: r["model"].__setitem__("source", "hf://../../x@main"),
     "object_store_traversal": lambda r, t: r["model"].__setitem__("source", "s3://bucket/../../etc"),
     "perplexity_rule_unmeasured": lambda r, t: r["eval"].pop("perplexity"),
+    "safety_rule_unmeasured": lambda r, t: r["gate"].__setitem__("max_harmful_rate", 0.05),
     "trust_remote_code": lambda r, t: r["model"].__setitem__("trust_remote_code", True),
     "num_machines_over_one": lambda r, t: r["train"].setdefault("accelerate", {}).__setitem__("num_machines", 2),
     "source_not_allowed": lambda r, t: r.__setitem__("sources", {"allow": ["hf://my-org/*"]}),
