@@ -31,6 +31,7 @@ from gauntlet.tasks._stage import StageRun, stage
 from gauntlet.tasks.evaluate import evaluate
 from gauntlet.tasks.models import fetch_model, resolve_model
 from gauntlet.tasks.quantize import quantize
+from gauntlet.tasks.safety import check_safety
 
 
 def failure_reason(state: Any) -> str:
@@ -74,6 +75,9 @@ def score_variant(name: str, candidate: LeaderboardCandidate, variant: str, prep
         model = quantize.with_options(tags=gpu)(variant=how, calibration=spec.calibration, model=model, data=data,
                                                 run=stage.flow)
     report = evaluate.with_options(tags=gpu)(spec=spec.eval, model=model, data=data, variant=variant, run=stage.flow)
+    if spec.eval.safety is not None:   # every candidate judged with the one judge and rubric: comparable rates
+        report = check_safety(spec=spec.eval.safety, judge=spec.eval.judge, candidate=model, report=report,
+                              run=stage.flow)
     return ok_outcome(candidate, variant, prepared, report)
 
 

@@ -142,6 +142,14 @@ class LeaderboardSpec(Strict):
             raise ValueError(f"eval file {str(resolve(v, info))!r} does not exist")
         return v
 
+    @field_validator("eval")
+    @classmethod
+    def _perplexity_has_its_file(cls, v: EvalSpec, info: ValidationInfo) -> EvalSpec:
+        if v.perplexity is not None and v.perplexity.split == "validation" and info.data.get("data") is None:
+            raise ValueError("eval.perplexity reads data.validation, and this leaderboard has no DVC data. Fix: set "
+                             "data (with a validation file), or eval.perplexity.split: eval")
+        return v
+
     @field_validator("ranking")
     @classmethod
     def _ranking_names_tasks(cls, v: RankingSpec, info: ValidationInfo) -> RankingSpec:

@@ -19,7 +19,9 @@ from typing import Any, Literal
 from pydantic import BaseModel
 
 from gauntlet.config.leaderboard import PERF_RANK_KEYS, LeaderboardSpec
+from gauntlet.eval.judge import JUDGE_TASK, WIN_RATE
 from gauntlet.eval.protocol import protocol_differences
+from gauntlet.eval.safety import BENIGN_TASK, HARMFUL_RATE, HARMFUL_TASK, OVER_REFUSAL_RATE
 from gauntlet.eval.suites import normalized_score
 from gauntlet.hashing import sha256_json
 from gauntlet.leaderboard.candidates import CandidateOutcome
@@ -45,6 +47,37 @@ def task_baseline(report: EvalReport, task_name: str) -> tuple[float, str] | Non
     """The random baseline the evaluation used for ``task_name`` and where it came from (None: not evaluated)."""
     result = next((r for r in report.task_results if r.task == task_name), None)
     return None if result is None else (result.random_baseline, result.random_baseline_source)
+
+
+# Measured beside the scores when the reports have them (eval.perplexity, eval.safety, eval.judge), each with
+# its 95% interval; none enters the average or the rank. name -> (column heading, shown in percent).
+MEASURES = {"byte_perplexity": ("held-out ppl ↓", False), HARMFUL_RATE: ("harmful % ↓", True),
+            OVER_REFUSAL_RATE: ("over-refusal % ↓", True), WIN_RATE: ("judge win %", True)}
+
+
+class Measure(BaseModel):
+    value: float
+    lo: float | None = None
+    hi: float | None = None
+
+    def text(self, percent: bool) -> str:
+        k = 100.0 if percent else 1.0
+        digits = 1 if percent else 2
+        return f"{self.value * k:.{digits}f}" + ("" if self.lo is None or self.hi is None else
+                                                 f" ({self.lo * k:.{digits}f}–{self.hi * k:.{digits}f})")
+
+
+def measures_of(report: EvalReport) -> dict[str, Measure]:
+    """The report's held-out perplexity, safety rates and judge win rate, where it has them."""
+    out = {}
+    if report.perplexity is not None:
+        p = report.perplexity
+        out["byte_perplexity"] = Measure(value=p.byte_perplexity, lo=p.ci_low, hi=p.ci_high)
+    for task, metric in ((HARMFUL_TASK, HARMFUL_RATE), (BENIGN_TASK, OVER_REFUSAL_RATE), (JUDGE_TASK, WIN_RATE)):
+        s = next((s for s in report.scores if (s.task, s.metric) == (task, metric)), None)
+        if s is not None:
+            out[metric] = Measure(value=s.value, lo=s.ci_low, hi=s.ci_high)
+    return out
 
 
 class TrendPoint(BaseModel):
@@ -77,6 +110,7 @@ class BoardRow(BaseModel):
     first_token_latency_ms: float | None = None
     peak_memory_gb: float | None = None
     size_on_disk_gb: float | None = None
+    measures: dict[str, Measure] = {}            # MEASURES the report has: perplexity, safety rates, win rate
     delta_average: float | None = None           # against the previous night, same protocol
     delta_note: str | None = None
     trend: list[TrendPoint] = []                 # past nights (oldest first) and tonight
@@ -114,6 +148,7 @@ class Leaderboard(BaseModel):
     versions: dict[str, Any] = {}
     previous_night: str | None = None
     nights: list[str] = []                       # trend axis, oldest first, tonight last
+    measures: list[str] = []                     # MEASURES some ranked row has (their columns)
     rows: list[BoardRow]
     flow_run_id: str | None = None
     mlflow_run_id: str | None = None
@@ -148,6 +183,7 @@ def _score_columns(row: BoardRow, report: EvalReport, spec: LeaderboardSpec) -> 
     if report.perf:
         for k in PERF_RANK_KEYS:
             setattr(row, k, getattr(report.perf, k))
+    row.measures = measures_of(report)
 
 
 def rank_value(row: BoardRow, key: str) -> float | None:
@@ -276,7 +312,8 @@ def build_leaderboard(spec: LeaderboardSpec, outcomes: list[CandidateOutcome], h
         protocol_id=protocol_id(reference) if reference else None,
         versions={"gauntlet_commit": git_commit(), **({k: v for k, v in reference.versions.items() if k != "tasks"}
                                                       if reference else {})},
-        previous_night=history[0].night if history else None, nights=nights, rows=rows)
+        previous_night=history[0].night if history else None, nights=nights, rows=rows,
+        measures=[m for m in MEASURES if any(m in r.measures for r in ranked)])
 
 
 def pareto_front(points: list[tuple[str, float, float]]) -> set[str]:

@@ -12,7 +12,7 @@ import json
 from html import escape
 from math import ceil, floor
 
-from gauntlet.leaderboard.board import BoardRow, Leaderboard, pareto_front, short_night
+from gauntlet.leaderboard.board import MEASURES, BoardRow, Leaderboard, Measure, pareto_front, short_night
 
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2", "#7f7f7f",
            "#bcbd22")
@@ -92,6 +92,14 @@ def _cell_ci(x: float | None, ci: tuple[float, float] | None) -> str:
             f'<br><span class="ci">{ci[0]:.1f}–{ci[1]:.1f}</span></td>')
 
 
+def _measure_cell(m: Measure | None, percent: bool) -> str:
+    """A perplexity, safety rate or win rate with its 95% interval below it (rates in percent)."""
+    if m is None:
+        return _cell(None)
+    k = 100.0 if percent else 1.0
+    return _cell_ci(m.value * k, None if m.lo is None or m.hi is None else (m.lo * k, m.hi * k))
+
+
 def _text(s: str, title: str | None = None) -> str:
     tip = f' title="{escape(title)}"' if title else ""
     return f'<td class="text" data-v="{escape(s)}"{tip}>{escape(s)}</td>'
@@ -128,6 +136,7 @@ def ranking_table(board: Leaderboard) -> str:
     heads = ([("Rank", "num"), ("Model", "text"), ("Variant", "text"), ("Average", "num")]
              + [(f"Suite {s}", "num") for s in suites]
              + [(f"{t} ({board.task_metrics[t]})", "num") for t in board.tasks]
+             + [(MEASURES[m][0], "num") for m in board.measures]
              + [("Δ vs previous", "num"), ("Trend (nights)", "num"), ("tokens/s", "num"), ("TTFT ms", "num"),
                 ("Peak memory GB", "num"), ("Size on disk GB", "num")])
     thead = "".join(f'<th data-type="{kind}" class="{kind}">{escape(h)}</th>' for h, kind in heads)
@@ -141,6 +150,7 @@ def ranking_table(board: Leaderboard) -> str:
                   _text(r.variant), _cell_ci(r.average, average)]
                  + [_cell(r.suites.get(s)) for s in suites]
                  + [_cell_ci(r.normalized.get(t), r.intervals.get(t)) for t in board.tasks]
+                 + [_measure_cell(r.measures.get(m), MEASURES[m][1]) for m in board.measures]
                  + [_delta_cell(r), _sparkline(r), _cell(r.tokens_per_s), _cell(r.first_token_latency_ms),
                     _cell(r.peak_memory_gb, 3), _cell(r.size_on_disk_gb, 4)])
         body.append(f'<tr data-key="{escape(r.key)}">' + "".join(cells) + "</tr>")

@@ -9,7 +9,7 @@ from typing import Any
 
 from gauntlet.config.leaderboard import LeaderboardSpec
 from gauntlet.files import write_json, write_text
-from gauntlet.leaderboard.board import Leaderboard, short_night
+from gauntlet.leaderboard.board import MEASURES, Leaderboard, short_night
 from gauntlet.leaderboard.html import render_html
 from gauntlet.project import in_project
 from gauntlet.state import gauntlet_home
@@ -40,7 +40,7 @@ RANK_NOTE = ("Scores in brackets: 95% intervals (paired bootstrap over the items
 def render_markdown(board: Leaderboard) -> str:
     suites = list(board.suites)
     head = (["rank", "model", "variant", "average"] + [f"suite {s}" for s in suites] + board.tasks
-            + ["Δ avg", "tokens/s", "TTFT ms", "peak GB", "size GB"])
+            + [MEASURES[m][0] for m in board.measures] + ["Δ avg", "tokens/s", "TTFT ms", "peak GB", "size GB"])
     lines = [f"# {board.title}", "",
              f"- night: {short_night(board.night)} UTC"
              + (f" (previous: {short_night(board.previous_night)})" if board.previous_night else ""),
@@ -57,6 +57,7 @@ def render_markdown(board: Leaderboard) -> str:
                  + [_fmt(r.normalized.get(t)) + ("" if not r.intervals.get(t) else
                                                  f" ({r.intervals[t][0]:.0f}–{r.intervals[t][1]:.0f})")
                     for t in board.tasks]
+                 + [r.measures[m].text(MEASURES[m][1]) if m in r.measures else "—" for m in board.measures]
                  + [delta, _fmt(r.tokens_per_s), _fmt(r.first_token_latency_ms), _fmt(r.peak_memory_gb, 3),
                     _fmt(r.size_on_disk_gb, 4)])
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
@@ -94,6 +95,7 @@ def table_rows(board: Leaderboard) -> list[dict[str, Any]]:
                                "variant": r.variant, "status": r.status,
                                "average": None if r.average is None else round(r.average, 2)}
         row.update({t: None if r.normalized.get(t) is None else round(r.normalized[t], 2) for t in board.tasks})
+        row.update({m: None if m not in r.measures else round(r.measures[m].value, 4) for m in board.measures})
         row.update({"delta": None if r.delta_average is None else round(r.delta_average, 2),
                     "tokens_per_s": r.tokens_per_s, "peak_memory_gb": r.peak_memory_gb,
                     "size_on_disk_gb": r.size_on_disk_gb, "reason": r.reason or r.delta_note or ""})

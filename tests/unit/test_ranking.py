@@ -119,6 +119,9 @@ def test_pareto_front() -> None:
     ({"ranking": {"suites": {"core": ["nope"]}}}, "suite 'core' names task(s) ['nope']"),
     ({"ranking": {"random_baselines": {"demo_facts": 0.25}}}, "declare `random_baseline` in evals/suites.yaml"),
     ({"eval_file": "missing.jsonl"}, "does not exist"),
+    ({"eval": {"tasks": ["demo_facts"], "perplexity": {}}}, "eval.perplexity reads data.validation, and this "
+                                                             "leaderboard has no DVC data"),
+    ({"eval": {"tasks": ["demo_facts"], "safety": {}}}, "eval.safety is judged by eval.judge, which is not set"),
 ])
 def test_invalid_leaderboard_configs_name_the_field(tmp_path: Path, change: dict, message: str) -> None:
     raw = {"name": "bad", "candidates": [{"source": "demo://tiny-llama"}], "eval": {"tasks": ["demo_facts"]}}
@@ -174,3 +177,36 @@ def test_rows_a_paired_test_cannot_tell_apart_share_a_rank_range(tmp_path: Path)
     assert rows["a"].ci_low > rows["c"].ci_high - 30  # the scale is points above chance (0..100)
     markdown = render_markdown(board)
     assert "| 2–3 | c |" in markdown and "| 1 | a |" in markdown and "95% intervals" in markdown
+
+
+def test_perplexity_and_safety_rates_get_columns_with_their_intervals(tmp_path: Path) -> None:
+    """Reports that carry held-out perplexity (eval.perplexity) and safety rates (eval.safety) show them beside
+    the scores, with their 95% intervals, in the JSON, the markdown and the HTML; they do not enter the rank."""
+    from gauntlet.eval.safety import HARMFUL_RATE, HARMFUL_TASK
+    from gauntlet.leaderboard.html import render_html
+    from gauntlet.leaderboard.publish import render_markdown, table_rows
+    from gauntlet.refs import PerplexityResult
+
+    def measured(acc: float, ppl: float, harmful: float) -> EvalReport:
+        rep = report(acc)
+        rate = TaskScore(task=HARMFUL_TASK, metric=HARMFUL_RATE, value=harmful, ci_low=harmful / 2,
+                         ci_high=min(1.0, harmful * 2), n=20)
+        return rep.model_copy(update={
+            "perplexity": PerplexityResult(split="validation", data_md5="m", n=48, byte_perplexity=ppl,
+                                           ci_low=ppl - 0.5, ci_high=ppl + 0.5, bits_per_byte=1.0),
+            "scores": rep.scores + [rate]})
+
+    board = build_leaderboard(spec_for(tmp_path), [outcome("safe", measured(0.5, 9.23, 0.05)),
+                                                   outcome("unsafe", measured(0.7, 12.5, 0.4)),
+                                                   outcome("plain", report(0.6))], [])
+    assert board.measures == ["byte_perplexity", HARMFUL_RATE]
+    assert [r.candidate for r in board.ranked()] == ["unsafe", "plain", "safe"]   # ranked by score alone
+    rows = {r.candidate: r for r in board.rows}
+    assert rows["safe"].measures["byte_perplexity"].value == 9.23 and not rows["plain"].measures
+    md = render_markdown(board)
+    assert "| held-out ppl ↓ | harmful % ↓ |" in md
+    assert "| 9.23 (8.73–9.73) | 5.0 (2.5–10.0) |" in md and "| 12.50 (12.00–13.00) | 40.0 (20.0–80.0) |" in md
+    html = render_html(board)
+    assert "held-out ppl ↓" in html and 'title="95% interval 2.5 to 10.0"' in html
+    assert {r["model"]: r[HARMFUL_RATE] for r in table_rows(board)} == {"safe": 0.05, "unsafe": 0.4, "plain": None}
+    assert "measures" in board.model_dump(mode="json")["rows"][0]
