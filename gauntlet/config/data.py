@@ -16,7 +16,8 @@ class DataChecksSpec(Strict):
                                           description="fraction of eval items found in the training data")
     max_length_psi: float | None = Field(None, gt=0, description="drift against the champion's training data: largest "
                                                                 "PSI of prompt or response lengths (0.25: a large "
-                                                                "shift); None: measured and logged only")
+                                                                "shift), above the PSI as many rows of the champion's "
+                                                                "own data reach by chance; None: measured and logged only")
     max_row_change: float | None = Field(None, gt=0, description="drift: largest relative change of the training row "
                                                                 "count against the champion's data (0.5 = ±50%)")
 

@@ -34,6 +34,7 @@ class DriftReport(BaseModel):
     rows: dict[str, int]                         # {"reference": n, "new": n}
     row_change: float                            # relative change of the row count
     psi: dict[str, float]                        # field -> PSI
+    noise_floor: dict[str, float] = {}           # field -> PSI a sample of the new size from the reference reaches
     ks: dict[str, float]                         # field -> KS statistic
     median: dict[str, dict[str, float]]          # field -> {"reference": m, "new": m}
     overlap: float                               # share of new prompts already in the reference
@@ -94,6 +95,25 @@ def psi(reference: Sequence[float], new: Sequence[float], bins: int = 10) -> flo
     return psi_counts(bin_counts(reference, edges), bin_counts(new, edges))
 
 
+def sampled_floor(reference: Sequence, n: int, measure, draws: int = 200, quantile: float = 0.99,
+                  seed: int = 0) -> float:
+    """The ``quantile`` of ``measure(sample)`` over ``draws`` samples of ``n`` items drawn from ``reference``
+    itself: how far a measure like PSI, biased upward on small samples, goes by chance alone. Data drift
+    and served-prompt drift both ask a shift to clear it."""
+    import random
+
+    rng = random.Random(seed)
+    values = sorted(measure([rng.choice(reference) for _ in range(n)]) for _ in range(draws))
+    return values[min(draws - 1, int(quantile * draws))]
+
+
+def psi_floor(reference: Sequence[float], n: int) -> float:
+    """The PSI ``n`` values drawn from ``reference`` reach by chance (99th percentile), over its quantile bins."""
+    edges = quantile_edges(reference)
+    ref_counts = bin_counts(reference, edges)
+    return sampled_floor(list(reference), n, lambda sample: psi_counts(ref_counts, bin_counts(sample, edges)))
+
+
 def ks(reference: Sequence[float], new: Sequence[float]) -> float:
     """The two-sample Kolmogorov-Smirnov statistic: the largest gap between the two empirical CDFs."""
     a, b = sorted(reference), sorted(new)
@@ -113,16 +133,19 @@ def compare(reference_rows: list[dict], new_rows: list[dict], checks: DataChecks
         reference=reference, rows={"reference": len(reference_rows), "new": len(new_rows)},
         row_change=(len(new_rows) - len(reference_rows)) / max(1, len(reference_rows)),
         psi={f: psi(old[f], new[f]) for f in FIELDS}, ks={f: ks(old[f], new[f]) for f in FIELDS},
+        noise_floor={f: psi_floor(old[f], len(new[f])) for f in FIELDS if old[f] and new[f]},
         median={f: {"reference": _median(old[f]), "new": _median(new[f])} for f in FIELDS},
         overlap=sum(_text(r)[0].strip().lower() in old_prompts for r in new_rows) / max(1, len(new_rows)))
     problems = []
     if checks.max_length_psi is not None:
         for f in FIELDS:
-            if report.psi[f] > checks.max_length_psi:
+            floor = report.noise_floor.get(f, 0.0)
+            # a shift must clear the limit and what this many rows reach by chance (small sets inflate PSI)
+            if report.psi[f] > max(checks.max_length_psi, floor):
                 m = report.median[f]
                 problems.append(f"{f} shifted against {reference}: PSI {report.psi[f]:.3f} > data.checks."
                                 f"max_length_psi {checks.max_length_psi} (median {m['reference']:g} → {m['new']:g} "
-                                f"chars, KS {report.ks[f]:.3f})")
+                                f"chars, KS {report.ks[f]:.3f}; {len(new[f])} rows reach PSI {floor:.3f} by chance)")
     if checks.max_row_change is not None and abs(report.row_change) > checks.max_row_change:
         problems.append(f"row count changed {report.row_change:+.1%} against {reference} ({len(reference_rows)} → "
                         f"{len(new_rows)}) > data.checks.max_row_change {checks.max_row_change:.0%}")

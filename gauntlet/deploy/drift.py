@@ -17,7 +17,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from gauntlet.data.drift import bin_counts, psi_counts, quantile_edges
+from gauntlet.data.drift import bin_counts, psi_counts, quantile_edges, sampled_floor
 
 WORD = re.compile(r"[a-z0-9]+")
 
@@ -41,23 +41,14 @@ def vocab_counts(prompts: list[list[str]], vocabulary: list[str]) -> list[int]:
     return [counts.get(w, 0) for w in vocabulary] + [counts.get("\0other", 0)]
 
 
-def noise_floor(ref_words: list[list[str]], n: int, edges: list[float], vocabulary: list[str], draws: int = 200,
-                quantile: float = 0.99, seed: int = 0) -> float:
-    """The PSI that ``n`` prompts drawn from the reference itself reach (its ``quantile`` over ``draws``): a
-    small sample of served prompts drifts this far by chance alone (about (bins - 1) / words), so an alarm
-    needs more than this."""
-    import random
-
-    rng = random.Random(seed)
+def noise_floor(ref_words: list[list[str]], n: int, edges: list[float], vocabulary: list[str]) -> float:
+    """The PSI that ``n`` prompts drawn from the reference itself reach (99th percentile): a small sample of
+    served prompts drifts this far by chance alone (about (bins - 1) / words), so an alarm needs more than this."""
     ref_length = bin_counts([len(w) for w in ref_words], edges)
     ref_vocab = vocab_counts(ref_words, vocabulary)
-    values = []
-    for _ in range(draws):
-        sample = [rng.choice(ref_words) for _ in range(n)]
-        values.append(max(psi_counts(ref_length, bin_counts([len(w) for w in sample], edges)),
-                          psi_counts(ref_vocab, vocab_counts(sample, vocabulary))))
-    values.sort()
-    return values[min(draws - 1, int(quantile * draws))]
+    return sampled_floor(ref_words, n, lambda sample: max(
+        psi_counts(ref_length, bin_counts([len(w) for w in sample], edges)),
+        psi_counts(ref_vocab, vocab_counts(sample, vocabulary))))
 
 
 def drift(reference_prompts: list[str], served_prompts: list[str], top_words: int = 50) -> Drift:
