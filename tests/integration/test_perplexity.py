@@ -12,7 +12,6 @@ The stage in a flow, base against fine-tuned, runs in the demo (tests/integratio
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -46,20 +45,20 @@ def measured(model: ModelRef, texts: dict[str, tuple[str, str]], text: str = "re
         return measure_perplexity(engine.lm, texts, "validation", "md5-of-the-file", text), engine.lm
 
 
-def damaged_copy(model: ModelRef, out: Path, scale: float) -> ModelRef:
-    """The model with Gaussian noise of ``scale`` × each weight matrix's own std added."""
+def damaged(model: ModelRef, scale: float):
+    """The model with Gaussian noise of ``scale`` × each weight matrix's own std added, as an lm-eval model
+    (kept in memory: lm-eval's hf backend takes a loaded model)."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from lm_eval.models.huggingface import HFLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    shutil.copytree(model.path, out)
     m = AutoModelForCausalLM.from_pretrained(model.path, dtype=torch.float32)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in m.parameters():
             if p.dim() == 2:
                 p.add_(torch.randn(p.shape, generator=g) * p.std() * scale)
-    m.save_pretrained(out)
-    return ModelRef(name="damaged", path=str(out), source=str(out), sha="damaged" + "0" * 57)
+    return HFLM(pretrained=m, tokenizer=AutoTokenizer.from_pretrained(model.path), batch_size=8)
 
 
 def test_held_out_perplexity_is_lm_evals_and_the_gate_fails_a_damaged_model(smollm2: ModelRef,  # noqa: F811
@@ -92,7 +91,9 @@ def test_held_out_perplexity_is_lm_evals_and_the_gate_fails_a_damaged_model(smol
     assert base.text == "response" and base.ci_low < base.byte_perplexity < base.ci_high
     assert 1 < base.byte_perplexity < full.byte_perplexity, (base.byte_perplexity, full.byte_perplexity)
 
-    worse, _ = measured(damaged_copy(smollm2, tmp_path / "damaged", scale=0.3), texts)
+    from gauntlet.eval.perplexity import measure_perplexity
+
+    worse = measure_perplexity(damaged(smollm2, scale=0.3), texts, "validation", "md5-of-the-file")
     print(f"\nbyte perplexity: model {base.byte_perplexity:.4f} ({base.ci_low:.4f}…{base.ci_high:.4f}), "
           f"damaged {worse.byte_perplexity:.4f} ({worse.ci_low:.4f}…{worse.ci_high:.4f})")
     spec = GateSpec(max_perplexity_increase=0.05)
