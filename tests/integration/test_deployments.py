@@ -111,6 +111,14 @@ def deployment_run(name: str, config: Path, env: dict[str, str], timeout: float)
     return re.search(r"UUID: ([0-9a-f-]{36})", run.stdout).group(1)
 
 
+def stop_deployments(home: Path, env: dict[str, str]) -> None:
+    """`gauntlet deploy stop` for every model a deploy flow served under ``home``: the routers and model servers
+    a triggered deploy run starts live in sessions of their own and outlive `gauntlet serve`."""
+    for folder in sorted((home / "deploy").glob("*/")):
+        subprocess.run([sys.executable, "-m", "gauntlet.cli", "deploy", "stop", folder.name], cwd=REPO,
+                       env={**env, "GAUNTLET_HOME": str(home)}, capture_output=True, timeout=120)
+
+
 @pytest.mark.slow
 def test_gauntlet_serve_schedules_and_runs_the_nightly_leaderboard(tmp_path: Path, quantize_env, monkeypatch,
                                                                    capsys) -> None:
@@ -226,6 +234,7 @@ def test_gauntlet_serve_schedules_and_runs_the_nightly_leaderboard(tmp_path: Pat
             serve.proc.send_signal(signal.SIGTERM)
         code = serve.proc.wait(120)
         shutil.rmtree(site, ignore_errors=True)
+        stop_deployments(home, env)   # the promotion's gauntlet.champion.moved started the deploy deployment
     assert code == 0, serve.output
     for name in ("worker", "prefect-server", "mlflow"):
         assert f"stopped {name}" in serve.output
@@ -313,8 +322,8 @@ def test_a_promotion_by_hand_starts_the_deploy_deployment_through_its_event_trig
         answer = chat(f"http://127.0.0.1:{base}", name, "What colour is the sky?", 3)
         assert answer["choices"][0]["message"]["role"] == "assistant"
     finally:
-        subprocess.run([sys.executable, "-m", "gauntlet.cli", "deploy", "stop", name], cwd=REPO, env=client_env,
-                       capture_output=True, timeout=120)
         if serve.proc.poll() is None:
             serve.proc.send_signal(signal.SIGTERM)
         serve.proc.wait(120)
+        stop_deployments(home, env)     # after the worker: no deploy run can start a server any more
+    assert not port_open(base) and not port_open(base + 1), "the deployment outlived its stop"
