@@ -90,7 +90,6 @@ def registry_errors(action):
         return EXIT_FAILED
 
 
-
 def announce_champion_moved(model_name: str, event) -> None:
     """``@champion`` moved by hand (``event``, the registry's ChampionEvent): the ``gauntlet.champion.moved``
     Prefect event a gated promotion sends too, so the ``deploy`` deployment's trigger serves the new champion.
