@@ -73,20 +73,24 @@ def models(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def slow_model(models, tmp_path_factory) -> Path:
-    """The tiny model's tokenizer on a much wider and deeper Llama (512 wide, 8 layers, about 25M parameters
-    against 0.5M): the same answers' shape, each about 20x slower on the CPU."""
+    """The tiny model's tokenizer on a much wider and deeper Llama (768 wide, 12 layers, about 85M parameters
+    against 0.5M) that never ends an answer early (its end-of-sequence token suppressed in its generation
+    config): every answer runs to max_tokens, each token tens of times slower on the CPU."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     out = tmp_path_factory.mktemp("deploy-models") / "v-slow"
     shutil.copytree(models["a"], out)
     for weights in out.glob("*.safetensors"):
         weights.unlink()
     config = LlamaConfig.from_pretrained(models["a"])
-    config.update({"hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 8,
-                   "num_attention_heads": 8, "num_key_value_heads": 8})
+    config.update({"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+                   "num_attention_heads": 12, "num_key_value_heads": 12})
     torch.manual_seed(2)
     LlamaForCausalLM(config).save_pretrained(out)
+    generation = GenerationConfig.from_pretrained(models["a"])
+    generation.suppress_tokens = [config.eos_token_id]
+    generation.save_pretrained(out)
     return out
 
 
@@ -135,12 +139,13 @@ def load():
     """A load generator through the router, in a thread, until the test stops it."""
     started = []
 
-    def start(port: int, name: str):
+    def start(port: int, name: str, max_tokens: int = 4):
         from gauntlet.deploy.load import generate
 
         stop, box = threading.Event(), {}
         thread = threading.Thread(target=lambda: box.update(result=generate(
-            f"http://127.0.0.1:{port}", name, PROMPTS, concurrency=2, max_requests=5000, stop=stop)), daemon=True)
+            f"http://127.0.0.1:{port}", name, PROMPTS, concurrency=2, max_requests=5000, stop=stop,
+            max_tokens=max_tokens)), daemon=True)
         thread.start()
         started.append(stop)
 
@@ -234,19 +239,21 @@ def test_broken_canary_is_rolled_back_and_champion_restored(models, prefect_api,
 
 
 def test_slow_canary_is_rolled_back_on_its_p95(models, slow_model, prefect_api, load, tmp_path) -> None:
-    """A canary that answers, right-shaped and without errors, but about 20x slower than stable: its p95 at
-    the router breaches max_p95_ratio (3x stable's in the same window) and it is rolled back."""
+    """A canary that answers, right-shaped and without errors, but many times slower per token than stable:
+    with answers of 24 tokens (generation, not the request's overhead, decides the time) its p95 at the router
+    breaches max_p95_ratio (2x stable's in the same window) and it is rolled back. (A 25M-parameter canary
+    with 4-token answers came out only 1.6x stable's p95 on a quiet 2-core machine: the servers share it.)"""
     from gauntlet.deploy.rollout import load_state, stop_all
     from gauntlet.registry.store import history
 
     c = mlflow_client()
     name = f"deploy-slow-{uuid.uuid4().hex[:6]}"
-    s = spec(steps=[(50, 10), (100, 6)], thresholds={"max_p95_ratio": 3.0})
+    s = spec(steps=[(50, 16), (100, 6)], thresholds={"max_p95_ratio": 2.0})
     try:
         v1 = register(c, name, models["a"])
         run_flow(name, s, tmp_path)
         v2 = register(c, name, slow_model)
-        finish = load(s.router_port, name)
+        finish = load(s.router_port, name, max_tokens=24)
         message = run_flow(name, s, tmp_path)
         result = finish()
         assert message.startswith("rolled back"), message
@@ -255,7 +262,7 @@ def test_slow_canary_is_rolled_back_on_its_p95(models, slow_model, prefect_api, 
         print(f"p95 canary {canary['p95_s']} s ({canary['requests']} requests), stable {stable['p95_s']} s "
               f"({stable['requests']})")
         assert canary["requests"] >= 3 and canary["errors"] == 0, canary
-        assert canary["p95_s"] > 3.0 * stable["p95_s"], (canary, stable)
+        assert canary["p95_s"] > 2.0 * stable["p95_s"], (canary, stable)
         last = history(c, name)[-1]
         assert last.action == "rollback" and f"canary v{v2}" in last.reason and "p95 latency" in last.reason, \
             last.reason
