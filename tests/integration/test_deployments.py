@@ -148,6 +148,9 @@ def test_gauntlet_serve_schedules_and_runs_the_nightly_leaderboard(tmp_path: Pat
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
     env.update({"GAUNTLET_HOME": str(home), "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",
                 "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                # the deploy deployment's event trigger has a test of its own (below); here the run's promotion
+                # must not start model servers beside the leaderboard it waits for
+                "PREFECT_SERVER_SERVICES_TRIGGERS_ENABLED": "false",
                 "GAUNTLET_QUANT_VENV": str(QUANTIZE_ENV.path())})  # the session's quantize venv, made once
     serve = ServeProcess(["--prefect-port", str(prefect_port), "--mlflow-port", str(mlflow_port),
                           "--timezone", "Europe/Berlin"], env)

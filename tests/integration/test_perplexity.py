@@ -23,7 +23,7 @@ from tests.integration.test_real_model import smollm2  # noqa: F401  (the module
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
-ROWS = 24
+ROWS = 16
 
 
 def heldout_rows(path: Path) -> Path:
