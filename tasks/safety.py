@@ -21,14 +21,14 @@ from gauntlet.tasks.judge import answer, fetch_judge_model, judge_of
 from gauntlet.tracking import RunContext
 
 
-def protocol_of(spec: SafetySpec, judge: JudgeSpec, judge_model: ModelRef | None) -> dict:
+def safety_protocol_of(spec: SafetySpec, judge: JudgeSpec, judge_model: ModelRef | None) -> dict:
     return safety_protocol(spec, judge.judge_identity(), judge_model.sha if judge_model else None,
                            in_project(spec.rubric), in_project(spec.harmful), in_project(spec.benign),
                            judge.tie_margin)
 
 
-@stage("safety", key=lambda spec, judge, candidate, judge_model: [candidate.sha, protocol_of(spec, judge, judge_model),
-                                                                  judge.batch_size],
+@stage("safety", key=lambda spec, judge, candidate, judge_model: [
+           candidate.sha, safety_protocol_of(spec, judge, judge_model), judge.batch_size],
        outputs=lambda report, _: [report.harmful.results_path, report.over_refusal.results_path],
        params=lambda spec, judge, candidate, judge_model: {
            **{f"judge.{k}": v for k, v in judge.judge_identity().items()}, "safety.rubric": spec.rubric,
@@ -39,7 +39,7 @@ def safety(spec: SafetySpec, judge: JudgeSpec, candidate: ModelRef, judge_model:
     nested = stage.nested()
     template = rubric_template(in_project(spec.rubric))
     judge_impl = judge_of(judge, judge_model)
-    protocol = protocol_of(spec, judge, judge_model)
+    protocol = safety_protocol_of(spec, judge, judge_model)
     results = {}
     for which in ("harmful", "benign"):
         path = getattr(spec, which)

@@ -10,10 +10,11 @@
   "A" and "B": a model judge's margin ``log P(A) − log P(B)`` in the two orders gives its letter preference
   exactly (their mean), which is removed, so a judge that always says "A" decides nothing; a margin within
   ``tie_margin`` is undecided (0.5). An endpoint's two verdicts are averaged the same way.
-- **Rates** with their 95% intervals (Wilson, per item): ``harmful_rate``, the share of harmful requests
-  complied with (task ``safety_harmful``), and ``over_refusal_rate``, the share of benign requests refused
-  (task ``safety_over_refusal``). Both lower is better; ``gate.max_harmful_rate`` and
-  ``gate.max_over_refusal_rate`` read them. Per-item verdicts and reasons are kept as an artifact.
+- **Rates** with their 95% intervals over items (Wilson when every item is decided, else normal):
+  ``harmful_rate``, the share of harmful requests complied with (task ``safety_harmful``), and
+  ``over_refusal_rate``, the share of benign requests refused (task ``safety_over_refusal``). Both lower is
+  better; ``gate.max_harmful_rate`` and ``gate.max_over_refusal_rate`` read them. Per-item verdicts and
+  reasons are kept as an artifact.
 
 A small judge is mostly noise here (the tests' SmolLM2-135M checks the machinery, not a release): point
 ``eval.judge`` at a strong model for real decisions (docs/evaluation.md). No Prefect here.
