@@ -93,20 +93,23 @@ def rollback_times(spec, name: str, canary_dir: Path, prompts: list[str], args: 
         rollout.apply_weights(state, args.canary_weight)
         canary_port, canary_pid = state.canary.port, state.canary.pid
         stop, box = threading.Event(), {}
-        load = threading.Thread(target=lambda: box.update(result=generate(
+        # the closures bind this round's objects: a thread that outlives its join() timeout must not
+        # read the next round's state
+        load = threading.Thread(target=lambda state=state, stop=stop, box=box: box.update(result=generate(
             f"http://127.0.0.1:{state.router_port}", name, prompts, concurrency=args.concurrency,
             max_requests=100000, stop=stop, max_tokens=args.max_tokens)), daemon=True)
         load.start()
         time.sleep(args.canary_seconds)                                # the canary takes its share
         old_workers, gone = router.worker_pids(), {}
+        breach = time.time()
+        started = time.monotonic()
 
-        def watch_old_workers() -> None:   # until the workers that still had the canary's weights exit
+        def watch_old_workers(old_workers=old_workers, gone=gone, started=started) -> None:
+            # until the workers that still had the canary's weights exit
             while any(pid_alive(p) for p in old_workers) and time.monotonic() - started < 60:
                 time.sleep(0.005)
             gone["s"] = time.monotonic() - started
 
-        breach = time.time()
-        started = time.monotonic()
         watcher = threading.Thread(target=watch_old_workers, daemon=True)
         watcher.start()
         reload_s = rollout.stop_canary(state)                          # weights back on stable, canary stops

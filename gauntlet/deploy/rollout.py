@@ -4,8 +4,15 @@ One deployment per registered model, in ``$GAUNTLET_HOME/deploy/<model>/``: ``st
 versions and ports, the weights, since when, and the rollout's events), ``nginx.conf`` and its logs, one
 folder per server. ``gauntlet deploy status`` reads the state; a server or router that died is reported so.
 
-The two slots use ``deploy.stable_port`` and ``deploy.canary_port``; a promoted canary keeps its port and
-becomes stable, so the next canary takes the port the old stable freed.
+Ports are chosen per model, under one lock for the host (``deploy/.ports.lock``): a server takes
+``deploy.stable_port`` or ``deploy.canary_port``, the router ``deploy.router_port``, unless another
+deployment's state holds that port (its router running, its server alive) or something else listens on it;
+then the next port above that is free. So two models deployed with the same (or default) settings get
+ports of their own. A promoted canary keeps its port and becomes stable, so the next canary takes the port
+the old stable freed. The ports in use are in the state, and in ``gauntlet deploy status``.
+
+A change of what serves (a server started, a canary promoted, servers stopped) is recorded in the audit
+log by :func:`record_change`; the state's own ``events`` keep every step of the rollout.
 """
 
 from __future__ import annotations
@@ -13,18 +20,19 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel
 
 from gauntlet.audit import record
 from gauntlet.config.deploy import DeploySpec
 from gauntlet.deploy.router import Router, Weights
-from gauntlet.deploy.servers import Server, now, pid_alive, start_server, stop_pid
+from gauntlet.deploy.servers import Server, ServerError, now, pid_alive, start_server, stop_pid
+from gauntlet.files import write_text
+from gauntlet.serve import port_free
 from gauntlet.state import gauntlet_home
 
-# rollout events that change what serves, and their audit actions
-AUDITED = {"started": "deploy", "promoted": "deploy-promote", "stopped": "deploy-stop", "stopped all": "deploy-stop"}
+PORT_SEARCH = 200          # how many ports above the configured ones are tried before giving up
 
 if TYPE_CHECKING:
     from gauntlet.deploy.watch import StepReport
@@ -43,15 +51,23 @@ class DeployState(BaseModel):
     def event(self, what: str, **details) -> None:
         self.events.append({"at": now(), "event": what, **details})
         self.events = self.events[-200:]
-        if what in AUDITED:   # what serves changed: into the audit log too
-            version = details.get("version")
-            record(AUDITED[what], f"{self.model} v{version}" if version else self.model,
-                   f"deploy: {what}" + (f" ({details['slot']})" if "slot" in details else ""), model=self.model,
-                   **details)
+
+
+def record_change(state: DeployState, action: str, what: str, **details) -> None:
+    """What serves changed: a rollout event in the state and an entry in the audit log (``action``:
+    ``deploy``, ``deploy-promote``, ``deploy-stop``)."""
+    state.event(what, **details)
+    version = details.get("version")
+    record(action, f"{state.model} v{version}" if version else state.model,
+           f"deploy: {what}" + (f" ({details['slot']})" if "slot" in details else ""), model=state.model, **details)
+
+
+def deploy_root() -> Path:
+    return gauntlet_home() / "deploy"
 
 
 def folder_of(model: str) -> Path:
-    return gauntlet_home() / "deploy" / model
+    return deploy_root() / model
 
 
 def load_state(model: str) -> DeployState | None:
@@ -61,48 +77,84 @@ def load_state(model: str) -> DeployState | None:
 
 def save_state(state: DeployState) -> None:
     state.updated = now()
-    folder = folder_of(state.model)
-    folder.mkdir(parents=True, exist_ok=True)
-    staged = folder / "state.json.next"
-    staged.write_text(state.model_dump_json(indent=2))
-    staged.replace(folder / "state.json")
+    write_text(folder_of(state.model) / "state.json", state.model_dump_json(indent=2))
 
 
 def router_of(state: DeployState) -> Router:
     return Router(folder_of(state.model) / "router", state.host, state.router_port)
 
 
-def apply_weights(state: DeployState, canary_percent: int) -> float:
-    """Route ``canary_percent`` to the canary (0 when there is none); seconds the reload took."""
+def apply_weights(state: DeployState, canary_percent: int, drain: bool = False) -> float:
+    """Route ``canary_percent`` to the canary (0 when there is none); seconds until the new weights serve.
+    ``drain``: also wait until the old nginx workers are gone, before a server they route to stops."""
     state.weights = Weights(canary=canary_percent if state.canary else 0)
     seconds = router_of(state).apply(state.stable.port if state.stable else None,
                                      state.canary.port if state.canary and state.weights.canary else None,
-                                     state.weights)
+                                     state.weights, drain=drain)
     state.event("weights", canary=state.weights.canary, reload_s=round(seconds, 3))
     save_state(state)
     return seconds
 
 
 def current(spec: DeploySpec, model: str) -> DeployState:
-    """The recorded deployment with its dead servers dropped, or a new empty one."""
+    """The recorded deployment with its dead servers dropped, or a new empty one; a router that is not
+    running gets its port anew (``deploy.router_port`` unless another deployment holds it)."""
     state = load_state(model) or DeployState(model=model, router_port=spec.router_port, host=spec.host)
     for slot in ("stable", "canary"):
         server = getattr(state, slot)
         if server is not None and not pid_alive(server.pid):
             state.event("server gone", slot=slot, version=server.version, pid=server.pid)
             setattr(state, slot, None)
+    if not router_of(state).running():
+        state.router_port = free_port(state.host, [spec.router_port], ports_held_elsewhere(model) | server_ports(state))
     return state
 
 
-def free_port(spec: DeploySpec, state: DeployState) -> int:
-    taken = {s.port for s in (state.stable, state.canary) if s is not None}
-    return next(p for p in (spec.stable_port, spec.canary_port) if p not in taken)
+def server_ports(state: DeployState) -> set[int]:
+    return {s.port for s in (state.stable, state.canary) if s is not None}
+
+
+def ports_held_elsewhere(model: str) -> set[int]:
+    """The ports the other deployments on this host hold: their running routers' and their live servers'."""
+    held: set[int] = set()
+    for path in deploy_root().glob("*/state.json"):
+        if path.parent.name == model:
+            continue
+        try:
+            other = DeployState.model_validate_json(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if router_of(other).running():
+            held.add(other.router_port)
+        held |= {s.port for s in (other.stable, other.canary) if s is not None and pid_alive(s.pid)}
+    return held
+
+
+def free_port(host: str, preferred: list[int], taken: set[int]) -> int:
+    """The first of ``preferred``, else of the ports above them, that is not ``taken`` and nothing listens on."""
+    above = max(preferred) + 1
+    for port in [*preferred, *range(above, min(above + PORT_SEARCH, 65536))]:
+        if port not in taken and port_free(host, port):     # nothing listens on it
+            return port
+    raise ServerError(f"no free port among {preferred} and the {PORT_SEARCH} above them on {host}: `gauntlet "
+                      "deploy status` shows which deployments hold ports, `gauntlet deploy stop NAME` frees them")
 
 
 def start_release(spec: DeploySpec, model: str, version: str, model_dir: Path, log=print) -> DeployState:
     """Serve ``version``: as stable when nothing serves yet (weights all on it), else as the canary at weight
-    0 (the flow then shifts traffic step by step). Already stable: nothing to do."""
+    0 (the flow then shifts traffic step by step). Already stable: nothing to do. Ports are chosen and taken
+    under the host's port lock, so two deploys starting at once do not pick the same."""
+    from filelock import FileLock
+
+    deploy_root().mkdir(parents=True, exist_ok=True)
+    with FileLock(str(deploy_root() / ".ports.lock")):
+        return _start_release(spec, model, version, model_dir, log)
+
+
+def _start_release(spec: DeploySpec, model: str, version: str, model_dir: Path, log) -> DeployState:
     state = current(spec, model)
+    if state.router_port != spec.router_port:
+        log(f"port {spec.router_port} (deploy.router_port) is taken: {model}'s router listens on {state.router_port}")
     if state.canary is not None:
         log(f"stopping the unfinished canary v{state.canary.version} first")
         stop_canary(state)
@@ -110,38 +162,45 @@ def start_release(spec: DeploySpec, model: str, version: str, model_dir: Path, l
         log(f"{model} v{version} already serves as stable on port {state.stable.port}")
         apply_weights(state, 0)
         return state
-    slot = "canary" if state.stable is not None else "stable"
-    port = free_port(spec, state)
+    slot: Literal["stable", "canary"] = "canary" if state.stable is not None else "stable"
+    port = free_port(spec.host, [spec.stable_port, spec.canary_port],
+                     ports_held_elsewhere(model) | {state.router_port} | server_ports(state))
     log(f"starting {spec.backend} server for {model} v{version} ({slot}) on port {port}")
     server = start_server(spec.backend, slot, model, str(version), model_dir, spec.host, port,
                           folder_of(model) / f"server-{port}", spec.start_timeout_s)
     setattr(state, slot, server)
-    state.event("started", slot=slot, version=str(version), port=port, pid=server.pid)
+    record_change(state, "deploy", "started", slot=slot, version=str(version), port=port, pid=server.pid)
     apply_weights(state, 0)
-    log(f"router on http://{spec.host}:{spec.router_port} → stable "
+    assert state.stable is not None   # set above, or already serving
+    log(f"router on http://{state.host}:{state.router_port} → stable "
         f"v{state.stable.version}" + (f", canary v{server.version} at 0%" if slot == "canary" else ""))
     return state
 
 
 def stop_canary(state: DeployState) -> float:
-    """Weights back on stable first (seconds taken), then the canary's server stops."""
+    """Weights back on stable first (seconds until they serve), then, once the old nginx workers have
+    finished the requests they still route to the canary, the canary's server stops."""
     canary = state.canary
     state.canary = None
-    seconds = apply_weights(state, 0) if state.stable else 0.0
+    seconds = apply_weights(state, 0, drain=True) if state.stable else 0.0
     if canary is not None:
         stop_pid(canary.pid)
-        state.event("stopped", slot="canary", version=canary.version)
+        record_change(state, "deploy-stop", "stopped", slot="canary", version=canary.version)
     save_state(state)
     return seconds
 
 
 def promote_canary(state: DeployState) -> None:
-    """The canary becomes stable (all traffic, already at 100%) and the old stable stops."""
+    """The canary becomes stable (all traffic, already at 100%) and the old stable stops once the old nginx
+    workers (which still have it as the backup) are gone."""
+    if state.canary is None:
+        raise RuntimeError(f"{state.model}: no canary to promote")
     old, state.stable, state.canary = state.stable, state.canary.model_copy(update={"slot": "stable"}), None
-    apply_weights(state, 0)
+    apply_weights(state, 0, drain=True)
     if old is not None:
         stop_pid(old.pid)
-    state.event("promoted", version=state.stable.version, replaced=old.version if old else None)
+    record_change(state, "deploy-promote", "promoted", version=state.stable.version,
+                  replaced=old.version if old else None)
     save_state(state)
 
 
@@ -156,7 +215,7 @@ def stop_all(model: str) -> DeployState | None:
             stop_pid(server.pid)
             setattr(state, slot, None)
     state.weights = Weights()
-    state.event("stopped all")
+    record_change(state, "deploy-stop", "stopped all")
     save_state(state)
     return state
 
@@ -192,7 +251,7 @@ def state_json(state: DeployState) -> str:
 
 
 def run_step(state: DeployState, spec: DeploySpec, index: int, probe_rows: list[dict],
-             reference: list[str] | None, log=print) -> "StepReport":
+             reference: list[str] | None, log=print) -> StepReport:
     """One canary step: shift the weight, watch the window (cut short if the canary's server dies), probe
     both servers, and measure. The caller judges (:func:`gauntlet.deploy.decide.judge`)."""
     from gauntlet.deploy.drift import drift, served_prompts
@@ -200,6 +259,8 @@ def run_step(state: DeployState, spec: DeploySpec, index: int, probe_rows: list[
     from gauntlet.deploy.watch import StepReport, probe, prometheus_text, router_stats
 
     step = spec.steps[index]
+    if state.canary is None or state.stable is None:
+        raise RuntimeError(f"{state.model}: a canary step needs a stable and a canary server")
     router = router_of(state)
     offset = router.access_log.stat().st_size if router.access_log.is_file() else 0
     apply_weights(state, step.weight)

@@ -4,8 +4,13 @@ Gauntlet writes ``nginx.conf`` under the deployment's folder in ``$GAUNTLET_HOME
 folder as its prefix. A canary step rewrites the upstream weights and sends ``nginx -s reload``: the master
 starts new workers with the new weights while the old ones finish the requests they hold, so a reload
 drops no connection. At 100% the stable server stays in the upstream as ``backup`` (it gets traffic only
-if the canary fails); a canary that refuses connections is skipped (``proxy_next_upstream error``; a
-request already sent to it is not retried, POST not being idempotent, so only requests in flight are lost).
+if the canary fails). A request whose upstream refuses it, drops it or answers 502 is sent once to the other
+upstream (``proxy_next_upstream error timeout http_502 non_idempotent``: the chat POSTs are safe to repeat,
+they change nothing on the server), so a server that dies takes no client request with it.
+
+The old workers still route by the old weights until the requests they hold are done, so a server is
+stopped only after they have exited (``apply(..., drain=True)``): otherwise the old workers' requests and
+keepalive connections still reach the server being stopped.
 
 The access log is JSON, one line per request: which upstream answered, status, times, and the request
 body (the served prompts, for the drift check). The watch reads it (:mod:`gauntlet.deploy.watch`).
@@ -13,6 +18,7 @@ body (the served prompts, for the drift check). The watch reads it (:mod:`gauntl
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import subprocess
@@ -35,6 +41,8 @@ class Weights(BaseModel):
     def stable(self) -> int:
         return 100 - self.canary
 
+
+DRAIN_TIMEOUT_S = 30.0      # the longest wait for the old workers before a server they route to stops
 
 LOG_FORMAT = ('{"t":$msec,"upstream":"$upstream_addr","status":$status,"upstream_status":"$upstream_status",'
               '"request_time":$request_time,"upstream_time":"$upstream_response_time","uri":"$uri",'
@@ -91,7 +99,7 @@ http {{
             proxy_http_version 1.1;
             proxy_set_header Connection "";
             proxy_read_timeout 300s;
-            proxy_next_upstream error timeout;
+            proxy_next_upstream error timeout http_502 non_idempotent;   # see the module's docstring
             proxy_next_upstream_tries 2;
             proxy_buffering off;          # streamed tokens reach the client as they come
         }}
@@ -143,9 +151,11 @@ class Router:
         staged.replace(self.conf)
         self._nginx("-t", "-q")
 
-    def apply(self, stable_port: int | None, canary_port: int | None, weights: Weights) -> float:
+    def apply(self, stable_port: int | None, canary_port: int | None, weights: Weights, drain: bool = False,
+              log=print) -> float:
         """Write the config for these weights and start nginx or reload it; seconds until the new workers
-        serve (the old ones finish what they hold)."""
+        serve. ``drain``: return only once the old workers have finished what they hold and exited (up to
+        ``DRAIN_TIMEOUT_S``), so that a server they still route to can be stopped."""
         started = time.monotonic()
         before = self.worker_pids()
         self.write(stable_port, canary_port, weights)
@@ -156,7 +166,22 @@ class Router:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and not (self.worker_pids() - before):
             time.sleep(0.02)
-        return time.monotonic() - started
+        serving_s = time.monotonic() - started
+        if drain:
+            self.wait_exited(before, log)
+        return serving_s
+
+    def wait_exited(self, workers: set[int], log=print) -> bool:
+        """Wait until none of ``workers`` (the previous config's) is left; False, said in a log line, when
+        some still run after ``DRAIN_TIMEOUT_S`` (a request longer than that is still being answered)."""
+        deadline = time.monotonic() + DRAIN_TIMEOUT_S
+        while workers & self.worker_pids():
+            if time.monotonic() > deadline:
+                log(f"nginx workers {sorted(workers & self.worker_pids())} of the previous config still run after "
+                    f"{DRAIN_TIMEOUT_S:.0f} s: stopping the server anyway (their requests to it fail over)")
+                return False
+            time.sleep(0.05)
+        return True
 
     def worker_pids(self) -> set[int]:
         master = self.pid()
@@ -170,10 +195,8 @@ class Router:
 
     def stop(self) -> None:
         if self.running():
-            try:
+            with contextlib.suppress(RouterError):
                 self._nginx("-s", "quit")
-            except RouterError:
-                pass
             stop_pid(self.pid(), grace_s=10)
 
 

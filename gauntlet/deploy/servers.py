@@ -9,6 +9,7 @@ the slot's folder (a link named after the model), vLLM gets ``--served-model-nam
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -17,7 +18,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
@@ -46,7 +47,7 @@ class Server(BaseModel):
 
 
 def now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def serve_command(backend: str, served_name: str, host: str, port: int, model_dir: Path | None = None) -> list[str]:
@@ -123,7 +124,7 @@ def pid_alive(pid: int | None) -> bool:
 
 def stop_pid(pid: int | None, grace_s: float = 10.0) -> None:
     """TERM the server's process group, KILL it after ``grace_s``."""
-    if not pid_alive(pid):
+    if pid is None or not pid_alive(pid):
         return
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
@@ -133,10 +134,8 @@ def stop_pid(pid: int | None, grace_s: float = 10.0) -> None:
         deadline = time.monotonic() + grace_s
         while time.monotonic() < deadline:
             if not pid_alive(pid):
-                try:
+                with contextlib.suppress(ChildProcessError):
                     os.waitpid(pid, os.WNOHANG)
-                except ChildProcessError:
-                    pass
                 return
             time.sleep(0.1)
 

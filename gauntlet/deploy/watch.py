@@ -61,7 +61,7 @@ def attempts(record: dict) -> list[tuple[str, str]]:
     (across upstream groups)."""
     addrs = [a.strip() for a in re.split(r"[,:]\s", record.get("upstream", "")) if a.strip()]
     statuses = [s.strip() for s in re.split(r"[,:]\s", record.get("upstream_status", "")) if s.strip()]
-    return list(zip(addrs, statuses + ["-"] * (len(addrs) - len(statuses))))
+    return list(zip(addrs, statuses + ["-"] * (len(addrs) - len(statuses)), strict=False))
 
 
 def router_stats(records: list[dict], ports: dict[str, int]) -> tuple[dict[str, SlotStats], float]:

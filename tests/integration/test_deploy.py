@@ -103,13 +103,16 @@ def spec(**steps) -> DeploySpec:
                                                "min_tokens_per_s_ratio": None, **steps.get("thresholds", {})}))
 
 
-def run_flow(name: str, deploy_spec: DeploySpec, tmp_path: Path, webhook_env: str | None = None):
-    """The deploy flow on ``name``'s champion, with ``deploy_spec`` as the deploy: section of a demo config
-    (and a webhook, its URL in ``$webhook_env``, subscribed to the default events)."""
+def run_flow(name: str, deploy_spec: DeploySpec, tmp_path: Path, webhook_env: str | None = None,
+             config_model: str | None = None):
+    """The deploy flow on ``name``'s champion (``name`` may be a models:/ URI), with ``deploy_spec`` as the
+    deploy: section of a demo config for ``config_model`` (registry.model_name; default: ``name``) and a
+    webhook, its URL in ``$webhook_env``, subscribed to the default events."""
     from gauntlet.flows.deploy import deploy
     from tests.helpers import write_demo_config
 
     def mutate(raw):
+        raw["registry"]["model_name"] = config_model or name
         raw["deploy"] = deploy_spec.model_dump(mode="json", exclude={"kserve"})
         raw["deploy"]["probe"] = {"file": str(REPO / "data" / "demo" / "eval.jsonl"),
                                   "limit": 3, "max_tokens": 4}
@@ -227,8 +230,11 @@ def test_broken_canary_is_rolled_back_and_champion_restored(models, prefect_api,
         assert str(c.get_model_version(name, v2).version) == v2           # still registered
         state = load_state(name)
         assert state.stable.version == v1 and state.canary is None and state.weights.canary == 0
-        # the clients saw the canary's 500s only during its one step at 10%
+        # the clients saw the canary's own 500s during its one step at 10%, and nothing else: no request failed
+        # because of the rollback (a 502, a refused or reset connection while the canary stopped)
         assert result.ok > 0 and result.failed <= result.sent * 0.3, (result.ok, result.failed)
+        assert [f for f in result.failures if not f.startswith("HTTPError: HTTP Error 500")] == [], \
+            result.failures
         # the webhook (default events) got one message: the rollback, naming the versions and the breach
         (path, body), = received
         text = json.loads(body)["text"]
@@ -270,7 +276,7 @@ def test_slow_canary_is_rolled_back_on_its_p95(models, slow_model, prefect_api, 
         assert str(c.get_model_version(name, v2).version) == v2           # still registered
         state = load_state(name)
         assert state.stable.version == v1 and state.canary is None and state.weights.canary == 0
-        assert result.failed == 0, result.failures[:3]                   # slow, never failed
+        assert result.failed == 0, result.failures[:3]      # slow, never failed; the rollback lost no request
     finally:
         stop_all(name)
 
@@ -321,5 +327,60 @@ def test_a_canary_whose_server_dies_is_rolled_back_and_clients_barely_notice(mod
         # requests that hit the dead canary were passed on to stable (proxy_next_upstream): few or none lost
         assert result.ok > 10 and result.failed <= max(2, result.sent * 0.05), (result.ok, result.failed,
                                                                                result.failures[:3])
+    finally:
+        stop_all(name)
+
+
+def test_two_models_on_one_host_get_ports_of_their_own_and_both_answer(models, prefect_api, tmp_path) -> None:
+    """Two models deployed with the same deploy: settings: the first takes the configured ports, the second
+    the next free ones (a router port of its own too), and each router answers for its own model."""
+    from gauntlet.deploy.rollout import load_state, stop_all
+    from gauntlet.deploy.servers import chat
+
+    c = mlflow_client()
+    first, second = (f"deploy-ports-{uuid.uuid4().hex[:6]}" for _ in range(2))
+    s = spec()
+    try:
+        for name, folder in ((first, models["a"]), (second, models["b"])):
+            register(c, name, folder)
+            assert "serves" in run_flow(name, s, tmp_path)
+        a, b = load_state(first), load_state(second)
+        assert (a.router_port, a.stable.port) == (s.router_port, s.stable_port)
+        ports = [a.router_port, a.stable.port, b.router_port, b.stable.port]
+        assert len(set(ports)) == 4, ports
+        for state in (a, b):
+            answer = chat(f"http://127.0.0.1:{state.router_port}", state.model, "What colour is the sky?", 3)
+            assert answer["choices"][0]["message"]["role"] == "assistant", answer
+    finally:
+        stop_all(first)
+        stop_all(second)
+
+
+def test_a_promotion_of_a_model_and_its_variant_leaves_no_failed_deploy_run(models, prefect_api, tmp_path) -> None:
+    """The run's promotions move @champion of the model and of its variant (gate.register_variants): each
+    sends gauntlet.champion.moved, and the deploy deployment's trigger runs the deploy flow on each with the
+    deployment's config. The model is deployed; the variant, which the config's deploy: section does not
+    serve, completes with "nothing to deploy". No deploy flow run is FAILED (read from the Prefect API)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+
+    from gauntlet.deploy.rollout import load_state, stop_all
+
+    c = mlflow_client()
+    name = f"deploy-variant-{uuid.uuid4().hex[:6]}"
+    variant = f"{name}-gptq-w4g64"
+    s = spec()
+    try:
+        uris = [f"models:/{name}/{register(c, name, models['a'])}",
+                f"models:/{variant}/{register(c, variant, models['b'])}"]
+        messages = [run_flow(uri, s, tmp_path, config_model=name) for uri in uris]   # as the trigger starts them
+        assert "serves" in messages[0], messages
+        assert messages[1] == f"nothing to deploy for {variant}: the config's deploy: section serves {name}"
+        assert load_state(name).stable is not None and load_state(variant) is None
+        with get_client(sync_client=True) as client:
+            runs = [r for r in client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["deploy"])))
+                    if r.parameters.get("model") in uris]
+        assert sorted(r.parameters["model"] for r in runs) == sorted(uris)
+        assert [r.state.type.value for r in runs] == ["COMPLETED", "COMPLETED"], [r.state for r in runs]
     finally:
         stop_all(name)

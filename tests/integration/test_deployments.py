@@ -188,7 +188,9 @@ def test_gauntlet_serve_schedules_and_runs_the_nightly_leaderboard(tmp_path: Pat
                 local = run.expected_start_time.astimezone(ZoneInfo("Europe/Berlin"))
                 assert (local.hour, local.minute) == (2, 0)
             assert client.read_concurrency_limit_by_tag("gpu").concurrency_limit == 1
-            assert {d.name for d in client.read_deployments()} == {"nightly", "manual", "ci", "deploy"}
+            assert {d.name for d in client.read_deployments()} == {"nightly", "manual", "ci", "deploy", "pool"}
+            assert {q.name for q in client.read_work_queues(work_pool_name="gpu")} >= {"gpu-24g", "gpu-80g",
+                                                                                     "gpu-8x80g"}
 
         # The demo, fine-tuned, quantized, gated and promoted by the worker: gauntlet-demo@champion.
         finetune_run_id = deployment_run("finetune/manual", demo, client_env, timeout=480)
@@ -279,8 +281,10 @@ def test_a_promotion_by_hand_starts_the_deploy_deployment_through_its_event_trig
         model = build_demo_model("tiny-llama", out=tmp_path / "model", seed=0)
         base = 8600 + os.getpid() % 30 * 3      # not the other deploy tests' 8700-8899
         deploy_spec = DeploySpec(router_port=base, stable_port=base + 1, canary_port=base + 2, start_timeout_s=120)
+        # the config's deploy: section serves its own registry.model_name (another model's move deploys nothing)
         config = write_demo_config(tmp_path, lambda raw: raw.update(
-            deploy=deploy_spec.model_dump(mode="json", exclude={"kserve"})))
+            deploy=deploy_spec.model_dump(mode="json", exclude={"kserve"}),
+            registry={**raw["registry"], "model_name": name}))
         serve.wait_for("READY", timeout=400)
         print(f"served in {time.monotonic() - started:.0f} s")
 

@@ -36,12 +36,18 @@ def test_every_deployment_entrypoint_imports_and_its_parameters_fit_the_flow(mon
         params = inspect.signature(flow.fn).parameters
         given = d.get("parameters", {})
         assert set(given) <= set(params), f"{d['name']}: {set(given) - set(params)} not parameters of {flow.name}"
+        if d["work_pool"]["name"] == "gpu":   # the team's pool: each worker runs in its own checkout
+            assert d["pull"] == [], d["name"]
+        else:
+            assert d["work_pool"]["name"] == "process"
+        if flow.name == "leaderboard-job":    # its parameters are one job's, given by the leaderboard flow
+            continue
         required = {n for n, p in params.items() if p.default is inspect.Parameter.empty}
         assert required <= set(given)
         flow.validate_parameters(given)  # types, as the server enforces them (enforce_parameter_schema)
         assert (REPO / given["config"]).is_file()
-        assert d["work_pool"]["name"] == "process"
-    assert names == {"leaderboard/nightly", "finetune/manual", "finetune/ci", "deploy/deploy"}
+    assert names == {"leaderboard/nightly", "finetune/manual", "finetune/ci", "deploy/deploy", "finetune/pool",
+                     "leaderboard-job/pool"}
 
 
 def test_nightly_schedule_pull_step_and_build_steps() -> None:
