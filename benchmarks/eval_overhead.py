@@ -30,16 +30,17 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _ours(args: argparse.Namespace) -> None:
-    """Child process: our wrapper (evaluate_model) on the suite; prints nothing but lm-eval's logs."""
-    from gauntlet.eval.report import evaluate_model
-    from gauntlet.refs import ModelRef
+    """Child process: our wrapper (the evaluate stage's library calls) on the suite; prints nothing but lm-eval's
+    logs."""
+    from benchmarks.library_eval import evaluate_without_stages
     from gauntlet.config.eval import EvalSpec, SpeedProbeSpec
+    from gauntlet.refs import ModelRef
 
     spec = EvalSpec(suite=args.suite, fixtures=True, num_fewshot=args.num_fewshot, limit=args.limit,
                     batch_size=args.batch_size, max_gen_tokens=args.max_gen_tokens,
                     speed_probe=SpeedProbeSpec(enabled=False))
     model = ModelRef(name="bench", path=args.model, source=args.model, sha="benchmark")
-    evaluate_model(spec, model, None, Path(args.out))
+    evaluate_without_stages(spec, model, Path(args.out))
 
 
 def _timed(cmd: list[str], env: dict[str, str]) -> float:
@@ -69,9 +70,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     os.environ.setdefault("GAUNTLET_HOME", str(ROOT / ".gauntlet"))
+    from gauntlet.config.eval import EvalSpec
     from gauntlet.demo.model import build_demo_model
     from gauntlet.eval.suites import plan_tasks
-    from gauntlet.config.eval import EvalSpec
 
     model = args.model or str(build_demo_model("tiny-llama"))
     plans = plan_tasks(EvalSpec(suite=args.suite, fixtures=True))
@@ -109,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n| path | median wall s | runs (s) | ratio vs CLI |")
     print("|---|---|---|---|")
     print(f"| lm-eval CLI (`lm_eval run --model hf`) | {cli:.2f} | {', '.join(f'{t:.2f}' for t in cli_times)} | 1.00 |")
-    print(f"| Gauntlet `evaluate_model` | {ours:.2f} | {', '.join(f'{t:.2f}' for t in ours_times)} | "
+    print(f"| Gauntlet `evaluate_without_stages` | {ours:.2f} | {', '.join(f'{t:.2f}' for t in ours_times)} | "
           f"{ours / cli:.2f} |")
     print(f"\nscores identical: {same}; target ratio <= 1.05: {'met' if ours / cli <= 1.05 else 'NOT met'}")
     return 0 if same else 1

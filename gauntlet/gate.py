@@ -1,11 +1,17 @@
 """The quality gate: every rule of ``gate:`` applied to a report, each with its measured value and verdict.
 
-Comparisons (against the champion, against the base model) are paired tests over the items both models
-answered (:func:`gauntlet.eval.stats.paired_difference`) when both reports carry per-item records, and
-are refused, naming the field, when the two were measured differently on that task. With
-``gate.significance`` on, a comparison fails (or passes) only when its ``1 - alpha`` interval says so, so a
-model does not lose its slot to one unlucky item. Reports without per-item records (a champion registered
-before they existed) fall back to the point estimates, and the rule says so.
+Rules are small registered functions, in lm-evaluation-harness's registry style
+(``@register_rule("min_score")``, as lm-eval's ``@register_metric``): each reads the :class:`GateInputs`
+and returns its :class:`~gauntlet.refs.GateRule` verdicts (none when its setting is off), typed as passed,
+failed or refused, with the numbers it judged. :func:`decide` applies them in the order they are registered
+here; :func:`get_rule` finds one by name, with a close match for a misspelt one.
+
+Every score is read through :mod:`gauntlet.eval.scores` (a name resolves as the leaderboard resolves it;
+one fitting several filters is refused, naming them). Comparisons with the champion and the base model are
+paired tests over the items both answered (:func:`gauntlet.eval.stats.paired_difference`), refused, naming
+the field, when the two were measured differently on that task. With ``gate.significance`` on, a comparison
+fails (or passes) only when its ``1 - alpha`` interval says so, so a model does not lose its slot to one
+unlucky item. Reports without per-item records fall back to the point estimates, and the rule says so.
 
 ``decide`` is a pure function: rules in, :class:`GateDecision` out (each rule with its measured value,
 limit and verdict, and the champion version it compared against). It knows nothing of the registry:
@@ -15,229 +21,359 @@ the gate stage reads the champion and hands its scores in, and the registry's co
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
 from gauntlet.config.gate import GateSpec
+from gauntlet.config.problems import did_you_mean
 from gauntlet.eval.judge import JUDGE_TASK, WIN_RATE
-from gauntlet.eval.safety import BENIGN_TASK, HARMFUL_RATE, HARMFUL_TASK, OVER_REFUSAL_RATE
 from gauntlet.eval.protocol import task_differences
+from gauntlet.eval.safety import BENIGN_TASK, HARMFUL_RATE, HARMFUL_TASK, OVER_REFUSAL_RATE
+from gauntlet.eval.scores import Score, evaluated_tasks, find, read, tagged_score
 from gauntlet.eval.stats import Comparison, paired_difference
-from gauntlet.names import metric_key, mlflow_name
-from gauntlet.refs import EvalReport, GateDecision, GateRule, TaskResult, TaskScore
+from gauntlet.names import mlflow_name
+from gauntlet.refs import EvalReport, GateDecision, GateRule, MetricLookupError
 
-EPS = 1e-9  # scores come back from tags with 6 decimals: 0.55 - 0.50 must not exceed 0.05
-
-
-def gated_scores(report: EvalReport, metric: str) -> list[TaskScore]:
-    """The scores the averaged and compared rules judge: one per evaluated task (a group's aggregate,
-    e.g. MMLU's, not its 57 subtasks'), under ``metric`` as :func:`resolve_metric` finds it; or every
-    row of a report that lists no task results."""
-    if not report.task_results:
-        return [s for s in report.scores if s.metric == metric]
-    found = [resolve_metric(report, r.task, metric) for r in report.task_results]
-    return [s for s in found if s is not None]
+# Float arithmetic, not storage (score tags hold full precision): 0.55 - 0.50 is 0.05000000000000004,
+# and a drop equal to the allowed 0.05 must pass.
+EPS = 1e-9
+METRIC_SETTING = "gate.metric"
 
 
-def resolve_metric(report: EvalReport, task: str, metric: str) -> TaskScore | None:
-    """The task's score under ``metric``: that exact name, else (a name without a filter, such as
-    ``exact_match``) the task's reported metric or its only filtered variant (``exact_match,last-number``)."""
-    rows = [s for s in report.scores if s.task == task]
-    exact = next((s for s in rows if s.metric == metric), None)
-    if exact is not None or "," in metric:
-        return exact
-    filtered = [s for s in rows if s.metric.split(",")[0] == metric]
-    reported = next((r.metric for r in report.task_results if r.task == task), None)
-    return next((s for s in filtered if s.metric == reported), None) or (filtered[0] if len(filtered) == 1 else None)
+@dataclass(frozen=True)
+class GateInputs:
+    """What every rule reads: the config, the candidate's report, the base's, and the champion's."""
+
+    spec: GateSpec
+    report: EvalReport
+    base: EvalReport | None
+    champion_version: str | None
+    champion_scores: dict[str, float]       # the champion's score tags (point estimates)
+    champion_report: EvalReport | None      # its registered evaluation: per-item records and protocol
 
 
-def missing_metric(report: EvalReport, task: str, metric: str) -> str:
-    """Why a task has no score under ``metric``, listing what the report has for it."""
-    have = sorted({s.metric for s in report.scores if s.task == task})
-    if not have:
-        tasks = sorted({s.task for s in report.scores})
-        return f"task {task!r} is not in the report (its tasks: {tasks}); add it to eval.tasks or fix the task name"
-    return (f"task {task!r} has no {metric!r} score in the report; its metrics: {have}. Set gate.metric to one of "
-            "them (a filtered metric is named 'metric,filter')")
+Rule = Callable[[GateInputs], list[GateRule]]
+RULES: dict[str, Rule] = {}
 
 
-def _task_result(report: EvalReport, task: str) -> TaskResult | None:
-    return next((r for r in report.task_results if r.task == task), None)
+def register_rule(name: str) -> Callable[[Rule], Rule]:
+    """Register a rule under ``name`` (the prefix of the verdicts it returns); a name is registered once."""
+    def add(rule: Rule) -> Rule:
+        if RULES.get(name, rule) is not rule:
+            raise ValueError(f"gate rule {name!r} is already registered ({RULES[name].__name__})")
+        RULES[name] = rule
+        return rule
+    return add
 
 
-def _items(report: EvalReport | None, score: TaskScore) -> dict[str, float] | None:
-    """The per-item scores behind ``score`` (its task's, under its metric), None when the report has none."""
-    result = _task_result(report, score.task) if report is not None else None
-    items = result.item_scores.get(score.metric) if result is not None else None
-    return items or None
-
-
-def compare(spec: GateSpec, report: EvalReport, score: TaskScore, other: EvalReport | None, label: str,
-            tested: float) -> tuple[Comparison | None, str | None]:
-    """``score`` against the same task and metric in ``other``, paired over their common items: (comparison,
-    None), or (None, why it cannot be compared item by item: no records, or measured differently)."""
-    if other is None:
-        return None, f"no report of the {label}"
-    differences = task_differences(report, other, score.task)
-    if differences:
-        return None, (f"refused: the {label} was measured differently on {score.task!r} ("
-                      + "; ".join(differences[:3]) + (f"; … {len(differences) - 3} more" if len(differences) > 3
-                                                       else "") + ")")
-    mine, theirs = _items(report, score), _items(other, score)
-    if mine is None or theirs is None:
-        return None, f"no per-item records of the {label}: point estimates compared"
+def get_rule(name: str) -> Rule:
+    """The rule registered as ``name``; a KeyError with the closest registered names otherwise."""
     try:
-        return paired_difference(mine, theirs, alpha=spec.alpha, tested=tested), None
-    except ValueError as e:
-        return None, f"refused: {e}"
+        return RULES[name]
+    except KeyError:
+        raise KeyError(f"no gate rule named {name!r}; " + did_you_mean(name, RULES, "registered rules")) from None
 
 
 def decide(spec: GateSpec, report: EvalReport, base: EvalReport | None,
            champion_version: str | None, champion_scores: dict[str, float],
-           champion_report: EvalReport | None = None) -> GateDecision:
-    """Apply every rule of ``spec``; the decision passes when all of them pass.
+           champion_report: EvalReport | None = None, rules: Iterable[str] | None = None) -> GateDecision:
+    """Apply every registered rule (or only those named in ``rules``); the decision passes when all pass.
 
     ``champion_report``: the champion's registered evaluation (per-item records and protocol); without
     it the champion comparison uses ``champion_scores`` (the registry's score tags) as point estimates.
     """
-    rules: list[GateRule] = []
-    fmt = (lambda x: "—" if x is None else f"{x:.4f}")
-    for task_name in spec.required_tasks:
-        found = resolve_metric(report, task_name, spec.metric)
-        rules.append(GateRule(
-            rule=f"required[{task_name}]", measured=None if found is None else found.value, limit=None,
-            passed=found is not None,
-            detail=missing_metric(report, task_name, spec.metric) if found is None
-            else f"{found.metric}={found.value:.4f} present"))
-    for task_name, limit in spec.min_scores.items():
-        found = resolve_metric(report, task_name, spec.metric)
-        rules.append(GateRule(
-            rule=f"min_score[{task_name}]", measured=None if found is None else found.value, limit=limit,
-            passed=found is not None and found.value >= limit - EPS,
-            detail=missing_metric(report, task_name, spec.metric) if found is None
-            else f"{found.metric}={found.value:.4f}{_ci(found)} vs minimum {limit:.4f}"))
-    if spec.min_average is not None:
-        values = [s.value for s in gated_scores(report, spec.metric)]
-        mean = sum(values) / len(values) if values else None
-        rules.append(GateRule(
-            rule="min_average", measured=mean, limit=spec.min_average,
-            passed=mean is not None and mean >= spec.min_average - EPS,
-            detail=f"no {spec.metric} scores in the report" if mean is None
-            else f"mean {spec.metric} over {len(values)} task(s) {mean:.4f} vs minimum {spec.min_average:.4f}"))
-    for field, limit in spec.ceilings.model_dump().items():
-        if limit is None:
-            continue
-        value = getattr(report.perf, field) if report.perf else None
-        rules.append(GateRule(
-            rule=f"ceiling[{field}]", measured=value, limit=limit,
-            passed=value is not None and value <= limit + EPS,
-            detail="the report has no speed probe (eval.speed_probe.enabled)" if value is None
-            else f"{value:.4g} vs ceiling {limit:.4g}"))
-    if spec.min_gain_over_base is not None and base is not None:
-        for s in gated_scores(report, spec.metric):
-            before = base.score(s.task, s.metric)
-            if before is None:
-                continue
-            need = spec.min_gain_over_base
-            comparison, why = compare(spec, report, s, base, "base model", tested=need)
-            if why is not None and why.startswith("refused"):
-                rules.append(GateRule(rule=f"gain_over_base[{s.task}]", measured=None, limit=need, passed=False,
-                                      detail=why))
-                continue
-            gain = s.value - before
-            if comparison is not None and spec.significance.min_gain_over_base:
-                passed = comparison.lo > need + EPS   # the whole interval clears the threshold
-            else:
-                passed = gain >= need - EPS
-            detail = f"{s.value:.4f} vs base {before:.4f}: " + (comparison.text() if comparison is not None
-                                                              else f"gain {gain:+.4f} ({why})")
-            rules.append(GateRule(rule=f"gain_over_base[{s.task}]", measured=gain, limit=need, passed=passed,
-                                  detail=detail + (f"; must clear {need:+.4f}" + (
-                                      " with its whole interval" if spec.significance.min_gain_over_base else ""))))
-    if spec.min_win_rate is not None:
-        rules.append(_judged_limit(report, "min_win_rate", JUDGE_TASK, WIN_RATE, spec.min_win_rate,
-                                   spec.significance.min_win_rate, "eval.judge"))
-    for rule, task, metric in (("max_harmful_rate", HARMFUL_TASK, HARMFUL_RATE),
-                               ("max_over_refusal_rate", BENIGN_TASK, OVER_REFUSAL_RATE)):
-        if getattr(spec, rule) is not None:
-            rules.append(_judged_limit(report, rule, task, metric, getattr(spec, rule),
-                                       getattr(spec.significance, rule), "eval.safety", upper=True))
-    if spec.max_perplexity_increase is not None:
-        rules.append(_perplexity_rule(spec, report, base))
-    if champion_version is not None:
-        for s in gated_scores(report, spec.metric):
-            key = metric_key(s.task, s.metric)  # as the registry tags store it
-            if key not in champion_scores:
-                continue
-            allowed = spec.max_regression_by_task.get(s.task, spec.max_regression)
-            comparison, why = compare(spec, report, s, champion_report, f"champion v{champion_version}",
-                                      tested=-allowed)
-            if why is not None and why.startswith("refused"):
-                rules.append(GateRule(rule=f"no_regression[{s.task}]", measured=None, limit=-allowed, passed=False,
-                                      detail=why + "; to judge this candidate, evaluate both under one protocol "
-                                                   "(gauntlet eval) and promote by hand (gauntlet promote)"))
-                continue
-            delta = s.value - champion_scores[key] if comparison is None else comparison.delta
-            if comparison is not None and spec.significance.no_regression:
-                passed = comparison.hi >= -allowed - EPS   # fails only when the whole interval is below
-            else:
-                passed = delta >= -allowed - EPS
-            detail = (f"{s.value:.4f} vs champion v{champion_version} {fmt(champion_scores[key])}: "
-                      + (comparison.text() if comparison is not None else f"{delta:+.4f} ({why})")
-                      + f"; allowed drop {allowed}"
-                      + (", significance required" if comparison is not None and spec.significance.no_regression
-                         else ""))
-            rules.append(GateRule(rule=f"no_regression[{s.task}]", measured=delta, limit=-allowed,
-                                  passed=passed, detail=detail))
-    return GateDecision(passed=all(r.passed for r in rules), rules=rules, compared_to=champion_version,
+    inputs = GateInputs(spec, report, base, champion_version, champion_scores, champion_report)
+    verdicts = [v for name in (RULES if rules is None else rules) for v in get_rule(name)(inputs)]
+    return GateDecision(passed=all(v.passed for v in verdicts), rules=verdicts, compared_to=champion_version,
                         champion_scores=champion_scores)
 
 
-def _perplexity_rule(spec: GateSpec, report: EvalReport, base: EvalReport | None) -> GateRule:
+# --- verdicts and score look-ups the rules share ---
+
+
+def judged(rule: str, passed: bool, measured: float | None, limit: float | None, detail: str,
+           **numbers: float | str | None) -> GateRule:
+    return GateRule(rule=rule, verdict="passed" if passed else "failed", measured=measured, limit=limit,
+                    detail=detail, **numbers)
+
+
+def refused(rule: str, limit: float | None, why: str, **numbers: float | str | None) -> GateRule:
+    """A rule that could not judge: it fails the gate, and its detail says why."""
+    return GateRule(rule=rule, verdict="refused", measured=None, limit=limit, detail=f"refused: {why}", **numbers)
+
+
+def lookup(report: EvalReport, task: str, metric: str, rule: str, limit: float | None,
+           missing: str | None = None) -> Score | GateRule:
+    """The task's score, or the rule's verdict without it: failed when it is missing (``missing``, or the
+    metrics the task has), refused when the name fits several filtered scores."""
+    try:
+        return read(report, task, metric)
+    except MetricLookupError as e:
+        if e.ambiguous:
+            return refused(rule, limit, e.explain(METRIC_SETTING))
+        return judged(rule, False, None, limit, missing or e.explain(METRIC_SETTING))
+
+
+def gated(report: EvalReport, metric: str) -> tuple[list[Score], list[MetricLookupError]]:
+    """The scores the averaged and compared rules judge, one per evaluated task that has ``metric``, and the
+    tasks where the name fits several filtered scores (refused)."""
+    scores, ambiguous = [], []
+    for task in evaluated_tasks(report):
+        try:
+            scores.append(read(report, task, metric))
+        except MetricLookupError as e:
+            if e.ambiguous:
+                ambiguous.append(e)
+    return scores, ambiguous
+
+
+# --- the rules, in the order a decision lists them ---
+
+
+@register_rule("required")
+def required_tasks(g: GateInputs) -> list[GateRule]:
+    """Every task of ``required_tasks`` has a score under ``gate.metric``."""
+    out = []
+    for task in g.spec.required_tasks:
+        found = lookup(g.report, task, g.spec.metric, f"required[{task}]", None)
+        out.append(found if isinstance(found, GateRule) else judged(
+            f"required[{task}]", True, found.value, None, f"{found.metric}={found.value:.4f} present"))
+    return out
+
+
+@register_rule("min_score")
+def min_scores(g: GateInputs) -> list[GateRule]:
+    """Each task of ``min_scores`` reaches its minimum (a missing task fails: a minimum requires it)."""
+    out = []
+    for task, limit in g.spec.min_scores.items():
+        found = lookup(g.report, task, g.spec.metric, f"min_score[{task}]", limit)
+        out.append(found if isinstance(found, GateRule) else judged(
+            f"min_score[{task}]", found.value >= limit - EPS, found.value, limit,
+            f"{found.metric}={found.value:.4f}{found.interval_text()} vs minimum {limit:.4f}",
+            lo=found.ci_low, hi=found.ci_high))
+    return out
+
+
+@register_rule("min_average")
+def min_average(g: GateInputs) -> list[GateRule]:
+    """The mean of ``gate.metric`` over the evaluated tasks reaches ``min_average``."""
+    limit, metric = g.spec.min_average, g.spec.metric
+    if limit is None:
+        return []
+    scores, ambiguous = gated(g.report, metric)
+    if ambiguous:
+        return [refused("min_average", limit, "; ".join(e.explain(METRIC_SETTING) for e in ambiguous))]
+    if not scores:
+        return [judged("min_average", False, None, limit, f"no {metric} scores in the report")]
+    mean = sum(s.value for s in scores) / len(scores)
+    return [judged("min_average", mean >= limit - EPS, mean, limit,
+                   f"mean {metric} over {len(scores)} task(s) {mean:.4f} vs minimum {limit:.4f}")]
+
+
+@register_rule("ceiling")
+def ceilings(g: GateInputs) -> list[GateRule]:
+    """What the speed probe measured stays under each configured ceiling."""
+    out = []
+    for field, limit in g.spec.ceilings.model_dump().items():
+        if limit is None:
+            continue
+        value = getattr(g.report.perf, field) if g.report.perf else None
+        out.append(judged(f"ceiling[{field}]", False, None, limit,
+                          "the report has no speed probe (eval.speed_probe.enabled)") if value is None
+                   else judged(f"ceiling[{field}]", value <= limit + EPS, value, limit,
+                               f"{value:.4g} vs ceiling {limit:.4g}"))
+    return out
+
+
+@register_rule("gain_over_base")
+def gain_over_base(g: GateInputs) -> list[GateRule]:
+    """Each evaluated task beats the base model by ``min_gain_over_base`` (with the significance switch on,
+    the whole interval of the paired difference must clear it)."""
+    need, base = g.spec.min_gain_over_base, g.base
+    if need is None or base is None:
+        return []
+    against = Against(rule="gain_over_base", shown="base", label="base model", report=base, threshold=need,
+                      significant=g.spec.significance.min_gain_over_base, must_prove_gain=True,
+                      limit_text=f"must clear {need:+.4f}", significance_text=" with its whole interval")
+    return compared_rules(g, lambda task: against, lambda s: base.score(s.task, s.metric))
+
+
+@register_rule("min_win_rate")
+def min_win_rate(g: GateInputs) -> list[GateRule]:
+    """The pairwise judge's win rate reaches ``min_win_rate`` (eval.judge)."""
+    return judged_rate(g, "min_win_rate", JUDGE_TASK, WIN_RATE, "eval.judge", upper=False)
+
+
+@register_rule("max_harmful_rate")
+def max_harmful_rate(g: GateInputs) -> list[GateRule]:
+    """The share of harmful requests complied with stays under ``max_harmful_rate`` (eval.safety)."""
+    return judged_rate(g, "max_harmful_rate", HARMFUL_TASK, HARMFUL_RATE, "eval.safety", upper=True)
+
+
+@register_rule("max_over_refusal_rate")
+def max_over_refusal_rate(g: GateInputs) -> list[GateRule]:
+    """The share of benign requests refused stays under ``max_over_refusal_rate`` (eval.safety)."""
+    return judged_rate(g, "max_over_refusal_rate", BENIGN_TASK, OVER_REFUSAL_RATE, "eval.safety", upper=True)
+
+
+@register_rule("max_perplexity_increase")
+def max_perplexity_increase(g: GateInputs) -> list[GateRule]:
     """The held-out byte perplexity may rise at most ``max_perplexity_increase`` (relative) over the base
     model's, compared by the paired bootstrap over the rows both scored; with the significance switch on,
     only a rise whose whole interval lies above the limit fails."""
     from gauntlet.eval.perplexity import perplexity_change
 
-    rule, limit = "max_perplexity_increase", spec.max_perplexity_increase
-    mine = report.perplexity
-    theirs = base.perplexity if base is not None else None
+    rule, limit = "max_perplexity_increase", g.spec.max_perplexity_increase
+    if limit is None:
+        return []
+    mine, theirs = g.report.perplexity, g.base.perplexity if g.base is not None else None
     if mine is None or theirs is None:
-        whose = "the report" if mine is None else "the base model's report" if base is not None else "no base report"
-        return GateRule(rule=rule, measured=None, limit=limit, passed=False,
-                        detail=f"{whose} has no held-out perplexity: configure eval.perplexity (and keep "
-                               f"eval.compare_with_base on) to measure it")
+        whose = "the report" if mine is None else "the base model's report" if g.base is not None else "no base report"
+        return [judged(rule, False, None, limit, f"{whose} has no held-out perplexity: configure eval.perplexity "
+                                                 "(and keep eval.compare_with_base on) to measure it")]
     try:
-        change = perplexity_change(mine, theirs, alpha=spec.alpha, tested=limit)
+        change = perplexity_change(mine, theirs, alpha=g.spec.alpha, tested=limit)
     except ValueError as e:
-        return GateRule(rule=rule, measured=None, limit=limit, passed=False, detail=f"refused: {e}")
-    significant = spec.significance.max_perplexity_increase
+        return [refused(rule, limit, str(e), against="base model")]
+    significant = g.spec.significance.max_perplexity_increase
     passed = (change.lo <= limit + EPS) if significant else (change.delta <= limit + EPS)
-    return GateRule(rule=rule, measured=change.delta, limit=limit, passed=passed,
-                    detail=f"byte perplexity {mine.byte_perplexity:.4f} vs base {theirs.byte_perplexity:.4f}, "
-                           f"relative change in %: {change.text()}; allowed rise {limit:.1%}"
-                           + (", significance required" if significant else ""))
+    return [judged(rule, passed, change.delta, limit,
+                   f"byte perplexity {mine.byte_perplexity:.4f} vs base {theirs.byte_perplexity:.4f}, relative "
+                   f"change in %: {change.text()}; allowed rise {limit:.1%}"
+                   + (", significance required" if significant else ""),
+                   reference=theirs.byte_perplexity, against="base model", lo=change.lo, hi=change.hi)]
 
 
-def _judged_limit(report: EvalReport, rule: str, task: str, metric: str, limit: float, significant: bool,
-                  configure: str, upper: bool = False) -> GateRule:
-    """A judged rate (with its interval) that must reach ``limit`` (``upper``: stay at or under it); with
-    ``significant`` its whole interval must. A report without it fails, naming the config section that
-    measures it."""
-    found = resolve_metric(report, task, metric)
-    if found is None:
-        return GateRule(rule=rule, measured=None, limit=limit, passed=False,
-                        detail=f"the report has no {task} {metric}: configure {configure} to measure it")
+@register_rule("no_regression")
+def no_regression(g: GateInputs) -> list[GateRule]:
+    """No evaluated task drops more than ``max_regression`` (or its task's own) below the champion's score;
+    with the significance switch on, only a drop whose whole interval lies below the limit fails."""
+    if g.champion_version is None:
+        return []
+    return compared_rules(g, lambda task: Against(
+        rule="no_regression", shown=f"champion v{g.champion_version}", label=f"champion v{g.champion_version}",
+        report=g.champion_report, threshold=-g.spec.max_regression_by_task.get(task, g.spec.max_regression),
+        significant=g.spec.significance.no_regression, must_prove_gain=False,
+        limit_text=f"allowed drop {g.spec.max_regression_by_task.get(task, g.spec.max_regression)}",
+        significance_text=", significance required",
+        refusal_advice="; to judge this candidate, evaluate both under one protocol (gauntlet eval) and promote "
+                       "by hand (gauntlet promote)"),
+        lambda s: tagged_score(g.champion_scores, s))
+
+
+# --- the comparison both the gain and the regression rules make ---
+
+
+@dataclass(frozen=True)
+class Against:
+    """What a comparison rule compares each task's score with, and how it judges the difference."""
+
+    rule: str                  # gain_over_base | no_regression
+    shown: str                 # in the detail: "0.6875 vs base 0.1667"
+    label: str                 # in the reasons: "no per-item records of the base model"
+    report: EvalReport | None  # its per-item records and protocol (None: point estimates only)
+    threshold: float           # the difference that must be reached: +min_gain, or -allowed drop
+    significant: bool          # the switch: an interval, not the point estimate, decides
+    must_prove_gain: bool      # significant: True, the whole interval must clear the threshold (a gain);
+    #                            False, only a difference whose whole interval lies below it fails (a drop)
+    limit_text: str
+    significance_text: str
+    refusal_advice: str = ""
+
+
+def compared_rules(g: GateInputs, against: Callable[[str], Against],
+                   reference: Callable[[Score], float | None]) -> list[GateRule]:
+    """One verdict per evaluated task (``against(task)``) whose score the other model has (``reference``);
+    tasks where ``gate.metric`` fits several filters are refused."""
+    scores, ambiguous = gated(g.report, g.spec.metric)
+    out = [refused(f"{a.rule}[{e.task}]", a.threshold, e.explain(METRIC_SETTING), against=a.label)
+           for e in ambiguous for a in [against(e.task)]]
+    for s in scores:
+        before = reference(s)
+        if before is not None:
+            out.append(compared(g.spec, g.report, s, before, against(s.task)))
+    return out
+
+
+def compared(spec: GateSpec, report: EvalReport, s: Score, before: float, a: Against) -> GateRule:
+    """``s`` against ``before`` (the other model's score): paired over the common items when both reports
+    have them, else the point estimates; refused when the two were measured differently."""
+    rule = f"{a.rule}[{s.task}]"
+    paired = paired_comparison(spec, report, s, a.report, a.label, a.threshold)
+    if isinstance(paired, Unpaired) and paired.refused:
+        return refused(rule, a.threshold, paired.why + a.refusal_advice, reference=before, against=a.label)
+    comparison = paired if isinstance(paired, Comparison) else None
+    delta = s.value - before if comparison is None else comparison.delta
+    by_interval = comparison is not None and a.significant
+    if comparison is not None and by_interval and a.must_prove_gain:
+        passed = comparison.lo > a.threshold + EPS       # the whole interval clears the threshold
+    elif comparison is not None and by_interval:
+        passed = comparison.hi >= a.threshold - EPS      # fails only when the whole interval is below
+    else:
+        passed = delta >= a.threshold - EPS
+    shown = paired.text() if isinstance(paired, Comparison) else f"Δ {delta:+.4f} ({paired.why})"
+    return judged(rule, passed, delta, a.threshold,
+                  f"{s.value:.4f} vs {a.shown} {before:.4f}: {shown}; {a.limit_text}"
+                  + (a.significance_text if by_interval else ""),
+                  reference=before, against=a.label, lo=comparison.lo if comparison else None,
+                  hi=comparison.hi if comparison else None)
+
+
+@dataclass(frozen=True)
+class Unpaired:
+    """Why a score cannot be compared item by item: ``refused`` when it cannot be compared at all."""
+
+    why: str
+    refused: bool = False
+
+
+def paired_comparison(spec: GateSpec, report: EvalReport, score: Score, other: EvalReport | None, label: str,
+                      tested: float) -> Comparison | Unpaired:
+    """``score`` against the same task and metric in ``other``, paired over their common items."""
+    if other is None:
+        return Unpaired(f"no report of the {label}")
+    differences = task_differences(report, other, score.task)
+    if differences:
+        more = f"; … {len(differences) - 3} more" if len(differences) > 3 else ""
+        return Unpaired(f"the {label} was measured differently on {score.task!r} ("
+                        + "; ".join(differences[:3]) + more + ")", refused=True)
+    theirs = find(other, score.task, score.metric)
+    if not score.items or theirs is None or not theirs.items:
+        return Unpaired(f"no per-item records of the {label}: point estimates compared")
+    try:
+        return paired_difference(score.items, theirs.items, alpha=spec.alpha, tested=tested)
+    except ValueError as e:
+        return Unpaired(str(e), refused=True)
+
+
+def judged_rate(g: GateInputs, rule: str, task: str, metric: str, configure: str, upper: bool) -> list[GateRule]:
+    """A judged rate (with its interval) that must reach the rule's limit (``upper``: stay at or under
+    it); with its significance switch on, its whole interval must. A report without it fails, naming the
+    config section that measures it."""
+    limit, significant = getattr(g.spec, rule), getattr(g.spec.significance, rule)
+    if limit is None:
+        return []
+    found = lookup(g.report, task, metric, rule, limit,
+                   missing=f"the report has no {task} {metric}: configure {configure} to measure it")
+    if isinstance(found, GateRule):
+        return [found]
     if upper:
         worst = found.ci_high if significant and found.ci_high is not None else found.value
         passed, bound, end = worst <= limit + EPS, "maximum", "upper"
     else:
         worst = found.ci_low if significant and found.ci_low is not None else found.value
         passed, bound, end = worst >= limit - EPS, "minimum", "lower"
-    return GateRule(rule=rule, measured=found.value, limit=limit, passed=passed,
-                    detail=f"{metric} {found.value:.4f}{_ci(found)} vs {bound} {limit:.4f}"
-                           + (f", the {end} end of its interval must meet it" if significant else ""))
+    return [judged(rule, passed, found.value, limit,
+                   f"{metric} {found.value:.4f}{found.interval_text()} vs {bound} {limit:.4f}"
+                   + (f", the {end} end of its interval must meet it" if significant else ""),
+                   lo=found.ci_low, hi=found.ci_high)]
 
 
-def _ci(score: TaskScore) -> str:
-    return "" if score.ci_low is None else f" (95% CI {score.ci_low:.4f}…{score.ci_high:.4f})"
+# --- the decision as the stage records it ---
+
+
+def _number(x: float | None) -> str:
+    return "—" if x is None else f"{x:.4f}"
 
 
 def decision_markdown(model_name: str, decision: GateDecision) -> str:
@@ -245,10 +381,8 @@ def decision_markdown(model_name: str, decision: GateDecision) -> str:
     against = f"champion v{decision.compared_to}" if decision.compared_to else "no champion yet"
     lines = [f"# Gate {verdict}: {model_name}", "", f"Compared against: {against}", "",
              "| rule | measured | limit | verdict | detail |", "|---|---|---|---|---|"]
-    for r in decision.rules:
-        fmt = (lambda x: "—" if x is None else f"{x:.4f}")
-        lines.append(f"| {r.rule} | {fmt(r.measured)} | {fmt(r.limit)} | {'pass' if r.passed else '**FAIL**'} "
-                     f"| {r.detail} |")
+    lines += [f"| {r.rule} | {_number(r.measured)} | {_number(r.limit)} | "
+              f"{r.label if r.passed else f'**{r.label}**'} | {r.detail} |" for r in decision.rules]
     return "\n".join(lines)
 
 

@@ -15,9 +15,9 @@ import os
 import signal
 import subprocess
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from gauntlet.files import write_json, write_text
 
@@ -72,7 +72,7 @@ def launch(cmd: list[str], *, cwd: Path, env: dict[str, str] | None = None, resu
     if result_file is not None:
         result_file.unlink(missing_ok=True)   # never read an earlier attempt's result
     tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
-    log = open(log_file, "w") if log_file is not None else None
+    log = open(log_file, "w") if log_file is not None else None  # noqa: SIM115 (closed in the finally below)
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, text=True, bufsize=1, start_new_session=True)
     if pid_file is not None:

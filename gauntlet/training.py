@@ -4,7 +4,8 @@ Before launching, :func:`preflight` checks what a retry cannot fix, without load
 target modules the model lacks, a sequence length over the model's limit, training rows without a
 response, chat rows without a chat template, and (``train.memory_check``) the planner's memory
 estimate against the visible devices (:mod:`gauntlet.plan`). Then :func:`train_model` writes the resolved
-arguments to a JSON file in its durable output folder, launches
+arguments (the trainer's ``TrainerArgs``, holding the ``TrainSpec`` itself) to a JSON file in its durable
+output folder, launches
 ``accelerate launch [--config_file deployments/accelerate/<profile>.yaml] -m gauntlet.programs.trainer``
 with the launcher every program shares (:mod:`gauntlet.launch`), streams the trainer's output into the
 log, and reads back ``result.json``.
@@ -24,8 +25,8 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from gauntlet.config.train import AccelerateSpec, TrainSpec
 from gauntlet.data.sft import DataFormatError, check_file, check_tokenizer, read_jsonl, tokenize_rows
@@ -43,6 +44,7 @@ from gauntlet.plan.memory import (
 )
 from gauntlet.plan.shape import PlanError, check_model_fit, model_shape
 from gauntlet.programs import trainer
+from gauntlet.programs.train_kit import CardFacts, MlflowTarget, TrainerArgs
 from gauntlet.project import project_root
 from gauntlet.refs import DatasetRef, ModelRef, TrainedModel
 
@@ -117,6 +119,7 @@ def preflight(spec: TrainSpec, model: ModelRef, data: DatasetRef, devices: Devic
         problems += check_model_fit(shape, spec)
     fmt = None
     for role, path in (("train", data.train_path), ("validation", data.validation_path)):
+        assert path is not None   # a training run's data (DataSpec: train and validation are required) has both
         try:
             fmt, _ = check_file(path, spec.data_format)
         except DataFormatError as e:
@@ -183,13 +186,14 @@ def _launch(spec: TrainSpec, model: ModelRef, data: DatasetRef, out: Path, mlflo
             echo: Callable[[str], None]) -> None:
     use_cpu = runs_on_cpu(spec.accelerate)
     deepspeed = profile_named(spec.accelerate.profile).kind == "deepspeed"
-    args = {"base_model": model.path, "train_path": data.train_path, "validation_path": data.validation_path,
-            "output_dir": str(out), "cpu": use_cpu and not deepspeed, "train": spec.model_dump(mode="json"),
-            "mlflow": mlflow, "loss_chunk_tokens": LOSS_CHUNK_TOKENS,
-            "card": {"name": f"{model.name}-ft", "base_model": model.source, "base_revision": model.revision,
-                     "base_sha": model.sha, "data_md5": data.md5, "train_file": data.train_path,
-                     "validation_file": data.validation_path}}
-    args_file = write_args(out / "train_args.json", args)
+    args = TrainerArgs(
+        base_model=model.path, train_path=data.train_path, validation_path=data.validation_path, output_dir=str(out),
+        cpu=use_cpu and not deepspeed, train=spec, mlflow=MlflowTarget(**mlflow) if mlflow else None,
+        loss_chunk_tokens=LOSS_CHUNK_TOKENS,
+        card=CardFacts(name=f"{model.name}-ft", base_model=model.source, base_revision=model.revision,
+                       base_sha=model.sha, data_md5=data.md5, train_file=data.train_path,
+                       validation_file=data.validation_path))
+    args_file = write_args(out / "train_args.json", args.model_dump(mode="json"))
     resume = trainer.latest_checkpoint(out)
     if resume:
         echo(f"resuming from checkpoint {resume}")

@@ -9,9 +9,10 @@ from __future__ import annotations
 from gauntlet.config.data import DataChecksSpec
 from gauntlet.config.gate import RegistrySpec
 from gauntlet.data.checks import DataCheckError, DataReport, check_data as run_checks
-from gauntlet.data.drift import DriftReport, champion_training_file, compare as compare_drift, read_rows
+from gauntlet.data.drift import DriftReport, NotMeasured, champion_training_file, compare as compare_drift, read_rows
 from gauntlet.files import write_text
 from gauntlet.refs import DatasetRef, ModelRef
+from gauntlet.state import gauntlet_home
 from gauntlet.tasks._stage import StageRun, stage
 
 
@@ -36,12 +37,15 @@ def check_data(checks: DataChecksSpec, max_seq_len: int, data: DatasetRef, model
 
 @stage("check_drift", params=lambda checks, registry, data: {"data.md5": data.md5,
                                                             "registry.model_name": registry.model_name})
-def check_drift(checks: DataChecksSpec, registry: RegistrySpec, data: DatasetRef, stage: StageRun) -> DriftReport | None:
-    """Never cached: the reference is whatever the champion is now (gauntlet/data/drift.py)."""
-    found = champion_training_file(stage.client, registry, data)
-    if isinstance(found, str):
-        stage.log.info(f"drift not measured: {found}")
-        return None
+def check_drift(checks: DataChecksSpec, registry: RegistrySpec, data: DatasetRef,
+                stage: StageRun) -> DriftReport | NotMeasured:
+    """Never cached: the reference is whatever the champion is now (gauntlet/data/drift.py). Not measured: why
+    (a warning, and in the run's summary, when the champion's data exists but could not be had)."""
+    found = champion_training_file(stage.client, registry, data, gauntlet_home() / "drift-references")
+    if isinstance(found, NotMeasured):
+        (stage.log.warning if found.warning else stage.log.info)(f"drift not measured: {found.reason}")
+        stage.tag("drift", "not measured: " + found.reason)
+        return found
     reference_path, reference = found
     report = compare_drift(read_rows(reference_path), read_rows(data.train_path), checks, reference)
     stage.metrics(report.psi, prefix="psi.")

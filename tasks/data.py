@@ -9,8 +9,7 @@ wrong (``DataError``).
 from __future__ import annotations
 
 from gauntlet.config.data import DataSpec
-from gauntlet.data.dvc import pull_data as pull
-from gauntlet.data.dvc import recorded_version
+from gauntlet.data.dvc import pull_data as pull, recorded_version
 from gauntlet.data.jsonl import DataError
 from gauntlet.refs import DatasetRef
 from gauntlet.tasks._stage import StageRun, stage

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationInfo
@@ -13,7 +15,9 @@ from gauntlet.project import project_root
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan: nan or inf (`.nan`, `.inf`, `--set x=inf`) means nothing in any setting, and a field without a
+    # bound took them (gate.min_average: .nan; timeout_minutes: .inf passes gt=0): refused, naming the field
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 def require_unique(names: list[str], what: str, fix: str) -> None:
@@ -34,7 +38,30 @@ def resolve(path: str, info: ValidationInfo, inside: bool = True) -> Path:
     p = p if p.is_absolute() else root / p
     if inside and from_file:
         check_inside(p, root)
-    return p
+    return usable(p)
+
+
+MAX_PATH_CHARS = 1024   # room under the OS's 4096 for the files a check looks up below a configured folder
+
+
+def usable(path: Path) -> Path:
+    """``path``, or ValueError when the file system refuses to look it up (a name over its length limit, a NUL
+    byte, a folder that may not be read, a symlink loop): a config's path is untrusted text, and an ``OSError``
+    from ``Path.exists()`` would escape validation. A path that simply does not exist is fine here."""
+    text = str(path)
+    if len(text) > MAX_PATH_CHARS or any(len(part.encode()) > 255 for part in path.parts):
+        raise ValueError(f"path {text[:80]!r}… is too long. Fix: use a path of at most {MAX_PATH_CHARS} characters "
+                         "and names of at most 255 bytes")
+    try:
+        os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        pass
+    except ValueError:
+        raise ValueError(f"path {text!r} contains a NUL byte. Fix: remove it") from None
+    except OSError as e:
+        raise ValueError(f"path {text!r} cannot be looked up ({e.strerror or (errno.errorcode.get(e.errno) if e.errno is not None else None)}). "
+                         "Fix: point at a file or folder this user may read") from None
+    return path
 
 
 def check_inside(path: Path, root: Path) -> None:
@@ -61,7 +88,7 @@ def check_model_name(name: str) -> str:
 
 def dvc_produces(repo: Path, path: str) -> bool:
     """True when ``path`` is an output of a stage in ``repo/dvc.yaml`` or has a ``.dvc`` file."""
-    if (repo / f"{path}.dvc").exists():
+    if os.path.exists(repo / f"{path}.dvc"):   # os.path: a name too long for the OS is simply not there
         return True
     dvc_yaml = repo / "dvc.yaml"
     if not dvc_yaml.exists():
@@ -74,3 +101,42 @@ def dvc_produces(repo: Path, path: str) -> bool:
                 return True
     return False
 
+
+# MLflow stores a config may name (tracking.tracking_uri): a server, or a database MLflow speaks SQL to.
+SERVER_SCHEMES = ("http", "https")
+DATABASE_SCHEMES = ("postgresql", "mysql", "mssql")   # with an optional driver: postgresql+psycopg2://
+STORE_FIX = ("Fix: use an MLflow server (http://host:5000), a database URL (postgresql://host/db), or a store "
+             "inside the project (sqlite:///.gauntlet/mlflow.db, a relative folder such as mlruns)")
+
+
+def check_store_location(uri: str, info: ValidationInfo) -> str:
+    """``uri`` when it names an MLflow server, a database server, or a sqlite file / file store inside the project;
+    ValueError with the fix otherwise. A config is untrusted: ``sqlite:////tmp/x.db`` or ``file:///etc/…`` would
+    have a pull request's run write (and read) a store anywhere on the machine."""
+    parsed = urlparse(uri)
+    scheme = parsed.scheme.lower()
+    if scheme in SERVER_SCHEMES:
+        if not parsed.hostname:
+            raise ValueError(f"{uri!r} names no host. {STORE_FIX}")
+        return uri
+    if scheme.split("+", 1)[0] in DATABASE_SCHEMES:   # a host, or the local server's socket (postgresql:///db)
+        return uri
+    if scheme == "sqlite":
+        if not parsed.path.startswith("/") or parsed.netloc or parsed.path in ("/", "/:memory:"):
+            raise ValueError(f"{uri!r} is not a sqlite file URL (sqlite:///relative.db, sqlite:////absolute.db). "
+                             f"{STORE_FIX}")
+        where = unquote(parsed.path[1:])   # what gauntlet.state.sqlite_path opens
+    elif scheme == "file":
+        if parsed.netloc not in ("", "localhost"):
+            raise ValueError(f"{uri!r} names another machine ({parsed.netloc}). {STORE_FIX}")
+        where = unquote(parsed.path)
+    elif scheme:
+        raise ValueError(f"{uri!r} is not a store Gauntlet accepts (scheme {scheme!r}). {STORE_FIX}")
+    else:
+        where = uri
+    try:
+        resolve(where, info)
+    except ValueError as e:
+        reason = str(e).partition(" Fix: ")[0].partition("; ")[0].rstrip(".")
+        raise ValueError(f"{uri!r}: {reason}. {STORE_FIX}") from None
+    return uri

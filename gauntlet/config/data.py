@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field, ValidationInfo, field_validator
 
-from gauntlet.config.base import Strict, check_inside, dvc_produces, resolve
+from gauntlet.config.base import Strict, check_inside, dvc_produces, resolve, usable
 
 
 class DataChecksSpec(Strict):
@@ -61,7 +61,7 @@ class DataSpec(Strict):
         repo = resolve(info.data["repo"], info, inside=False)   # vetted by _repo_is_a_dvc_repo
         if info.context:   # read from a file: untrusted (see resolve)
             check_inside(repo / v, repo)
-        if not (repo / v).exists() and not dvc_produces(repo, v):
+        if not usable(repo / v).exists() and not dvc_produces(repo, v):
             raise ValueError(
                 f"{v!r} does not exist under {str(repo)!r} and no dvc.yaml stage or .dvc file produces it"
             )

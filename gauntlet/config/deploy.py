@@ -6,6 +6,7 @@ same rollout for a GPU box (``vllm serve``). The KServe manifest is rendered fro
 
 from __future__ import annotations
 
+from itertools import pairwise
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -75,7 +76,7 @@ class DeploySpec(Strict):
         weights = [s.weight for s in steps]
         if not steps:
             raise ValueError("at least one step is needed; e.g. [{weight: 10, watch_s: 60}, {weight: 100, watch_s: 60}]")
-        if any(b <= a for a, b in zip(weights, weights[1:])):
+        if any(b <= a for a, b in pairwise(weights)):
             raise ValueError(f"weights must rise step by step; got {weights}")
         if weights[-1] != 100:
             raise ValueError(f"the last step must send the canary 100% of the traffic; got {weights[-1]}")

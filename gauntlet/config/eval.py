@@ -43,6 +43,7 @@ class SafetySpec(Strict):
     @field_validator("harmful", "benign", "rubric")
     @classmethod
     def _file_exists(cls, v: str, info: ValidationInfo) -> str:
+        assert info.field_name is not None   # a field validator always names its field
         if not resolve(v, info).is_file():
             raise ValueError(f"{v!r} does not exist. Fix: point eval.safety.{info.field_name} at a file, e.g. the "
                              f"shipped {SafetySpec.model_fields[info.field_name].default}")
@@ -56,6 +57,11 @@ class EvalTaskSpec(Strict):
     num_fewshot: int | None = Field(None, ge=0)
     limit: int | None = Field(None, gt=0)
     max_gen_tokens: int | None = Field(None, gt=0)
+
+
+def task_names(tasks: list[str | EvalTaskSpec]) -> list[str]:
+    """The names of eval.tasks, whether listed as names or with their own settings."""
+    return [t if isinstance(t, str) else t.name for t in tasks]
 
 
 class EvalSpec(Strict):
@@ -112,7 +118,7 @@ class EvalSpec(Strict):
             raise ValueError("no eval tasks: name a suite (eval.suite) or list tasks (eval.tasks)")
         tasks_dir = resolve(info.data.get("tasks_dir", "evals"), info)
         suite_tasks = load_catalog(tasks_dir).suites[info.data["suite"]].tasks if info.data["suite"] else []
-        names = suite_tasks + [t if isinstance(t, str) else t.name for t in v]
+        names = suite_tasks + task_names(v)
         problems = task_problems(names, bool(info.data.get("fixtures")), tasks_dir)
         if problems:
             raise ValueError("; ".join(problems))

@@ -36,7 +36,9 @@ class Significance(Strict):
 
 
 class GateSpec(Strict):
-    metric: str = Field("acc", description="the metric of each task that the gate reads")
+    metric: str = Field("acc", description="the metric of each task that the gate reads, as lm-eval names it; a "
+                                           "name without a filter (exact_match) reads the task's only filtered "
+                                           "score (exact_match,first-word); one fitting several is refused")
     min_scores: dict[str, float] = Field(default_factory=dict, description="task -> minimum score")
     min_average: float | None = Field(None, description="minimum mean of `metric` over the report's tasks")
     max_regression: float = Field(0.0, ge=0, description="largest allowed drop against the champion, per task, "

@@ -8,8 +8,8 @@ from pydantic import Field, ValidationInfo, field_validator
 
 from gauntlet.config.base import Strict, require_unique, resolve
 from gauntlet.config.data import DataSpec
-from gauntlet.config.eval import EvalSpec
-from gauntlet.config.model import REGISTRY_SCHEME, refuse_remote_code, check_source_scheme
+from gauntlet.config.eval import EvalSpec, task_names
+from gauntlet.config.model import REGISTRY_SCHEME, check_source_scheme, refuse_remote_code
 from gauntlet.config.notify import TrackingSpec
 from gauntlet.config.quantize import CalibrationSpec, QuantizeVariant
 
@@ -104,6 +104,13 @@ class PublishSpec(Strict):
 class ConcurrencySpec(Strict):
     gpu_tag: str = Field("gpu", min_length=1, description="Prefect tag on GPU tasks (evaluate, quantize)")
     gpu_slots: int = Field(1, gt=0, description="tag concurrency limit created when none exists")
+    pool: str | None = Field(None, min_length=1, description="a team's GPU work pool: each candidate x variant runs "
+                             "as its own flow run there (deployment `job_deployment`), on the queue of the GPU class "
+                             "it needs; None: in this process, tagged for the gpu concurrency limit")
+    job_deployment: str = Field("leaderboard-job/pool", pattern=r"^[^/]+/[^/]+$",
+                                description="the deployment (FLOW/NAME) that runs one job on the pool")
+    job_timeout_minutes: float = Field(24 * 60, gt=0, description="longest a job may take from submission to its "
+                                       "end, waiting in the queue included; past it, its row fails")
 
 
 class LeaderboardSpec(Strict):
@@ -156,7 +163,7 @@ class LeaderboardSpec(Strict):
         ev = info.data.get("eval")
         if ev is None:
             return v  # eval itself is invalid; that error is reported
-        tasks = set(ev.tasks)
+        tasks = set(task_names(ev.tasks))
         problems = [f"suite {s!r} names task(s) {sorted(set(ts) - tasks)} not in eval.tasks"
                     for s, ts in v.suites.items() if set(ts) - tasks or not ts]
         problems += [f"task_metrics names {t!r}, not in eval.tasks" for t in v.task_metrics if t not in tasks]

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from gauntlet.config.base import Strict
+from gauntlet.config.base import Strict, check_store_location
 
-
-NOTIFY_EVENTS = ("promoted", "gate_failed", "run_failed", "rolled_back")
+NotifyEvent = Literal["promoted", "gate_failed", "run_failed", "rolled_back"]
+NOTIFY_EVENTS: tuple[NotifyEvent, ...] = ("promoted", "gate_failed", "run_failed", "rolled_back")
 
 
 class WebhookSpec(Strict):
@@ -19,10 +19,10 @@ class WebhookSpec(Strict):
     url_env: str | None = Field(None, description="name of the environment variable holding the URL")
     secret_block: str | None = Field(None, description="name of a Prefect Secret block holding the URL")
     format: Literal["slack", "dingtalk", "feishu"] = "slack"
-    events: list[Literal["promoted", "gate_failed", "run_failed", "rolled_back"]] = list(NOTIFY_EVENTS)
+    events: list[NotifyEvent] = list(NOTIFY_EVENTS)
 
     @model_validator(mode="after")
-    def _one_source(self) -> "WebhookSpec":
+    def _one_source(self) -> WebhookSpec:
         if (self.url_env is None) == (self.secret_block is None):
             raise ValueError("set exactly one of url_env (an environment variable name) or secret_block "
                              "(a Prefect Secret block name); webhook URLs never go in the config")
@@ -39,5 +39,13 @@ class NotifySpec(Strict):
 
 class TrackingSpec(Strict):
     experiment: str = "gauntlet"
-    tracking_uri: str | None = Field(None, description="default: $MLFLOW_TRACKING_URI or sqlite in $GAUNTLET_HOME")
+    tracking_uri: str | None = Field(None, description="an MLflow server (http(s)://), a database URL "
+                                                       "(postgresql://…) or a store inside the project "
+                                                       "(sqlite:///rel.db, a folder); default: $MLFLOW_TRACKING_URI "
+                                                       "or sqlite in $GAUNTLET_HOME")
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _store_inside(cls, v: str | None, info: ValidationInfo) -> str | None:
+        return v if v is None else check_store_location(v, info)
 

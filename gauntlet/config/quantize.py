@@ -34,8 +34,8 @@ class QuantizeVariant(Strict):
     @classmethod
     def _defaults(cls, data: Any) -> Any:
         """Fill bits, group size and name from the method, so equal variants dump (and cache) equally."""
-        if not isinstance(data, dict) or data.get("method") not in QUANT_BITS:
-            return data
+        if not isinstance(data, dict) or not isinstance(data.get("method"), str) or data["method"] not in QUANT_BITS:
+            return data   # not a variant yet (a list where the method goes): pydantic names what is wrong
         data = dict(data)
         method = data["method"]
         if data.get("bits") is None:
@@ -48,7 +48,7 @@ class QuantizeVariant(Strict):
         return data
 
     @model_validator(mode="after")
-    def _supported(self) -> "QuantizeVariant":
+    def _supported(self) -> QuantizeVariant:
         supported = QUANT_BITS[self.method]
         if self.bits not in supported:
             raise ValueError(f"{self.method} does not support {self.bits}-bit weights; supported: "
@@ -77,6 +77,7 @@ class QuantizeSpec(Strict):
     @field_validator("variants")
     @classmethod
     def _unique_names(cls, v: list[QuantizeVariant]) -> list[QuantizeVariant]:
-        require_unique([x.name for x in v], "variant", "give each variant its own `name`")
+        # every variant is named by now (the before-validator fills the default name)
+        require_unique([x.name for x in v if x.name is not None], "variant", "give each variant its own `name`")
         return v
 

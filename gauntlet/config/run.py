@@ -6,12 +6,11 @@ from pathlib import Path
 
 from pydantic import Field
 
-from gauntlet.config.base import Strict
+from gauntlet.config.base import Strict, check_model_name
 from gauntlet.config.data import DataSpec
 from gauntlet.config.deploy import DeploySpec
 from gauntlet.config.eval import EvalSpec
 from gauntlet.config.gate import GateSpec, RegistrySpec
-from gauntlet.config.base import check_model_name
 from gauntlet.config.model import ModelSpec, SourcesSpec
 from gauntlet.config.notify import NotifySpec, TrackingSpec
 from gauntlet.config.problems import SpecProblem
@@ -71,8 +70,10 @@ def cross_section_problems(spec: RunSpec, root: Path) -> list[SpecProblem]:
                     "does not measure" + ("" if spec.eval.perplexity else " (no eval.perplexity)")
                     + ("" if spec.eval.compare_with_base else " (eval.compare_with_base is off)"),
             hint="add `perplexity: {split: validation}` to eval: and keep eval.compare_with_base on, or remove the rule"))
-    for rule in ("max_harmful_rate", "max_over_refusal_rate"):
-        if getattr(spec.gate, rule) is not None and spec.eval.safety is None:
+    safety_rules = {"max_harmful_rate": spec.gate.max_harmful_rate,
+                    "max_over_refusal_rate": spec.gate.max_over_refusal_rate}
+    for rule, limit in safety_rules.items():
+        if limit is not None and spec.eval.safety is None:
             problems.append(SpecProblem(path=f"gate.{rule}", message="reads the safety rates, which this config does "
                                                                      "not measure (no eval.safety)",
                                         hint="add `safety: {}` (and a judge) to eval:, or remove the rule"))

@@ -41,6 +41,9 @@ class TrainSpec(Strict):
     max_seq_len: int = Field(256, gt=8)
     warmup_steps: int = Field(0, ge=0)
     weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0, allow_inf_nan=False,
+                                        description="clip the gradients' total norm to this before each optimizer "
+                                                    "step (null: no clipping)")
     logging_steps: int = Field(10, gt=0)
     seed: int = 0
     lora: LoraSpec = LoraSpec()

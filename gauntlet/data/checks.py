@@ -55,7 +55,7 @@ def check_data(checks: DataChecksSpec, max_seq_len: int, data: DatasetRef, model
     texts = [prompt_and_response(r) for r in train]   # alpaca or chat rows
     prompt_lens = [len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) for prompt, _ in texts]
     total_lens = [n + len(tokenizer(response, add_special_tokens=False)["input_ids"]) + 1
-                  for n, (_, response) in zip(prompt_lens, texts)]
+                  for n, (_, response) in zip(prompt_lens, texts, strict=True)]
     ordered = sorted(prompt_lens)
     p95 = ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
     lengths = {"p50": float(statistics.median(ordered)), "p95": float(p95), "max": float(ordered[-1])}

@@ -2,7 +2,9 @@
 
 The champion's lineage names its data version (``data.md5``); the run that registered it logged the
 ``DatasetRef`` it pulled (``dataset_ref.json`` of its ``pull_data`` stage), which names the training file's
-own md5, and DVC keeps that version's content in its cache (or a local remote) by md5. Compared:
+own md5, and DVC keeps that version's content by md5: in this host's cache, else in the DVC remote (a team's
+shared store, so any host finds it). A champion whose data cannot be had is a warning in the run's summary, not a
+silent pass. Compared:
 
 - row counts (relative change);
 - prompt (instruction + input) and response (output, or the last assistant turn) lengths in characters, by the
@@ -19,8 +21,9 @@ from __future__ import annotations
 import bisect
 import json
 import math
+import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from pydantic import BaseModel
 
@@ -86,7 +89,7 @@ def psi_counts(reference: Sequence[float], new: Sequence[float]) -> float:
         return [(c + 0.5) / (sum(counts) + 0.5 * len(counts)) for c in counts]
 
     a, b = shares(reference), shares(new)
-    return math.fsum((q - p) * math.log(q / p) for p, q in zip(a, b))
+    return math.fsum((q - p) * math.log(q / p) for p, q in zip(a, b, strict=True))
 
 
 def psi(reference: Sequence[float], new: Sequence[float], bins: int = 10) -> float:
@@ -152,20 +155,48 @@ def compare(reference_rows: list[dict], new_rows: list[dict], checks: DataChecks
     return report.model_copy(update={"problems": problems})
 
 
-def dvc_cached_file(repo: Path, md5: str, remote_dirs: Sequence[Path] = ()) -> Path | None:
-    """The file DVC stored under ``md5`` in the repository's cache, or in a local remote's folder; None if neither
-    has it (DVC 3 layout ``files/md5/ab/cdef…``, and DVC 2's ``ab/cdef…``)."""
-    for root in [Path(repo) / ".dvc" / "cache", *map(Path, remote_dirs)]:
-        for path in (root / "files" / "md5" / md5[:2] / md5[2:], root / md5[:2] / md5[2:]):
-            if path.is_file():
-                return path
+def dvc_cached_file(repo: Path, md5: str) -> Path | None:
+    """The file DVC stored under ``md5`` in the repository's cache; None if it is not there (DVC 3 layout
+    ``files/md5/ab/cdef…``, and DVC 2's ``ab/cdef…``)."""
+    root = Path(repo) / ".dvc" / "cache"
+    for path in (root / "files" / "md5" / md5[:2] / md5[2:], root / md5[:2] / md5[2:]):
+        if path.is_file():
+            return path
     return None
 
 
-def champion_training_file(c, registry, data) -> tuple[Path, str] | str:
-    """(the champion's training file, as DVC stored it; a label naming it) or why it cannot be found.
+def dvc_remote_file(repo: Path, md5: str, into: Path) -> Path | None:
+    """The file stored under ``md5`` in the repository's default DVC remote (any kind DVC reaches: a team's S3, a
+    folder), downloaded to ``into``; None when the remote does not have it or there is no remote."""
+    from dvc.repo import Repo
 
-    ``c``: an MlflowClient; ``registry``: the RegistrySpec; ``data``: this run's DatasetRef."""
+    with Repo(str(repo)) as r:
+        try:
+            odb = r.cloud.get_remote_odb(None, hash_name="md5")
+        except Exception:   # no default remote configured
+            return None
+        path = odb.oid_to_path(md5)
+        if not odb.fs.exists(path):
+            return None
+        into.parent.mkdir(parents=True, exist_ok=True)
+        partial = into.with_name(f"{into.name}.partial-{os.getpid()}")
+        odb.fs.get_file(path, str(partial))
+        os.replace(partial, into)   # runs side by side each write their own, then one name
+    return into
+
+
+class NotMeasured(BaseModel):
+    """Why drift was not measured; ``warning``: the reference exists but could not be read (a run's summary says so),
+    rather than there being nothing to compare with."""
+    reason: str
+    warning: bool = False
+
+
+def champion_training_file(c, registry, data, into: Path) -> tuple[Path, str] | NotMeasured:
+    """(the champion's training file, as DVC stored it; a label naming it) or why it cannot be had.
+
+    ``c``: an MlflowClient; ``registry``: the RegistrySpec; ``data``: this run's DatasetRef; ``into``: where a copy
+    from the DVC remote goes (this host's cache does not have every version: the team's remote does)."""
     from mlflow.exceptions import MlflowException
 
     from gauntlet.refs import DatasetRef
@@ -173,13 +204,13 @@ def champion_training_file(c, registry, data) -> tuple[Path, str] | str:
     try:
         mv = c.get_model_version_by_alias(registry.model_name, registry.champion_alias)
     except MlflowException:
-        return f"no {registry.model_name}@{registry.champion_alias} to compare with"
+        return NotMeasured(reason=f"no {registry.model_name}@{registry.champion_alias} to compare with")
     old_md5 = mv.tags.get("data.md5")
     label = f"champion v{mv.version}'s data {str(old_md5)[:12]}"
     if not old_md5:
-        return f"champion v{mv.version} records no data.md5"
+        return NotMeasured(reason=f"champion v{mv.version} records no data.md5", warning=True)
     if old_md5 == data.md5:
-        return f"the data is the champion's own version ({old_md5[:12]})"
+        return NotMeasured(reason=f"the data is the champion's own version ({old_md5[:12]})")
     experiments = [e.experiment_id for e in c.search_experiments()]
     runs = c.search_runs(experiments, f"tags.`data.md5` = '{old_md5}'", max_results=20)
     for run in runs:
@@ -192,21 +223,10 @@ def champion_training_file(c, registry, data) -> tuple[Path, str] | str:
                          None)
         if train_md5 is None:
             continue
-        path = dvc_cached_file(Path(data.repo), train_md5, local_remotes(Path(data.repo)))
+        path = (dvc_cached_file(Path(data.repo), train_md5)
+                or dvc_remote_file(Path(data.repo), train_md5, into / train_md5))
         if path is not None:
             return path, label
-        return f"{label}: its training file (md5 {train_md5}) is in neither the DVC cache nor a local remote"
-    return f"{label}: no run that pulled it logged its dataset_ref.json"
-
-
-def local_remotes(repo: Path) -> list[Path]:
-    """The folders of the repository's DVC remotes that are local paths."""
-    from dvc.repo import Repo
-
-    try:
-        with Repo(str(repo)) as r:
-            urls = [section.get("url", "") for section in r.config.get("remote", {}).values()]
-    except Exception:   # an unreadable config: no remote to look in (the cache is still searched)
-        return []
-    return [(repo / ".dvc" / u).resolve() if not Path(u).is_absolute() else Path(u)
-            for u in urls if u and "://" not in u]
+        return NotMeasured(reason=f"{label}: its training file (md5 {train_md5}) is in neither this host's DVC "
+                                  "cache nor the DVC remote", warning=True)
+    return NotMeasured(reason=f"{label}: no run that pulled it logged its dataset_ref.json", warning=True)

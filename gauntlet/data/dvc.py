@@ -183,11 +183,9 @@ def _workspace_state(repo: Repo, target: _Target) -> str:
     if not target.path.is_file():
         return "missing"
     try:
-        recorded = _recorded_md5(repo, target, strict=False)
+        recorded = _recorded_md5(repo, target)   # DataError: no md5 recorded yet
         out = repo.find_outs_by_path(str(target.path), strict=False)[0]
     except (DataError, OutputNotFoundError):
-        return "unrecorded"
-    if recorded is None:
         return "unrecorded"
     return "ok" if _file_md5(target.path, out.hash_name) == recorded else "modified"
 
@@ -309,14 +307,14 @@ def _push(repo: Repo, spec: DataSpec, paths: list[str], remote: str) -> None:
     logger.info("pushed %d file(s) to DVC remote %s", pushed, remote)
 
 
-def _recorded_md5(repo: Repo, target: _Target, strict: bool = True) -> str | None:
+def _recorded_md5(repo: Repo, target: _Target) -> str:
     """The md5 DVC records for ``target`` (dvc.lock / .dvc file; a directory output's manifest)."""
     out = repo.find_outs_by_path(str(target.path), strict=False)[0]
     value = out.hash_info.value if out.hash_info else None
     if value and out.hash_info.isdir:
         obj = out.get_obj(filter_info=str(target.path))
         value = obj.hash_info.value if obj is not None and obj.hash_info else None
-    if value is None and strict:
+    if value is None:
         raise DataError(
             f"DVC records no md5 for {target.rel!r} (stage {out.stage.addressing} has no dvc.lock entry "
             f"for it). Fix: `dvc repro` (or `dvc commit`) in {repo.root_dir} and commit dvc.lock."

@@ -65,17 +65,12 @@ def _check_file(path: Path, required: tuple[str, ...] | None, problems: list[str
 
     ``required``: string fields every row must have; None: by the file's layout, read off its first row
     (alpaca: ``ALPACA_FIELDS``; chat: the training stage's own turn rules, ``sft_data.row_problem``)."""
+    if problem := _file_problem(path):
+        problems.append(problem)
+        return 0, 0.0
     layout = None
-    if not path.is_file():
-        problems.append(f"{path}: file not found — run `dvc pull`/`dvc repro` for it")
-        return 0, 0.0
-    if path.stat().st_size == 0:
-        problems.append(f"{path}: file is empty — the stage that produces it wrote nothing; check it and "
-                        "`dvc repro`")
-        return 0, 0.0
-    rows = 0
+    rows = duplicates = 0
     seen: set[str] = set()
-    duplicates = 0
     with open(path, "rb") as f:
         # readline(limit) never holds more than one over-long row's first bytes in memory
         for lineno, raw in enumerate(iter(lambda: f.readline(max_row_bytes + 1), b""), start=1):
@@ -87,48 +82,67 @@ def _check_file(path: Path, required: tuple[str, ...] | None, problems: list[str
                 while raw and not raw.endswith(b"\n"):  # skip the rest of that row
                     raw = f.readline(max_row_bytes + 1)
                 continue
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                problems.append(f"{path}:{lineno}: not UTF-8 ({exc.reason} at byte {exc.start}) — save the "
-                                "file as UTF-8")
-                continue
-            if lineno == 1:
-                line = line.removeprefix("\ufeff")
-            if not line.strip():
-                continue  # blank lines (a trailing newline) carry no row
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                problems.append(f"{path}:{lineno}: invalid JSON ({exc.msg}, column {exc.colno}) — each line "
-                                "must be one JSON object (JSON Lines)")
-                continue
-            if not isinstance(row, dict):
-                fields = ", ".join(required) if required is not None else f"{', '.join(ALPACA_FIELDS)} (or a chat " \
-                                                                                          "messages list)"
-                problems.append(f"{path}:{lineno}: a JSON {type(row).__name__}, not an object — each line must "
-                                f"be one JSON object with the fields {fields}")
+            row = _parse_row(f"{path}:{lineno}", raw, lineno == 1, required, problems)
+            if row is None:
                 continue
             layout = layout or ("fields" if required is not None else detect_format(row))
-            if layout == "chat":
-                if problem := row_problem(row, "chat"):
-                    problems.append(f"{path}:{lineno}: {problem} — chat rows need a messages (or ShareGPT "
-                                    "conversations) list of role/content turns with an assistant answer")
-            fields = () if layout == "chat" else required if required is not None else ALPACA_FIELDS
-            absent = [k for k in fields if k not in row]
-            wrong = [k for k in fields if k in row and not isinstance(row[k], str)]
-            if absent:
-                problems.append(f"{path}:{lineno}: missing required field(s) {', '.join(absent)} — add them to "
-                                "every row, or change data.required_fields")
-            if wrong:
-                problems.append(f"{path}:{lineno}: field(s) {', '.join(wrong)} must be strings — write them as "
-                                "JSON strings")
+            problems += _row_problems(f"{path}:{lineno}", row, layout, required)
             rows += 1
             key = json.dumps(row, sort_keys=True, ensure_ascii=False)
-            if key in seen:
-                duplicates += 1
-            else:
-                seen.add(key)
+            duplicates += key in seen
+            seen.add(key)
     if rows == 0 and not any(p.startswith(f"{path}:") for p in problems):
         problems.append(f"{path}: file has no rows (only blank lines) — check the stage that produces it")
     return rows, (duplicates / rows if rows else 0.0)
+
+
+def _file_problem(path: Path) -> str | None:
+    if not path.is_file():
+        return f"{path}: file not found — run `dvc pull`/`dvc repro` for it"
+    if path.stat().st_size == 0:
+        return f"{path}: file is empty — the stage that produces it wrote nothing; check it and `dvc repro`"
+    return None
+
+
+def _parse_row(where: str, raw: bytes, first: bool, required: tuple[str, ...] | None,
+               problems: list[str]) -> dict | None:
+    """One line as a JSON object; None for a blank line or one with a problem (appended)."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        problems.append(f"{where}: not UTF-8 ({exc.reason} at byte {exc.start}) — save the file as UTF-8")
+        return None
+    if first:
+        line = line.removeprefix("\ufeff")
+    if not line.strip():
+        return None  # blank lines (a trailing newline) carry no row
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as exc:
+        problems.append(f"{where}: invalid JSON ({exc.msg}, column {exc.colno}) — each line must be one JSON "
+                        "object (JSON Lines)")
+        return None
+    if not isinstance(row, dict):
+        fields = ", ".join(required) if required is not None else f"{', '.join(ALPACA_FIELDS)} (or a chat " \
+                                                                  "messages list)"
+        problems.append(f"{where}: a JSON {type(row).__name__}, not an object — each line must be one JSON "
+                        f"object with the fields {fields}")
+        return None
+    return row
+
+
+def _row_problems(where: str, row: dict, layout: str, required: tuple[str, ...] | None) -> list[str]:
+    """A row's problems for its layout: chat turns by the training stage's rules, else the string fields."""
+    problems = []
+    if layout == "chat" and (problem := row_problem(row, "chat")):
+        problems.append(f"{where}: {problem} — chat rows need a messages (or ShareGPT conversations) list of "
+                        "role/content turns with an assistant answer")
+    fields = () if layout == "chat" else required if required is not None else ALPACA_FIELDS
+    absent = [k for k in fields if k not in row]
+    wrong = [k for k in fields if k in row and not isinstance(row[k], str)]
+    if absent:
+        problems.append(f"{where}: missing required field(s) {', '.join(absent)} — add them to every row, or "
+                        "change data.required_fields")
+    if wrong:
+        problems.append(f"{where}: field(s) {', '.join(wrong)} must be strings — write them as JSON strings")
+    return problems

@@ -22,7 +22,7 @@ class DataUnavailable(RuntimeError):
 
 def network_cause(exc: BaseException) -> str | None:
     """The network error (connection refused, reset, timed out, name unknown) behind ``exc``, if any."""
-    seen = exc
+    seen: BaseException | None = exc
     while seen is not None:
         if isinstance(seen, (ConnectionError, TimeoutError, urllib.error.URLError)) or \
                 type(seen).__module__.startswith(("aiohttp", "requests", "urllib3", "botocore")):

@@ -19,9 +19,10 @@ No torch import at module level: the training task checks files with this module
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Literal
+from typing import Literal
 
 IGNORE_INDEX = -100
 MAX_REPORTED_PROBLEMS = 10
@@ -197,7 +198,7 @@ def tokenize_chat(messages: list[dict], tokenizer, max_len: int) -> Example:
     text, spans = assistant_spans(messages, tokenizer)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     labels = []
-    for token_id, (start, _end) in zip(enc["input_ids"], enc["offset_mapping"]):
+    for token_id, (start, _end) in zip(enc["input_ids"], enc["offset_mapping"], strict=True):
         inside = any(s <= start < e for s, e in spans)
         labels.append(token_id if inside else IGNORE_INDEX)
     return Example(input_ids=list(enc["input_ids"])[:max_len], labels=labels[:max_len])

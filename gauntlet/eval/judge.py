@@ -29,8 +29,9 @@ import math
 import re
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Literal, Protocol, Sequence
+from typing import Literal, Protocol
 
 from gauntlet.config.judge import JudgeSpec
 from gauntlet.eval.stats import interval
@@ -210,7 +211,7 @@ class ModelJudge:
 
         tokenizer, model = _load(self.model_path)
         a, b = (tokenizer(t, add_special_tokens=False)["input_ids"][0] for t in (" A", " B"))
-        out = []
+        out: list[tuple[str | None, float | None, str]] = []
         for i in range(0, len(prompts), self.batch_size):
             texts = [chat_prompt(tokenizer, p) + "Verdict:" for p in prompts[i:i + self.batch_size]]
             enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
@@ -260,7 +261,7 @@ class EndpointJudge:
                              "OpenAI-compatible?") from None
 
     def judge(self, prompts: Sequence[str]) -> list[tuple[str | None, float | None, str]]:
-        out = []
+        out: list[tuple[str | None, float | None, str]] = []
         for prompt in prompts:
             reply = self._ask(prompt)
             found = VERDICT.findall(reply)
@@ -285,10 +286,18 @@ def _winner(verdict: str, order: str) -> Outcome:
 OUTCOME_SCORE = {"candidate": 1.0, "tie": 0.5, "opponent": 0.0}
 
 
+def _margin(m: float | None) -> float:
+    assert m is not None, "a judgment without a verdict has a margin (a calibrated judge gives every one a margin)"
+    return m
+
+
 def judge_pairs(judge: Judge, template: str, rows: Sequence[dict], candidate: Sequence[str],
                 opponent: Sequence[str], tie_margin: float) -> tuple[list[JudgedItem], float | None]:
     """Every pair judged in both orders; (items, the position prior removed, for a calibrated judge)."""
-    show = (lambda s: s if s.strip() else EMPTY)
+
+    def show(s: str) -> str:
+        return s if s.strip() else EMPTY
+
     orders = ("candidate_first", "opponent_first")
     prompts = []
     for row, mine, theirs in zip(rows, candidate, opponent, strict=True):
@@ -296,16 +305,17 @@ def judge_pairs(judge: Judge, template: str, rows: Sequence[dict], candidate: Se
             a, b = (mine, theirs) if order == "candidate_first" else (theirs, mine)
             prompts.append(template.format(instruction=row["instruction"], answer_a=show(a), answer_b=show(b)))
     raw = judge.judge(prompts)
-    stated = [v if v is not None else "tie" if margin == 0 else "A" if margin > 0 else "B" for v, margin, _ in raw]
+    stated = [v if v is not None else "tie" if margin == 0 else "A" if _margin(margin) > 0 else "B"
+              for v, margin, _ in raw]
     counted = list(stated)
     reasons = [reason for _, _, reason in raw]
     priors = []
     if judge.calibrated:   # each pair's position prior (its two margins' mean) removed
         for i in range(0, len(raw), 2):
-            prior = (raw[i][1] + raw[i + 1][1]) / 2
+            prior = (_margin(raw[i][1]) + _margin(raw[i + 1][1])) / 2
             priors.append(prior)
             for k in (i, i + 1):
-                centred = raw[k][1] - prior
+                centred = _margin(raw[k][1]) - prior
                 counted[k] = "tie" if abs(centred) <= tie_margin else "A" if centred > 0 else "B"
                 reasons[k] += (f"; the pair's position prior {prior:+.3f} removed: {centred:+.3f} "
                                f"(tie within ±{tie_margin:g}) → {counted[k]}")
@@ -319,8 +329,8 @@ def judge_pairs(judge: Judge, template: str, rows: Sequence[dict], candidate: Se
         items.append(JudgedItem(id=row["id"], instruction=row["instruction"], candidate_answer=mine,
                                 opponent_answer=theirs, judgments=judgments, score=score,
                                 consistent=judgments[0].stated_winner == judgments[1].stated_winner))
-    prior = math.fsum(priors) / len(priors) if priors else None
-    return items, prior
+    mean_prior = math.fsum(priors) / len(priors) if priors else None
+    return items, mean_prior
 
 
 def summarize(items: Sequence[JudgedItem], prior: float | None, **fields) -> JudgeReport:

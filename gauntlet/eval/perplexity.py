@@ -108,7 +108,7 @@ def measure_perplexity(lm: Any, texts: dict[str, tuple[str, str]], split: str, d
         lls = lm.loglikelihood_rolling(requests, disable_tqdm=True)
     seconds = time.perf_counter() - t0
     items = {k: [float(ll), float(len(scored[k].encode("utf-8"))), float(len(scored[k].split()))]
-             for k, ll in zip(ids, lls)}
+             for k, ll in zip(ids, lls, strict=True)}
     if any(v[1] == 0 for v in items.values()):
         empty = [k for k, v in items.items() if v[1] == 0][:5]
         raise EvalError(f"eval.perplexity: rows {empty} have an empty {text}; nothing to score")

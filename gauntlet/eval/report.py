@@ -1,38 +1,25 @@
-"""One model's evaluation report: every planned task through the engine, the speed probe, and the aggregate.
+"""One model's evaluation report: the aggregate of its tasks' results and its speed probe, and its markdown.
 
-The config's ``eval`` section picks a suite (``evals/suites.yaml``) and/or lists tasks; each task is
-planned (:func:`gauntlet.eval.suites.plan_tasks`), run through lm-eval on the ``hf`` or ``vllm`` backend
-(:mod:`gauntlet.eval.engine`), and the model's speed is probed on the same backend (:mod:`gauntlet.eval.speed`).
-The result is one :class:`~gauntlet.refs.EvalReport` per model × variant: per-task scores with stderr, each
-task's reported metric normalized between its random baseline and 100 (as the Open LLM Leaderboard does),
-speed, the protocol (:mod:`gauntlet.eval.protocol`) and every version, written to ``report.json``.
-No Prefect and no cache here: the stages in ``tasks/`` cache each task, the probe and the report.
+The config's ``eval`` section picks a suite (``evals/suites.yaml``) and/or lists tasks; the evaluate stage
+(``tasks/evaluate.py``) plans them (:func:`gauntlet.eval.protocol.plans_of`), scores each one as a cached stage
+of its own through lm-eval on the ``hf`` or ``vllm`` backend (:func:`gauntlet.eval.engine.run_task`), probes the
+model's speed on the same backend (:mod:`gauntlet.eval.speed`), and hands the results to :func:`build_report`:
+one :class:`~gauntlet.refs.EvalReport` per model × variant, with per-task scores with stderr, each task's
+reported metric normalized between its random baseline and 100 (as the Open LLM Leaderboard does), speed, the
+protocol (:mod:`gauntlet.eval.protocol`) and every version, written to ``report.json``. No Prefect and no
+cache here.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import statistics
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from gauntlet.config.eval import EvalSpec
-from gauntlet.eval.engine import (
-    EvalError,
-    device_kind,
-    engine_for,
-    engine_model_args,
-    pkg_version,
-    run_task,
-)
-from gauntlet.eval.protocol import (
-    engine_protocol,
-    model_fingerprint,
-    plans_of,
-    protocol_of,
-)
-from gauntlet.eval.speed import probe_speed
+from gauntlet.eval.engine import device_kind, engine_model_args, pkg_version
+from gauntlet.eval.protocol import engine_protocol, model_fingerprint, protocol_of
 from gauntlet.files import write_json
 from gauntlet.refs import EvalReport, ModelRef, PerfProbe, PerplexityResult, TaskResult
 
@@ -76,36 +63,12 @@ def build_report(spec: EvalSpec, model: ModelRef, variant: str, results: list[Ta
                   "model_fingerprint": model_fingerprint(model.path, spec.apply_chat_template,
                                                          sampled=bool(spec.temperature))},
         versions=versions,
-        timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        timestamp=datetime.now(UTC).isoformat(timespec="seconds"),
         report_path=str(report_path),
     )
     write_json(report_path, report.model_dump(mode="json"), ensure_ascii=False)
     log.info("report written to %s", report_path)
     return report
-
-
-def _task_folder(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
-
-
-def evaluate_model(spec: EvalSpec, model: ModelRef, eval_data_path: str | None, out_dir: Path,
-                   variant: str = "base") -> EvalReport:
-    """Evaluate one model with the spec's protocol (every task, then the probe); write and return its report.
-
-    Writes ``out_dir/report.json`` and, per task, ``out_dir/tasks/<task>/lm_eval_results.json`` and
-    ``lm_eval_samples.jsonl``. Raises EvalError when a task does not resolve, a data file is missing or
-    the model does not load. No Prefect and no cache: ``tasks/evaluate.py`` is the cached stage.
-    """
-    out_dir = Path(out_dir)
-    plans = plans_of(spec)  # fails early, naming the task and folder
-    if not Path(model.path).exists():
-        raise EvalError(f"model {model.name}: path {model.path} does not exist")
-    log.info("evaluating %s (%s, sha %s): %s", model.name, variant, model.sha[:12], [p.name for p in plans])
-    with engine_for(spec, model) as engine:
-        results = [run_task(spec, plan, engine, eval_data_path, out_dir / "tasks" / _task_folder(plan.name))
-                   for plan in plans]
-        perf = probe_speed(engine, spec.speed_probe) if spec.speed_probe.enabled else None
-        return build_report(spec, model, variant, results, perf, out_dir, engine.device)
 
 
 def report_markdown(report: EvalReport) -> str:
@@ -116,7 +79,10 @@ def report_markdown(report: EvalReport) -> str:
              f"{report.protocol.get('engine_version')}; model sha `{report.model_sha[:12]}`", "",
              "| task | metric | score | ± stderr | 95% CI | random | normalized | shots | n |",
              "|---|---|---|---|---|---|---|---|---|"]
-    fmt = (lambda x, f: "—" if x is None else format(x, f))
+
+    def fmt(x: float | None, f: str) -> str:
+        return "—" if x is None else format(x, f)
+
     for r in report.task_results:
         primary = next((s for s in r.scores if (s.task, s.metric) == (r.task, r.metric)), None)
         ci = "—" if primary is None or primary.ci_low is None else f"{primary.ci_low:.4f}…{primary.ci_high:.4f}"
@@ -150,5 +116,5 @@ def report_markdown(report: EvalReport) -> str:
 
 
 def load_report(path: str | Path) -> EvalReport:
-    """Read a report.json written by :func:`evaluate_model` or the stage."""
+    """Read a report.json written by the evaluate stage (:func:`build_report`)."""
     return EvalReport.model_validate_json(Path(path).read_text(encoding="utf-8"))

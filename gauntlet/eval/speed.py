@@ -19,8 +19,9 @@ import resource
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from gauntlet.eval.engine import Engine
 from gauntlet.files import size_on_disk

@@ -19,8 +19,8 @@ Deterministic: the bootstrap's seed is fixed, so the same records always give th
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping
 from statistics import NormalDist
-from typing import Iterable, Mapping
 
 from gauntlet.refs import Ref
 
@@ -87,7 +87,7 @@ def item_scores(samples: Mapping[str, Iterable[dict]]) -> dict[str, dict[str, fl
         for row in rows:
             for metric in row.get("metrics") or []:
                 value = row.get(metric)
-                if isinstance(value, bool) or isinstance(value, (int, float)):
+                if isinstance(value, (bool, int, float)):
                     out.setdefault(metric_name(metric, row.get("filter")), {})[f"{task}/{row['doc_id']}"] = float(value)
     return out
 

@@ -157,7 +157,8 @@ def _task_files(cfg: dict[str, Any], yaml_path: Path) -> list[Path]:
     data_files = (cfg.get("dataset_kwargs") or {}).get("data_files") or {}
     if isinstance(data_files, str):
         data_files = {"test": data_files}
-    meta = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
+    meta = cfg.get("metadata")
+    meta = meta if isinstance(meta, dict) else {}
     for split, entry in data_files.items():
         if meta.get("uses_run_eval_data") and split == (cfg.get("test_split") or "test"):
             continue  # the run's eval data: its DVC md5 is part of the cache key instead
@@ -169,7 +170,8 @@ def _task_files(cfg: dict[str, Any], yaml_path: Path) -> list[Path]:
 
 
 def _members(cfg: dict[str, Any]) -> list[str]:
-    items = cfg.get("task") if isinstance(cfg.get("task"), list) else []
+    items = cfg.get("task")
+    items = items if isinstance(items, list) else []
     return [i if isinstance(i, str) else i.get("task") or i.get("group") for i in items if i]
 
 
@@ -187,7 +189,8 @@ def describe_local(name: str, tasks_dir: Path) -> dict[str, Any]:
         seen.add(current)
         cfg = read_yaml(known[current])
         files += _task_files(cfg, known[current])
-        meta = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
+        meta = cfg.get("metadata")
+        meta = meta if isinstance(meta, dict) else {}
         uses_run_data = uses_run_data or bool(meta.get("uses_run_eval_data"))
         if isinstance(meta.get("fewshot_pool"), int):
             pools.append(meta["fewshot_pool"])
@@ -277,7 +280,7 @@ def plan_tasks(spec: Any, tasks_dir: Path | None = None) -> list[EvalTaskPlan]:
             engine_task, source, metric, baseline, default_shots, default_gen = name, "local", None, None, None, None
         else:
             use_fixture = spec.fixtures and entry.fixture is not None
-            engine_task = entry.fixture if use_fixture else entry.task
+            engine_task = entry.fixture if use_fixture and entry.fixture is not None else entry.task
             source = "fixture" if use_fixture else "local" if engine_task in known else "engine"
             metric, baseline = entry.metric, entry.random_baseline
             default_shots, default_gen = entry.num_fewshot, entry.max_gen_tokens

@@ -131,7 +131,8 @@ def task_manager_for(plan: EvalTaskPlan, tasks_dir: Path, eval_data_path: str | 
         seen.add(name)
         if entry.kind == Kind.GROUP:
             cfg = read_yaml(Path(entry.yaml_path)) if entry.yaml_path else (entry.cfg or {})
-            items = cfg.get("task") if isinstance(cfg.get("task"), list) else []
+            items = cfg.get("task")
+            items = items if isinstance(items, list) else []
             pending += [i if isinstance(i, str) else i.get("task") or i.get("group") for i in items]
         elif entry.kind == Kind.TAG:
             pending += sorted(entry.tags)

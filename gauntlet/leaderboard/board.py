@@ -12,21 +12,22 @@ with the difference. No Prefect and no MLflow here.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from statistics import mean
 from typing import Any, Literal
 
 from pydantic import BaseModel
 
+from gauntlet.config.eval import task_names
 from gauntlet.config.leaderboard import PERF_RANK_KEYS, LeaderboardSpec
 from gauntlet.eval.judge import JUDGE_TASK, WIN_RATE
 from gauntlet.eval.protocol import protocol_differences
 from gauntlet.eval.safety import BENIGN_TASK, HARMFUL_RATE, HARMFUL_TASK, OVER_REFUSAL_RATE
-from gauntlet.eval.suites import normalized_score
+from gauntlet.eval.scores import find, read
 from gauntlet.hashing import sha256_json
 from gauntlet.leaderboard.candidates import CandidateOutcome
 from gauntlet.leaderboard.uncertainty import add_uncertainty
-from gauntlet.refs import EvalReport
+from gauntlet.refs import EvalReport, MetricLookupError
 from gauntlet.tracking import git_commit
 
 SCHEMA_VERSION = 1
@@ -45,7 +46,7 @@ def protocol_difference(a: EvalReport, b: EvalReport, limit: int = 4) -> str:
 
 def task_baseline(report: EvalReport, task_name: str) -> tuple[float, str] | None:
     """The random baseline the evaluation used for ``task_name`` and where it came from (None: not evaluated)."""
-    result = next((r for r in report.task_results if r.task == task_name), None)
+    result = report.result(task_name)
     return None if result is None else (result.random_baseline, result.random_baseline_source)
 
 
@@ -74,7 +75,7 @@ def measures_of(report: EvalReport) -> dict[str, Measure]:
         p = report.perplexity
         out["byte_perplexity"] = Measure(value=p.byte_perplexity, lo=p.ci_low, hi=p.ci_high)
     for task, metric in ((HARMFUL_TASK, HARMFUL_RATE), (BENIGN_TASK, OVER_REFUSAL_RATE), (JUDGE_TASK, WIN_RATE)):
-        s = next((s for s in report.scores if (s.task, s.metric) == (task, metric)), None)
+        s = find(report, task, metric)
         if s is not None:
             out[metric] = Measure(value=s.value, lo=s.ci_low, hi=s.ci_high)
     return out
@@ -117,6 +118,12 @@ class BoardRow(BaseModel):
     protocol_id: str | None = None
     report_path: str | None = None
     eval_run_id: str | None = None
+    host: str | None = None                      # where the job ran (its JobRecord)
+    worker: str | None = None
+    gpu: str | None = None
+    wall_s: float | None = None
+    gpu_s: float | None = None
+    task_seconds: dict[str, float] = {}          # task -> seconds per item on this row's device (the night plan)
 
     @property
     def key(self) -> str:
@@ -130,6 +137,34 @@ class BoardRow(BaseModel):
         if self.rank_low is not None and self.rank_high is not None and self.rank_low != self.rank_high:
             return f"{self.rank_low}–{self.rank_high}"
         return f"{self.rank}{'=' if self.tie else ''}"
+
+
+class WorkerLoad(BaseModel):
+    worker: str
+    gpu: str
+    jobs: int
+    gpu_s: float                                 # seconds its jobs spent on the device
+    busy: float | None = None                    # gpu_s over the night's wall time (0..1)
+
+
+def worker_loads(rows: list[BoardRow], wall_s: float | None) -> list[WorkerLoad]:
+    """Each worker's jobs and device time, and its share of the night's wall time."""
+    loads: dict[tuple[str, str], list[BoardRow]] = {}
+    for r in rows:
+        if r.worker and r.gpu_s is not None:
+            loads.setdefault((r.worker, r.gpu or "?"), []).append(r)
+    return [WorkerLoad(worker=w, gpu=g, jobs=len(rs), gpu_s=round(sum(r.gpu_s or 0 for r in rs), 2),
+                       busy=round(sum(r.gpu_s or 0 for r in rs) / wall_s, 3) if wall_s else None)
+            for (w, g), rs in sorted(loads.items())]
+
+
+def _job_columns(row: BoardRow, outcome: CandidateOutcome) -> None:
+    if outcome.job is not None:
+        row.host, row.worker, row.gpu = outcome.job.host, outcome.job.worker, outcome.job.gpu
+        row.wall_s, row.gpu_s = round(outcome.job.wall_s, 2), round(outcome.job.gpu_s, 2)
+    if outcome.report is not None:
+        row.task_seconds = {r.task: round(r.seconds / items, 6) for r in outcome.report.task_results
+                            if (items := sum(r.n_samples.values())) and r.seconds}
 
 
 class Leaderboard(BaseModel):
@@ -150,6 +185,8 @@ class Leaderboard(BaseModel):
     nights: list[str] = []                       # trend axis, oldest first, tonight last
     measures: list[str] = []                     # MEASURES some ranked row has (their columns)
     rows: list[BoardRow]
+    workers: list[WorkerLoad] = []               # how busy each GPU worker was tonight
+    wall_s: float | None = None                  # the night, from its first job's start to its last one's end
     flow_run_id: str | None = None
     mlflow_run_id: str | None = None
     files: dict[str, str] = {}
@@ -166,24 +203,32 @@ def metric_of(spec: LeaderboardSpec, task_name: str) -> str:
 
 
 def _score_columns(row: BoardRow, report: EvalReport, spec: LeaderboardSpec) -> None:
-    """Raw and normalized scores (with the report's own per-task baselines), suite means, speed columns."""
-    tasks = list(spec.eval.tasks)
+    """Raw and normalized scores (with the report's own per-task baselines), suite means, speed columns.
+    A metric name fitting several filtered scores of a task leaves it missing, naming them."""
+    tasks = task_names(spec.eval.tasks)   # a task listed with its own settings is named by its name
     for t in tasks:
-        value = report.score(t, metric_of(spec, t))
-        baseline = task_baseline(report, t)
-        row.raw[t] = value
-        row.normalized[t] = None if value is None or baseline is None else normalized_score(value, baseline[0])
+        metric, why = metric_of(spec, t), ""
+        try:
+            score = read(report, t, metric)
+        except MetricLookupError as e:
+            score, why = None, f" ({e.explain(f'ranking.task_metrics.{t}')})" if e.ambiguous else ""
+        row.raw[t] = None if score is None else score.value
+        row.normalized[t] = None if score is None else score.normalized   # None: no baseline (not evaluated)
         if row.normalized[t] is None:
-            row.missing.append(f"{t}.{metric_of(spec, t)}")
+            row.missing.append(f"{t}.{metric}{why}")
     for suite, members in spec.ranking.suites.items():
-        values = [row.normalized[t] for t in members]
-        row.suites[suite] = None if any(v is None for v in values) else mean(values)
-    values = [row.normalized[t] for t in tasks]
-    row.average = None if any(v is None for v in values) else mean(values)
+        row.suites[suite] = _mean_of_all([row.normalized[t] for t in members])
+    row.average = _mean_of_all([row.normalized[t] for t in tasks])
     if report.perf:
         for k in PERF_RANK_KEYS:
             setattr(row, k, getattr(report.perf, k))
     row.measures = measures_of(report)
+
+
+def _mean_of_all(values: list[float | None]) -> float | None:
+    """The mean, or None when any value is missing."""
+    known = [v for v in values if v is not None]
+    return mean(known) if len(known) == len(values) else None
 
 
 def rank_value(row: BoardRow, key: str) -> float | None:
@@ -200,20 +245,27 @@ def higher_is_better(key: str) -> bool:
     return PERF_RANK_KEYS.get(key, True)
 
 
+def _ranked_value(row: BoardRow, key: str) -> float:
+    value = rank_value(row, key)
+    assert value is not None   # only rows with a value for the key are ranked
+    return value
+
+
 def assign_ranks(rows: list[BoardRow], key: str, decimals: int) -> list[BoardRow]:
     """Competition ranking (1, 2, 2, 4) by ``key``; equal at ``decimals`` → the same rank, marked as a tie.
     Rows without a value for the key keep rank None and say what is missing. Returns the rows in order."""
     with_value = [r for r in rows if rank_value(r, key) is not None]
     without = [r for r in rows if rank_value(r, key) is None]
-    with_value.sort(key=lambda r: rank_value(r, key), reverse=higher_is_better(key))
+    with_value.sort(key=lambda r: _ranked_value(r, key), reverse=higher_is_better(key))
     previous: BoardRow | None = None
+    previous_value = 0.0
     for i, r in enumerate(with_value):
-        r.rank_value = rank_value(r, key)
-        if previous is not None and round(r.rank_value, decimals) == round(previous.rank_value, decimals):
+        r.rank_value = value = _ranked_value(r, key)
+        if previous is not None and round(value, decimals) == round(previous_value, decimals):
             r.rank, r.tie, previous.tie = previous.rank, True, True
         else:
             r.rank = i + 1
-        previous = r
+        previous, previous_value = r, value
     for r in without:
         lacking = ", ".join(r.missing) if r.missing else f"no {key} measurement"
         r.reason = f"not ranked by {key}: missing {lacking}"
@@ -229,7 +281,7 @@ def _deltas_and_trends(rows: list[BoardRow], night: str, history: list[Leaderboa
     past = _history_rows(history)
     for row in rows:
         points: list[TrendPoint] = []
-        for board, by_key in zip(reversed(history), reversed(past)):
+        for board, by_key in zip(reversed(history), reversed(past), strict=True):
             old = by_key.get(row.key)
             if old is None or old.average is None:
                 continue
@@ -256,14 +308,33 @@ def _deltas_and_trends(rows: list[BoardRow], night: str, history: list[Leaderboa
                 row.delta_note = "new weights"
 
 
+def ranked_group(rows: list[BoardRow], reports: dict[str, EvalReport]) -> EvalReport | None:
+    """The ranked group's reference report: the protocol most reports share (ties: the newest report's); rows of
+    another protocol become unranked, saying how theirs differs."""
+    scored = [r for r in rows if r.status == "ranked"]
+    if not scored:
+        return None
+    counts: dict[str | None, int] = {}
+    for r in scored:
+        counts[r.protocol_id] = counts.get(r.protocol_id, 0) + 1
+    best = max(counts.values())
+    reference = max((reports[r.key] for r in scored if counts[r.protocol_id] == best), key=lambda rep: rep.timestamp)
+    for r in scored:
+        if r.protocol_id != protocol_id(reference):
+            r.status = "unranked"
+            r.reason = "different protocol, not ranked with the others: " + protocol_difference(reports[r.key],
+                                                                                                  reference)
+    return reference
+
+
 def build_leaderboard(spec: LeaderboardSpec, outcomes: list[CandidateOutcome], history: list[Leaderboard],
-                      night: str | None = None) -> Leaderboard:
+                      night: str | None = None, wall_s: float | None = None) -> Leaderboard:
     """Normalise, group by protocol, rank, and compare with past nights (``history`` newest first).
 
     Every score is normalised with the random baseline its own evaluation used (declared in the task
     catalogue, or measured from the items); reports in the ranked group share one protocol, hence one
     baseline per task, which the board lists."""
-    night = night or datetime.now(timezone.utc).isoformat(timespec="seconds")
+    night = night or datetime.now(UTC).isoformat(timespec="seconds")
     rows: list[BoardRow] = []
     reports: dict[str, EvalReport] = {}
     for o in outcomes:
@@ -275,27 +346,15 @@ def build_leaderboard(spec: LeaderboardSpec, outcomes: list[CandidateOutcome], h
             row.protocol_id = protocol_id(o.report)
             row.report_path, row.eval_run_id = o.report.report_path, o.report.mlflow_run_id
             reports[row.key] = o.report
+        _job_columns(row, o)
         rows.append(row)
 
-    # The ranked group: the protocol most reports share (ties: the newest report's).
-    scored = [r for r in rows if r.status == "ranked"]
-    reference: EvalReport | None = None
-    if scored:
-        counts: dict[str, int] = {}
-        for r in scored:
-            counts[r.protocol_id] = counts.get(r.protocol_id, 0) + 1
-        best = max(counts.values())
-        candidates = [reports[r.key] for r in scored if counts[r.protocol_id] == best]
-        reference = max(candidates, key=lambda rep: rep.timestamp)
-        for r in scored:
-            if r.protocol_id != protocol_id(reference):
-                r.status = "unranked"
-                r.reason = ("different protocol, not ranked with the others: "
-                            + protocol_difference(reports[r.key], reference))
+    reference = ranked_group(rows, reports)
 
     key = spec.ranking.key
     ranked = assign_ranks([r for r in rows if r.status == "ranked"], key, spec.ranking.tie_decimals)
-    add_uncertainty(ranked, reports, key, list(spec.eval.tasks), dict(spec.ranking.suites),
+    tasks = task_names(spec.eval.tasks)
+    add_uncertainty(ranked, reports, key, tasks, dict(spec.ranking.suites),
                     lambda t: metric_of(spec, t))
     order = {"unranked": 1, "failed": 2, "skipped": 3}
     rest = sorted((r for r in rows if r.status != "ranked"), key=lambda r: (order[r.status], r.key))
@@ -304,15 +363,16 @@ def build_leaderboard(spec: LeaderboardSpec, outcomes: list[CandidateOutcome], h
     nights = [b.night for b in reversed(history)] + [night]
     return Leaderboard(
         name=spec.name, title=spec.publish.title or f"Gauntlet leaderboard — {spec.name}", night=night,
-        rank_key=key, higher_is_better=higher_is_better(key), tasks=list(spec.eval.tasks),
-        task_metrics={t: metric_of(spec, t) for t in spec.eval.tasks}, suites=dict(spec.ranking.suites),
-        baselines={t: {"value": b[0], "source": b[1]} for t in spec.eval.tasks
+        rank_key=key, higher_is_better=higher_is_better(key), tasks=tasks,
+        task_metrics={t: metric_of(spec, t) for t in tasks}, suites=dict(spec.ranking.suites),
+        baselines={t: {"value": b[0], "source": b[1]} for t in tasks
                    if reference and (b := task_baseline(reference, t)) is not None},
         protocol=reference.protocol if reference else None,
         protocol_id=protocol_id(reference) if reference else None,
         versions={"gauntlet_commit": git_commit(), **({k: v for k, v in reference.versions.items() if k != "tasks"}
                                                       if reference else {})},
         previous_night=history[0].night if history else None, nights=nights, rows=rows,
+        workers=worker_loads(rows, wall_s), wall_s=round(wall_s, 2) if wall_s else None,
         measures=[m for m in MEASURES if any(m in r.measures for r in ranked)])
 
 

@@ -36,6 +36,16 @@ class PreparedCandidate(Ref):
     model: ModelRef
 
 
+class JobRecord(Ref):
+    """Where one candidate x variant ran and how long: its board row's host, GPU and times."""
+
+    host: str
+    worker: str                           # the pool worker (gauntlet worker's name), or "local"
+    gpu: str                              # the device's name and index on its host (or the CPU cores)
+    wall_s: float = 0.0                   # the job from its start to its end, on its worker
+    gpu_s: float = 0.0                    # of which on the device: quantize, evaluate, safety
+
+
 class CandidateOutcome(Ref):
     candidate: str
     variant: str
@@ -45,6 +55,7 @@ class CandidateOutcome(Ref):
     note: str | None = None
     model_sha: str | None = None
     report: EvalReport | None = None
+    job: JobRecord | None = None
 
 
 def variants_of(candidate: LeaderboardCandidate, spec: LeaderboardSpec) -> list[str]:
@@ -52,14 +63,15 @@ def variants_of(candidate: LeaderboardCandidate, spec: LeaderboardSpec) -> list[
 
 
 def ok_outcome(candidate: LeaderboardCandidate, variant: str, prepared: PreparedCandidate,
-               report: EvalReport) -> CandidateOutcome:
+               report: EvalReport, job: JobRecord | None = None) -> CandidateOutcome:
     return CandidateOutcome(candidate=candidate.display_name, variant=variant, source=candidate.source, status="ok",
-                            note=prepared.resolved.note, model_sha=report.model_sha, report=report)
+                            note=prepared.resolved.note, model_sha=report.model_sha, report=report, job=job)
 
 
-def failed_outcome(candidate: LeaderboardCandidate, variant: str, reason: str) -> CandidateOutcome:
+def failed_outcome(candidate: LeaderboardCandidate, variant: str, reason: str,
+                   job: JobRecord | None = None) -> CandidateOutcome:
     return CandidateOutcome(candidate=candidate.display_name, variant=variant, source=candidate.source,
-                            status="failed", reason=reason)
+                            status="failed", reason=reason, job=job)
 
 
 def skipped_outcome(candidate: LeaderboardCandidate, variant: str, reason: str) -> CandidateOutcome:

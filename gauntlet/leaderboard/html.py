@@ -145,7 +145,7 @@ def ranking_table(board: Leaderboard) -> str:
         rank = ("" if r.rank is None else str(r.rank))
         rank_cell = (f'<td data-v="{rank}" class="tie" title="statistically indistinguishable from its neighbours">'
                      f'{escape(r.rank_text)}</td>' if r.tie else f'<td data-v="{rank}">{rank or "—"}</td>')
-        average = (r.ci_low, r.ci_high) if r.ci_low is not None else None
+        average = (r.ci_low, r.ci_high) if r.ci_low is not None and r.ci_high is not None else None  # set together
         cells = ([rank_cell, _text(r.candidate, title=f"{r.source}" + (f" ({r.note})" if r.note else "")),
                   _text(r.variant), _cell_ci(r.average, average)]
                  + [_cell(r.suites.get(s)) for s in suites]
@@ -208,7 +208,7 @@ def scatter_svg(board: Leaderboard, width: int = 640, height: int = 380) -> str:
     for k, x, y, r in pts:
         on_front = k in front
         label = f"{r.candidate} / {r.variant}"
-        bar = ("" if r.ci_low is None else
+        bar = ("" if r.ci_low is None or r.ci_high is None else
                f'<line class="ci-bar" x1="{sx(x):.1f}" x2="{sx(x):.1f}" y1="{sy(r.ci_low):.1f}" '
                f'y2="{sy(r.ci_high):.1f}"/>')
         interval = "" if r.ci_low is None else f" (95% interval {r.ci_low:.1f}–{r.ci_high:.1f}, rank {r.rank_text})"

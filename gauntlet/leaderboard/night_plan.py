@@ -5,7 +5,7 @@ night costs, and whether its window holds them with K GPU workers (``gauntlet le
   items (the catalogue's ``items``, capped by ``eval.limit``), and whether the variant is quantized first.
   The plan assumes nothing is cached (an upper bound: an unchanged model costs nothing on the night).
 * **Costs**: a task's seconds per item come from an earlier report of the same candidate × variant on the same
-  device kind when the board's history has one ("measured"); otherwise from the stated assumptions below
+  card kind when the board's history in MLflow has one ("measured"); otherwise from the stated assumptions below
   ("assumed"): prefill at :data:`MFU` of the card's bf16 rate over the tokens an item adds (vLLM's prefix
   cache, on by default, computes a context once when an item's choices share it, or items share their
   few-shot examples: :data:`TOKENS`), generation at the card's memory bandwidth shared by a batch of
@@ -195,25 +195,16 @@ def candidate_params(candidate) -> tuple[float, str]:
     return shape.total_params / 1e9, "from config.json"
 
 
-def measured_costs(boards: list, device: str) -> dict[tuple[str, str, str], float]:
-    """Seconds per item of (candidate, variant, task) from past nights' reports on ``device`` (newest wins)."""
-    from gauntlet.eval.report import load_report
-
+def measured_costs(boards: list, card: str) -> dict[tuple[str, str, str], float]:
+    """Seconds per item of (candidate, variant, task) from past nights' rows that ran on a GPU of the ``card`` kind
+    (its name in the row's ``gpu``), newest night winning. ``boards``: the nights as MLflow keeps them
+    (``history.load_history``), so every host plans from the same costs."""
     found: dict[tuple[str, str, str], float] = {}
     for board in reversed(boards):                 # oldest first, so newer nights overwrite
         for row in board.rows:
-            if not row.report_path:
-                continue
-            try:
-                report = load_report(row.report_path)
-            except (OSError, ValueError):
-                continue
-            if report.protocol.get("device") != device:
-                continue
-            for r in report.task_results:
-                items = sum(r.n_samples.values())
-                if items and r.seconds:
-                    found[(row.candidate, row.variant, r.task)] = r.seconds / items
+            if row.gpu and card.lower() in row.gpu.lower():
+                for task, seconds in row.task_seconds.items():
+                    found[(row.candidate, row.variant, task)] = seconds
     return found
 
 

@@ -54,8 +54,8 @@ def render_markdown(board: Leaderboard) -> str:
         delta = _fmt(r.delta_average, signed=True) if r.delta_average is not None else (r.delta_note or "—")
         average = _fmt(r.average) + ("" if r.ci_low is None else f" ({r.ci_low:.1f}–{r.ci_high:.1f})")
         cells = ([r.rank_text, r.candidate, r.variant, average] + [_fmt(r.suites.get(s)) for s in suites]
-                 + [_fmt(r.normalized.get(t)) + ("" if not r.intervals.get(t) else
-                                                 f" ({r.intervals[t][0]:.0f}–{r.intervals[t][1]:.0f})")
+                 + [_fmt(r.normalized.get(t)) + ("" if not (iv := r.intervals.get(t)) else
+                                                 f" ({iv[0]:.0f}–{iv[1]:.0f})")
                     for t in board.tasks]
                  + [r.measures[m].text(MEASURES[m][1]) if m in r.measures else "—" for m in board.measures]
                  + [delta, _fmt(r.tokens_per_s), _fmt(r.first_token_latency_ms), _fmt(r.peak_memory_gb, 3),
@@ -70,7 +70,23 @@ def render_markdown(board: Leaderboard) -> str:
         lines += [f"| {r.candidate} | {r.variant} | {r.status} | {one_line(r.reason)} |" for r in others]
     lines += ["", "## Random baselines", ""]
     lines += [f"- {t} ({board.task_metrics[t]}): {b['value']:.4f} — {b['source']}" for t, b in board.baselines.items()]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + where_jobs_ran(board)) + "\n"
+
+
+def where_jobs_ran(board: Leaderboard) -> list[str]:
+    """The night's jobs by host and GPU, and how busy each GPU worker was."""
+    jobs = [r for r in board.rows if r.worker]
+    if not jobs:
+        return []
+    lines = ["", "## Where each job ran", "", "| model | variant | host | worker | GPU | wall s | GPU s |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r.candidate} | {r.variant} | {r.host} | {r.worker} | {r.gpu} | {_fmt(r.wall_s)} | {_fmt(r.gpu_s)} |"
+              for r in jobs]
+    lines += ["", f"## GPU workers (the night: {_fmt(board.wall_s)} s)", "", "| worker | GPU | jobs | GPU s | busy |",
+              "|---|---|---|---|---|"]
+    lines += [f"| {w.worker} | {w.gpu} | {w.jobs} | {_fmt(w.gpu_s)} | "
+              f"{'—' if w.busy is None else f'{w.busy:.0%}'} |" for w in board.workers]
+    return lines
 
 
 def write_board(board: Leaderboard, out_dir: Path) -> dict[str, str]:
@@ -94,7 +110,7 @@ def table_rows(board: Leaderboard) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"rank": r.rank if r.rank is not None else "", "model": r.candidate,
                                "variant": r.variant, "status": r.status,
                                "average": None if r.average is None else round(r.average, 2)}
-        row.update({t: None if r.normalized.get(t) is None else round(r.normalized[t], 2) for t in board.tasks})
+        row.update({t: None if (v := r.normalized.get(t)) is None else round(v, 2) for t in board.tasks})
         row.update({m: None if m not in r.measures else round(r.measures[m].value, 4) for m in board.measures})
         row.update({"delta": None if r.delta_average is None else round(r.delta_average, 2),
                     "tokens_per_s": r.tokens_per_s, "peak_memory_gb": r.peak_memory_gb,

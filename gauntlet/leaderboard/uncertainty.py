@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from gauntlet.eval.scores import find
 from gauntlet.eval.stats import BOOTSTRAP_SEED, CONFIDENCE
-from gauntlet.gate import resolve_metric
 from gauntlet.refs import EvalReport
 
 if TYPE_CHECKING:
@@ -27,35 +27,24 @@ if TYPE_CHECKING:
 BOOTSTRAP_SAMPLES = 2000
 
 
-def _items(report: EvalReport, task: str, metric: str) -> dict[str, float] | None:
-    score = resolve_metric(report, task, metric)
-    result = next((r for r in report.task_results if r.task == task), None)
-    if score is None or result is None:
-        return None
-    return result.item_scores.get(score.metric) or None
-
-
 def task_draws(reports: dict[str, EvalReport], task: str, metric: str, seed: int):
     """Row key → resampled normalised scores of ``task`` (numpy, BOOTSTRAP_SAMPLES long), paired over the
     items every report answered; rows without records drawn from their standard error."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
-    items = {k: _items(r, task, metric) for k, r in reports.items()}
-    common = sorted(set.intersection(*(set(i) for i in items.values() if i))) if any(items.values()) else []
+    scores = {k: s for k, r in reports.items() if (s := find(r, task, metric)) is not None
+              and s.random_baseline is not None}   # as the board's columns read them
+    items = [set(s.items) for s in scores.values() if s.items]
+    common = sorted(set.intersection(*items)) if items else []
     index = rng.integers(0, len(common), size=(BOOTSTRAP_SAMPLES, len(common))) if common else None
     out = {}
-    for key, report in reports.items():
-        result = next((r for r in report.task_results if r.task == task), None)
-        score = resolve_metric(report, task, metric)
-        if result is None or score is None:
-            continue
-        baseline = result.random_baseline
-        if items[key] and index is not None:
-            values = np.asarray([items[key][k] for k in common])[index].mean(axis=1)
+    for key, score in scores.items():
+        if score.items and index is not None:
+            values = np.asarray([score.items[k] for k in common])[index].mean(axis=1)
         else:
             values = rng.normal(score.value, score.stderr or 0.0, size=BOOTSTRAP_SAMPLES)
-        out[key] = np.clip((values - baseline) / (1.0 - baseline), 0.0, None) * 100.0
+        out[key] = np.fromiter((score.normalize(v) for v in values), float, len(values))
     return out
 
 
@@ -70,7 +59,7 @@ def key_tasks(rank_key: str, tasks: list[str], suites: dict[str, list[str]]) -> 
     return None
 
 
-def add_uncertainty(rows: list["BoardRow"], reports: dict[str, EvalReport], rank_key: str, tasks: list[str],
+def add_uncertainty(rows: list[BoardRow], reports: dict[str, EvalReport], rank_key: str, tasks: list[str],
                     suites: dict[str, list[str]], metric_of) -> None:
     """Fill each ranked row's task intervals, key interval and rank range (rows already ranked, in order)."""
     import numpy as np

@@ -1,29 +1,82 @@
-"""The training program's parts (gauntlet/programs/trainer.py holds the recipe that uses them): the loss a
-chunk of tokens at a time, resumable checkpoints, the step log and the metrics sent to MLflow while
-training, the loss curve and the model card. No Prefect here, and nothing of Gauntlet but its data helpers.
+"""The training program's parts (gauntlet/programs/trainer.py holds the recipe that uses them): its arguments
+file, validated; the loss a chunk of tokens at a time; the norm of the gradients the optimizer steps with;
+resumable checkpoints; the step log and the metrics sent to MLflow while training; the loss curve and the model
+card. No Prefect here, and nothing of Gauntlet but its data helpers and the ``train:`` section's model.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
 import shutil
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
+from pydantic import Field, ValidationError
 from torch.utils.checkpoint import checkpoint
 
+from gauntlet.config.base import Strict
+from gauntlet.config.train import TrainSpec
 from gauntlet.data.sft import IGNORE_INDEX
 from gauntlet.files import write_json
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
+
+
+# ---------------------------------------------------------------------------------------------
+# the arguments file: written by gauntlet/training.py, validated here before anything loads
+# ---------------------------------------------------------------------------------------------
+
+
+class MlflowTarget(Strict):
+    """The MLflow run the trainer logs its metrics into while it trains."""
+
+    tracking_uri: str   # without credentials: they come from the environment
+    run_id: str
+
+
+class CardFacts(Strict):
+    """Where the model came from, for its model card."""
+
+    name: str
+    base_model: str
+    base_revision: str | None = None
+    base_sha: str
+    data_md5: str
+    train_file: str
+    validation_file: str
+
+
+class TrainerArgs(Strict):
+    """ARGS.json: what the training program is asked to do. The ``train`` section is the run config's own
+    :class:`TrainSpec`, validated again here, so a hand-written or damaged file fails naming the field."""
+
+    base_model: str = Field(..., description="folder of the base model (save_pretrained layout)")
+    train_path: str
+    validation_path: str
+    output_dir: str
+    cpu: bool = Field(False, description="accelerate's cpu switch (False under DeepSpeed, which it would turn off)")
+    train: TrainSpec
+    mlflow: MlflowTarget | None = None
+    loss_chunk_tokens: int | None = Field(None, gt=0, description="the loss this many tokens at a time; "
+                                                                  "None: from the full logits")
+    card: CardFacts | None = None
+
+
+def read_args(path: Path) -> TrainerArgs:
+    """The arguments file, validated; a bad one stops the program with pydantic's message naming each field."""
+    try:
+        return TrainerArgs.model_validate_json(Path(path).read_text(encoding="utf-8"))
+    except ValidationError as e:
+        raise SystemExit(f"[trainer] invalid arguments file {path}: {e}") from None
 
 
 def shards_weights(accelerator: Accelerator) -> bool:
@@ -86,6 +139,7 @@ class ChunkedLoss:
     def __call__(self, model, batch: dict) -> torch.Tensor:
         if self.weight is None:
             return model(**batch, use_cache=False).loss
+        assert self.chunk is not None   # the head is kept (self.weight) only with a chunk size
         labels = batch["labels"]
         hidden = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits
         hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])   # position t predicts token t + 1
@@ -97,6 +151,35 @@ class ChunkedLoss:
             total = total + checkpoint(self._nll, hidden[i:i + self.chunk], targets[i:i + self.chunk],
                                        use_reentrant=False)
         return total / max(targets.numel(), 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# gradient clipping, and the norm the optimizer's step really sees
+# ---------------------------------------------------------------------------------------------
+
+
+def clip_gradients(accelerator: Accelerator, model, max_norm: float | None) -> float | None:
+    """Clip the gradients' total norm to ``max_norm`` (``train.max_grad_norm``; None: leave them) and return
+    their norm before clipping. Under DeepSpeed the engine clips inside its step, at the value
+    ``trainer.make_accelerator`` gave it; this returns the norm it measured."""
+    norm = accelerator.clip_grad_norm_(model.parameters(), math.inf if max_norm is None else max_norm)
+    return None if norm is None else float(norm)
+
+
+class AppliedGradNorm:
+    """The total norm of the gradients the optimizer steps with, measured in a hook that runs at the start of
+    the optimizer's own ``step``: what clipping really left. Measured where each process holds whole gradients
+    (one process, DDP); None under DeepSpeed and FSDP, whose optimizers step on shards."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, accelerator: Accelerator):
+        self.value: float | None = None
+        whole = accelerator.distributed_type not in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+        if whole:
+            optimizer.register_step_pre_hook(self._measure)
+
+    def _measure(self, optimizer, _args, _kwargs) -> None:
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        self.value = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,17 +243,17 @@ class Checkpointer:
 
 
 class MetricsSink:
-    def __init__(self, mlflow_args: dict | None, enabled: bool):
+    def __init__(self, target: MlflowTarget | None, enabled: bool):
         self.client = None
         self.run_id = None
-        if enabled and mlflow_args:
+        if enabled and target:
             from mlflow.tracking import MlflowClient
 
             from gauntlet.secrets import with_credentials
 
             # the arguments file (an MLflow artifact) names the store without credentials: they come from the environment
-            self.client = MlflowClient(tracking_uri=with_credentials(mlflow_args["tracking_uri"]))
-            self.run_id = mlflow_args["run_id"]
+            self.client = MlflowClient(tracking_uri=with_credentials(target.tracking_uri))
+            self.run_id = target.run_id
         self.history: list[dict] = []
 
     def log(self, step: int, metrics: dict) -> None:
@@ -186,12 +269,14 @@ class StepLog:
     """``steps.jsonl``: every optimizer step, appended and flushed as it happens (main process)."""
 
     def __init__(self, path: Path, enabled: bool, resumed_from: int):
-        self.file = open(path, "a", encoding="utf-8") if enabled else None
+        self.file = open(path, "a", encoding="utf-8") if enabled else None  # noqa: SIM115 (open for the whole run)
         self.resumed_from = resumed_from
 
-    def write(self, step: int, loss: float, lr: float) -> None:
+    def write(self, step: int, loss: float, lr: float, grad_norm: float | None,
+              applied_grad_norm: float | None) -> None:
         if self.file:
-            self.file.write(json.dumps({"step": step, "loss": loss, "lr": lr, "pid": os.getpid(),
+            self.file.write(json.dumps({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                                        "applied_grad_norm": applied_grad_norm, "pid": os.getpid(),
                                         "resumed_from": self.resumed_from, "time": time.time()}) + "\n")
             self.file.flush()
 
@@ -228,7 +313,7 @@ def plot_loss(history: list[dict], path: Path) -> None:
     ax.plot(steps, [h["train_loss"] for h in history if "train_loss" in h], label="train loss")
     val = [(h["step"], h["val_loss"]) for h in history if "val_loss" in h]
     if val:
-        ax.plot(*zip(*val), "o-", label="validation loss")
+        ax.plot(*zip(*val, strict=True), "o-", label="validation loss")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title("training loss")
@@ -239,36 +324,37 @@ def plot_loss(history: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def model_card(args: dict, result: dict, kind: str) -> str:
+def model_card(args: TrainerArgs, result: dict, kind: str) -> str:
     """README.md saved with the adapter and the merged model: what it is and where it came from."""
     import yaml
 
-    cfg, card = args["train"], args.get("card") or {}
+    spec = args.train
+    card = args.card or CardFacts(name=Path(args.output_dir).name, base_model=args.base_model, base_sha="unknown",
+                                  data_md5="unknown", train_file=args.train_path,
+                                  validation_file=args.validation_path)
     metrics = result["metrics"]
-    base = card.get("base_model", args["base_model"])
+    base = card.base_model
     lines = [
         "---",
         yaml.safe_dump({"base_model": base, "library_name": "peft" if kind == "adapter" else "transformers",
-                        "tags": ["gauntlet", cfg["method"]]}, sort_keys=False).strip(),
+                        "tags": ["gauntlet", spec.method]}, sort_keys=False).strip(),
         "---",
         "",
-        f"# {card.get('name', Path(args['output_dir']).name)} ({'LoRA adapter' if kind == 'adapter' else 'merged model'})",
+        f"# {card.name} ({'LoRA adapter' if kind == 'adapter' else 'merged model'})",
         "",
-        f"Fine-tuned by Gauntlet with **{cfg['method']}** on {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC.",
+        f"Fine-tuned by Gauntlet with **{spec.method}** on {datetime.now(UTC):%Y-%m-%d %H:%M} UTC.",
         "",
         "## Base model",
         "",
         f"- source: `{base}`",
-        f"- revision: `{card.get('base_revision') or 'unpinned'}`",
-        f"- content sha256: `{card.get('base_sha', 'unknown')}`",
+        f"- revision: `{card.base_revision or 'unpinned'}`",
+        f"- content sha256: `{card.base_sha}`",
         "",
         "## Data",
         "",
-        f"- data version (DVC md5): `{card.get('data_md5', 'unknown')}`",
-        f"- train: `{card.get('train_file', args['train_path'])}`, validation: "
-        f"`{card.get('validation_file', args['validation_path'])}`",
-        f"- format: {result.get('data_format', cfg.get('data_format'))}; loss on responses only"
-        + ("; packed sequences" if cfg.get("packing") else ""),
+        f"- data version (DVC md5): `{card.data_md5}`",
+        f"- train: `{card.train_file}`, validation: `{card.validation_file}`",
+        f"- format: {result['data_format']}; loss on responses only" + ("; packed sequences" if spec.packing else ""),
         "",
         "## Metrics",
         "",
@@ -280,7 +366,7 @@ def model_card(args: dict, result: dict, kind: str) -> str:
         "## Training config",
         "",
         "```yaml",
-        yaml.safe_dump(cfg, sort_keys=False).strip(),
+        yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False).strip(),
         "```",
         "",
         "## Use",

@@ -8,9 +8,11 @@ import json
 import shutil
 from pathlib import Path
 
+from dvc.repo import Repo as DvcRepo
+
 from gauntlet.config.data import DataChecksSpec, DataSpec
 from gauntlet.config.gate import RegistrySpec
-from gauntlet.data.drift import champion_training_file, compare, read_rows
+from gauntlet.data.drift import NotMeasured, champion_training_file, compare, read_rows
 from tests.helpers import make_demo_dvc_repo, register_as_champion
 
 NAME = "gauntlet-drift-test"
@@ -38,13 +40,21 @@ def test_response_length_shift_against_the_champion_data_fails_naming_the_shift(
     new_train.write_text("".join(json.dumps(r) + "\n" for r in rows))
     new = old.model_copy(update={"md5": "f" * 32, "train_path": str(new_train)})
 
-    found = champion_training_file(c, RegistrySpec(model_name=NAME), new)
-    assert not isinstance(found, str), found
+    found = champion_training_file(c, RegistrySpec(model_name=NAME), new, tmp_path / "copies")
+    assert not isinstance(found, NotMeasured), found
     reference_path, label = found
     assert read_rows(reference_path) == read_rows(Path(old.train_path)) and "champion v1" in label
-    shutil.rmtree(repo / ".dvc" / "cache")     # the local remote alone still has it
-    reference_path = champion_training_file(c, RegistrySpec(model_name=NAME), new)[0]
+    shutil.rmtree(repo / ".dvc" / "cache")     # a fresh host: the DVC remote alone has it, fetched through DVC
+    reference_path = champion_training_file(c, RegistrySpec(model_name=NAME), new, tmp_path / "copies")[0]
+    assert reference_path.is_relative_to(tmp_path / "copies")
     assert read_rows(reference_path) == read_rows(Path(old.train_path))
+    with DvcRepo(str(repo)) as dvc:
+        remote = Path(dvc.config["remote"]["local"]["url"])
+    remote = remote if remote.is_absolute() else (repo / ".dvc" / remote).resolve()
+    shutil.rmtree(remote)                      # the reference gone everywhere: not measured, and a warning
+    missing = champion_training_file(c, RegistrySpec(model_name=NAME), new, tmp_path / "copies2")
+    assert isinstance(missing, NotMeasured) and missing.warning, missing
+    assert "is in neither this host's DVC cache nor the DVC remote" in missing.reason, missing.reason
 
     report = compare(read_rows(reference_path), rows, DataChecksSpec(max_length_psi=0.25), label)
     assert not report.passed and len(report.problems) == 1, report.problems
@@ -56,4 +66,5 @@ def test_response_length_shift_against_the_champion_data_fails_naming_the_shift(
                    label).passed
     assert compare(read_rows(reference_path), rows, DataChecksSpec(), label).passed
     # The champion's own data version is not compared with itself.
-    assert "champion's own version" in champion_training_file(c, RegistrySpec(model_name=NAME), old)
+    same = champion_training_file(c, RegistrySpec(model_name=NAME), old, tmp_path / "copies")
+    assert isinstance(same, NotMeasured) and "champion's own version" in same.reason and not same.warning

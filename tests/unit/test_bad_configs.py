@@ -44,6 +44,14 @@ CONFIG_MUTATIONS = {
     "num_machines_over_one": lambda r, t: r["train"].setdefault("accelerate", {}).__setitem__("num_machines", 2),
     "source_not_allowed": lambda r, t: r.__setitem__("sources", {"allow": ["hf://my-org/*"]}),
     "data_absolute_outside": lambda r, t: r["data"].__setitem__("validation", "/etc/hostname"),
+    "set_value_malformed": lambda r, t: None,   # the case's `set:` overrides are the bad input
+    "set_value_unreadable": lambda r, t: None,
+    "quantize_method_a_list": lambda r, t: r["quantize"]["variants"][0].__setitem__("method", ["gptq"]),
+    "path_too_long": lambda r, t: r["data"].__setitem__("train", "x" * 300),
+    "number_not_finite": lambda r, t: r["train"].__setitem__("learning_rate", float("nan")),
+    "tracking_store_outside": lambda r, t: r["tracking"].__setitem__("tracking_uri", "sqlite:////tmp/x.db"),
+    "tracking_store_file_url": lambda r, t: r["tracking"].__setitem__("tracking_uri", "file:///etc/mlflow"),
+    "tracking_store_scheme": lambda r, t: r["tracking"].__setitem__("tracking_uri", "s3://bucket/mlruns"),
 }
 
 
@@ -61,6 +69,8 @@ def write_bad_config(name: str, tmp_path: Path) -> Path:
         path.write_text("name: demo\ntrain:\n  max_steps: [10, 20\n")
     elif name == "config_not_utf8":
         path.write_bytes(DEMO.read_bytes().replace(b"name: demo", b"name: d\xe9mo"))
+    elif name == "yaml_value_unreadable":
+        path.write_bytes(DEMO.read_bytes().replace(b"name: demo", b"name: 2020-99-99"))
     else:
         raw = demo_raw()
         CONFIG_MUTATIONS[name](raw, tmp_path)
@@ -70,7 +80,8 @@ def write_bad_config(name: str, tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize("name", [n for n, c in CASES.items() if c["kind"] == "config"])
 def test_config_case(name: str, tmp_path: Path, capsys) -> None:
-    code = gauntlet(["validate", str(write_bad_config(name, tmp_path))])
+    sets = [f"--set={s}" for s in CASES[name].get("set", [])]
+    code = gauntlet(["validate", str(write_bad_config(name, tmp_path)), *sets])
     err = capsys.readouterr().err
     assert code == 2
     assert CASES[name]["expect"] in err, err

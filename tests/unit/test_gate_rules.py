@@ -1,10 +1,8 @@
-"""The quality gate's rules on hand-made reports (``gauntlet.gate.decide`` is pure), the registry lock's
-mode, and webhook URLs kept out of configs. The registry itself runs in tests/integration/test_registry.py."""
+"""The quality gate's rules on hand-made reports (``gauntlet.gate.decide`` is pure): each rule, the registry
+they live in, their typed verdicts, and the gate's config checks. Paired tests over real per-item records
+run in tests/integration/test_gate_significance.py, the registry itself in tests/integration/test_registry.py."""
 
 from __future__ import annotations
-
-import os
-from pathlib import Path
 
 import pytest
 
@@ -96,29 +94,57 @@ def test_gate_rules(spec, scores, perf, champion, failing) -> None:
     assert all(r.detail for r in decision.rules)
 
 
-def test_lock_mode_follows_the_store() -> None:
-    from gauntlet.registry.lock import lock_file_for, lock_mode
+def test_an_unknown_rule_is_refused_with_the_closest_registered_name() -> None:
+    from gauntlet.gate import RULES, decide, get_rule, register_rule
 
-    os.environ.pop("GAUNTLET_REGISTRY_LOCK", None)
-    assert lock_mode("sqlite:////tmp/x/mlflow.db") == "file"
-    assert lock_mode("http://mlflow.internal:5000") == "registry"
-    assert lock_mode("postgresql://mlflow@db/mlflow") == "registry"
-    assert lock_file_for("sqlite:////tmp/x/mlflow.db", "m").parent == Path("/tmp/x/mlflow.db.locks")
+    assert list(RULES)[:3] == ["required", "min_score", "min_average"] and "no_regression" in RULES
+    with pytest.raises(KeyError) as err:
+        get_rule("no_regresion")
+    assert "no gate rule named 'no_regresion'; did you mean 'no_regression'? registered rules: required," in str(err)
+    with pytest.raises(KeyError, match="did you mean 'min_score'"):
+        decide(GateSpec(min_scores={"facts": 0.5}), make_report({"facts": 0.8}), None, None, {}, rules=["min_scor"])
+    with pytest.raises(ValueError, match="'min_score' is already registered"):
+        register_rule("min_score")(lambda g: [])
+    # a decision can apply named rules alone: here the minimum, not the regression against the champion
+    only = decide(GateSpec(min_scores={"facts": 0.5}), make_report({"facts": 0.8}), None, "2", {"facts.acc": 0.9},
+                  rules=["min_score"])
+    assert [r.rule for r in only.rules] == ["min_score[facts]"] and only.passed
 
 
-def test_webhook_urls_cannot_be_written_into_the_config() -> None:
+def test_rules_return_typed_verdicts_with_their_numbers() -> None:
+    """passed / failed / refused as a field (a refused rule fails the gate), with what was compared."""
+    from gauntlet.gate import decide
+
+    report, champion = make_report({"facts": 0.70, "math": 0.40}), make_report({"facts": 0.75, "math": 0.40})
+    measured_apart = champion.model_copy(update={"protocol": {**champion.protocol, "seed": 7}})
+    spec = GateSpec(min_scores={"facts": 0.8}, max_regression=0.1)
+    decision = decide(spec, report, None, "3", {"facts.acc": 0.75, "math.acc": 0.40}, measured_apart)
+    by_rule = {r.rule: r for r in decision.rules}
+    assert {k: r.verdict for k, r in by_rule.items()} == {
+        "min_score[facts]": "failed", "no_regression[facts]": "refused", "no_regression[math]": "refused"}
+    refused = by_rule["no_regression[facts]"]
+    assert not refused.passed and refused.measured is None and refused.limit == pytest.approx(-0.1)
+    assert (refused.reference, refused.against) == (0.75, "champion v3") and refused.label == "REFUSED"
+    assert refused.detail.startswith("refused: the champion v3 was measured differently on 'facts' (seed: 1234 != 7)")
+    assert "promote by hand (gauntlet promote)" in refused.detail
+    # measured alike but without per-item records: point estimates, said so, with the numbers
+    decision = decide(spec, report, None, "3", {"facts.acc": 0.75, "math.acc": 0.40}, champion)
+    regression = next(r for r in decision.rules if r.rule == "no_regression[facts]")
+    assert regression.verdict == "passed" and regression.measured == pytest.approx(-0.05)
+    assert regression.reference == 0.75 and regression.lo is None
+    assert regression.detail == ("0.7000 vs champion v3 0.7500: Δ -0.0500 (no per-item records of the champion v3: "
+                                 "point estimates compared); allowed drop 0.1")
+    assert decision.model_dump()["rules"][0]["passed"] is False   # the JSON keeps the verdict's boolean
+
+
+def test_negative_allowed_regressions_are_refused_in_the_config() -> None:
     from gauntlet.config.load import load_spec
     from gauntlet.config.problems import SpecError
     from tests.helpers import REPO
 
-    demo = REPO / "configs" / "demo.yaml"
     with pytest.raises(SpecError) as err:
-        load_spec(demo, ["notify.webhooks=[{url: 'https://hooks.slack.com/x'}, {format: slack}]",
-                         "gate.max_regression_by_task={demo_facts: -1}"])
-    by_path = {p.path: p for p in err.value.problems}
-    assert "notify.webhooks.0.url" in by_path and "valid keys here" in by_path["notify.webhooks.0.url"].hint
-    assert "exactly one of url_env" in by_path["notify.webhooks.1"].message
-    assert ">= 0" in by_path["gate.max_regression_by_task"].message
-    spec = load_spec(demo, ["notify.webhooks=[{secret_block: team-slack}]", "gate.ceilings.peak_memory_gb=2"])
-    assert spec.notify.webhooks[0].events == ["promoted", "gate_failed", "run_failed", "rolled_back"]
+        load_spec(REPO / "configs" / "demo.yaml", ["gate.max_regression_by_task={demo_facts: -1}"])
+    (problem,) = err.value.problems
+    assert problem.path == "gate.max_regression_by_task" and ">= 0" in problem.message
+    spec = load_spec(REPO / "configs" / "demo.yaml", ["gate.ceilings.peak_memory_gb=2"])
     assert spec.gate.ceilings.peak_memory_gb == 2

@@ -47,13 +47,13 @@ def tokenizer(demo_model_dir: Path):
 
 
 def labelled_text(example, tokenizer) -> str:
-    return tokenizer.decode([t for t, label in zip(example.input_ids, example.labels) if label != IGNORE_INDEX])
+    return tokenizer.decode([t for t, label in zip(example.input_ids, example.labels, strict=True) if label != IGNORE_INDEX])
 
 
 def test_chat_loss_is_on_assistant_turns_only(tokenizer) -> None:
     ex = tokenize_chat(CONVERSATION, tokenizer, max_len=512)
     assert labelled_text(ex, tokenizer) == "blue</s>\ngreen</s>\n"
-    prompt = tokenizer.decode([t for t, label in zip(ex.input_ids, ex.labels) if label == IGNORE_INDEX])
+    prompt = tokenizer.decode([t for t, label in zip(ex.input_ids, ex.labels, strict=True) if label == IGNORE_INDEX])
     assert "Kalomi" in prompt and "<|assistant|>" in prompt and "blue" not in prompt
     # the whole conversation is the template's rendering, token for token
     assert tokenizer.decode(ex.input_ids) == tokenizer.apply_chat_template(CONVERSATION, tokenize=False)

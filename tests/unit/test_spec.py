@@ -53,6 +53,17 @@ def test_overrides_are_typed_and_validated(tmp_path: Path) -> None:
     assert {p.path for p in err.value.problems} == {"train.learning_rate", "train.lora.r"}
 
 
+def test_max_grad_norm_is_positive_and_finite_or_null() -> None:
+    assert load_spec(DEMO).train.max_grad_norm == 1.0
+    assert load_spec(DEMO, ["train.max_grad_norm=null"]).train.max_grad_norm is None
+    assert load_spec(DEMO, ["train.max_grad_norm=0.5"]).train.max_grad_norm == 0.5
+    for bad, says in (("0", "greater than 0"), ("-1", "greater than 0"), (".inf", "finite"), (".nan", "finite")):
+        with pytest.raises(SpecError) as err:
+            load_spec(DEMO, [f"train.max_grad_norm={bad}"])
+        (problem,) = err.value.problems
+        assert problem.path == "train.max_grad_norm" and says in problem.message, (bad, problem)
+
+
 def test_malformed_yaml_names_the_line(tmp_path: Path) -> None:
     bad = tmp_path / "broken.yaml"
     bad.write_text("name: x\ntrain:\n  max_steps: [1, 2\n")
