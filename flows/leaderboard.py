@@ -1,14 +1,23 @@
-"""The leaderboard flow: every candidate × variant through the same resolve → fetch → (quantize) →
-evaluate stages as the finetune flow, then ranking and publication (``tasks/leaderboard.py``).
+"""The leaderboard flow: every candidate × variant through the same resolve → fetch → (quantize) → evaluate
+stages as the finetune flow, then ranking and publication (``tasks/leaderboard.py``).
 
-Composition only. Candidates run concurrently (Prefect's thread pool); GPU work (evaluate, quantize)
-carries the tag ``gpu`` (``concurrency.gpu_tag``), whose Prefect tag concurrency limit decides how many
-run at once: `gauntlet serve` sets it, and the flow creates it with ``concurrency.gpu_slots`` when it is
-missing. A candidate that fails (its source is gone, its weights do not load, …) fails its own task runs
-and its row on the board; the others go on.
+Composition only. Two ways to spread the night:
+
+* **in this process** (default): candidates run concurrently in Prefect's thread pool; GPU work (evaluate,
+  quantize) carries the tag ``gpu`` (``concurrency.gpu_tag``), whose tag concurrency limit decides how many run at
+  once (`gauntlet serve` sets it; the flow creates it with ``concurrency.gpu_slots`` when it is missing);
+* **on a team's pool** (``concurrency.pool``): each candidate × variant is its own flow run of ``leaderboard_job``
+  (deployment ``concurrency.job_deployment``) on the queue of the GPU class it needs; this flow waits for them,
+  reads their outcomes from the shared result storage, ranks and publishes.
+
+A candidate that fails (its source is gone, its weights do not load, its job's host died too often, …) fails its
+own row on the board; the others go on.
 """
 
 from __future__ import annotations
+
+import os
+import time
 
 from prefect import flow
 from prefect.futures import as_completed
@@ -26,56 +35,82 @@ from gauntlet.leaderboard.candidates import (
     variant_skip_reason,
     variants_of,
 )
-from gauntlet.project import in_project
-from gauntlet.tracking import flatten_params, parent_run, tracking_uri
+from gauntlet.project import in_project, project_root
+from gauntlet.tasks._flow import flow_parent_run
 from gauntlet.tasks.data import pull_data
 from gauntlet.tasks.leaderboard import (
+    NightJob,
     eval_data,
     failure_reason,
     gpu_concurrency_limit,
+    night_job,
     prepare_candidate,
     publish,
     rank,
     score_variant,
 )
+from gauntlet.tracking import RunContext, flatten_params, tracking_uri
 
 
-def run_leaderboard(spec: LeaderboardSpec) -> Leaderboard:
-    tags = {"prefect.flow_run_id": str(flow_run.id), "gauntlet.leaderboard": spec.name,
-            "gauntlet.config_hash": sha256_json(spec.model_dump(mode="json"))}
-    with parent_run(tracking_uri(spec.tracking.tracking_uri), spec.tracking.experiment, f"{spec.name}-{flow_run.name}",
-                    tags, flatten_params("", {"candidates": len(spec.candidates), "variants": spec.variants,
-                                              "eval": spec.eval.model_dump(mode="json"),
-                                              "ranking": spec.ranking.model_dump(mode="json")})) as run:
-        gpu_concurrency_limit(tag=spec.concurrency.gpu_tag, slots=spec.concurrency.gpu_slots, run=run)
-        preload_model_libraries()  # before the thread pool: transformers' lazy imports race in threads
-        data = (pull_data(spec=spec.data, run=run) if spec.data is not None
-                else eval_data(path=spec.eval_file, run=run))
+def night_data(spec: LeaderboardSpec, run: RunContext):
+    return pull_data(spec=spec.data, run=run) if spec.data is not None else eval_data(path=spec.eval_file, run=run)
 
-        outcomes: list[CandidateOutcome] = []
-        prepared = {prepare_candidate.submit(name=c.display_name, candidate=c, run=run): c for c in spec.candidates}
-        scoring = {}
-        for future in as_completed(list(prepared)):
-            candidate = prepared[future]
-            future.wait()
-            if not future.state.is_completed():
-                reason = failure_reason(future.state)
-                outcomes += [failed_outcome(candidate, v, reason) for v in variants_of(candidate, spec)]
+
+def night_here(spec: LeaderboardSpec, run: RunContext) -> list[CandidateOutcome]:
+    """Every job in this process, in Prefect's thread pool."""
+    gpu_concurrency_limit(tag=spec.concurrency.gpu_tag, slots=spec.concurrency.gpu_slots, run=run)
+    preload_model_libraries()  # before the thread pool: transformers' lazy imports race in threads
+    data = night_data(spec, run)
+    outcomes: list[CandidateOutcome] = []
+    prepared = {prepare_candidate.submit(name=c.display_name, candidate=c, run=run): c for c in spec.candidates}
+    scoring = {}
+    for future in as_completed(list(prepared)):
+        candidate = prepared[future]
+        future.wait()
+        if not future.state.is_completed():
+            reason = failure_reason(future.state)
+            outcomes += [failed_outcome(candidate, v, reason) for v in variants_of(candidate, spec)]
+            continue
+        for variant in variants_of(candidate, spec):
+            if skip := variant_skip_reason(variant, data):
+                outcomes.append(skipped_outcome(candidate, variant, skip))
                 continue
-            for variant in variants_of(candidate, spec):
-                skip = variant_skip_reason(variant, data)
-                if skip:
-                    outcomes.append(skipped_outcome(candidate, variant, skip))
-                    continue
-                scoring[score_variant.submit(name=candidate.display_name, candidate=candidate, variant=variant,
-                                             prepared=future.result(), spec=spec, data=data, run=run)] = (candidate,
-                                                                                                        variant)
-        for future, (candidate, variant) in scoring.items():
-            future.wait()
-            outcomes.append(future.result() if future.state.is_completed()
-                            else failed_outcome(candidate, variant, failure_reason(future.state)))
+            scoring[score_variant.submit(name=candidate.display_name, candidate=candidate, variant=variant,
+                                         prepared=future.result(), spec=spec, data=data, run=run)] = (candidate,
+                                                                                                    variant)
+    for future, (candidate, variant) in scoring.items():
+        future.wait()
+        outcomes.append(future.result() if future.state.is_completed()
+                        else failed_outcome(candidate, variant, failure_reason(future.state)))
+    return outcomes
 
-        board = rank(spec=spec, outcomes=outcomes, run=run)
+
+def night_on_pool(spec: LeaderboardSpec, config: str, overrides: list[str], run: RunContext) -> list[CandidateOutcome]:
+    """Every job as its own flow run on the pool, waited for side by side."""
+    relative = os.path.relpath(in_project(config), project_root())   # each worker reads it in its own checkout
+    jobs = {night_job.submit(name=c.display_name, variant=v, job=NightJob(config=relative, overrides=overrides,
+                                                                          candidate=c.display_name),
+                             spec=spec, run=run): (c, v)
+            for c in spec.candidates for v in variants_of(c, spec)}
+    outcomes = []
+    for future, (candidate, variant) in jobs.items():
+        future.wait()
+        outcomes.append(future.result() if future.state.is_completed()
+                        else failed_outcome(candidate, variant, failure_reason(future.state)))
+    return outcomes
+
+
+def run_leaderboard(spec: LeaderboardSpec, config: str, overrides: list[str]) -> Leaderboard:
+    tags = {"gauntlet.leaderboard": spec.name, "gauntlet.config_hash": sha256_json(spec.model_dump(mode="json"))}
+    params = flatten_params("", {"candidates": len(spec.candidates), "variants": spec.variants,
+                                 "eval": spec.eval.model_dump(mode="json"), "pool": spec.concurrency.pool,
+                                 "ranking": spec.ranking.model_dump(mode="json")})
+    with flow_parent_run(tracking_uri(spec.tracking.tracking_uri), spec.tracking.experiment,
+                         f"{spec.name}-{flow_run.name}", tags, params) as run:
+        started = time.monotonic()
+        outcomes = (night_on_pool(spec, config, overrides, run) if spec.concurrency.pool
+                    else night_here(spec, run))
+        board = rank(spec=spec, outcomes=outcomes, wall_s=time.monotonic() - started, run=run)
         return publish(spec=spec, board=board, run=run)
 
 
@@ -86,4 +121,29 @@ def leaderboard(config: str = "configs/leaderboard.yaml", overrides: list[str] |
     config: path of the leaderboard config (YAML), relative to the project root.
     overrides: dotted-key overrides, e.g. ["eval.limit=32"].
     """
-    return run_leaderboard(load_leaderboard_spec(in_project(config), overrides or []))
+    return run_leaderboard(load_leaderboard_spec(in_project(config), overrides or []), config, overrides or [])
+
+
+@flow(name="leaderboard-job", log_prints=True)
+def leaderboard_job(config: str, candidate: str, variant: str, overrides: list[str] | None = None) -> CandidateOutcome:
+    """One candidate × variant of a leaderboard night, on the worker that took it (a team's pool).
+
+    config: the leaderboard config, relative to the project root (each worker reads its own checkout's).
+    candidate: the candidate's display name in it.
+    variant: the variant to evaluate (bf16, gptq-int4, …).
+    overrides: the night's dotted-key overrides.
+    """
+    spec = load_leaderboard_spec(in_project(config), overrides or [])
+    chosen = next(c for c in spec.candidates if c.display_name == candidate)
+    with flow_parent_run(tracking_uri(spec.tracking.tracking_uri), spec.tracking.experiment,
+                         f"{spec.name}-{candidate}-{variant}", {"gauntlet.leaderboard": spec.name,
+                                                                "gauntlet.leaderboard_job": f"{candidate}:{variant}"},
+                         {"candidate": candidate, "variant": variant}) as run:
+        started = time.monotonic()
+        data = night_data(spec, run)
+        if skip := variant_skip_reason(variant, data):
+            return skipped_outcome(chosen, variant, skip)
+        prepared = prepare_candidate(name=candidate, candidate=chosen, run=run)
+        outcome = score_variant(name=candidate, candidate=chosen, variant=variant, prepared=prepared, spec=spec,
+                                data=data, run=run)
+        return outcome.model_copy(update={"job": outcome.job.model_copy(update={"wall_s": time.monotonic() - started})})

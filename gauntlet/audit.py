@@ -5,7 +5,10 @@ writers never interleave a line) and logs the same entry as a run of the MLflow 
 (tags ``audit.*``), so a team sharing an MLflow server sees every machine's changes in one place. Who: the
 user and host, the CI run (GitHub Actions, GitLab, Jenkins) and the Prefect flow run when there is one.
 Recording never stops the change it records: an MLflow that cannot be written is a warning (the JSONL line
-is already there). ``gauntlet audit`` prints the log (:func:`read`). No Prefect here.
+is already there). ``gauntlet audit`` prints the log (:func:`read`). With a shared MLflow (a team's pool) the log
+*is* the MLflow experiment, so every host shows the same entries; this host's JSONL is its copy, and an entry that
+never reached MLflow is shown from it, marked ``local only``. On one machine (a sqlite store) the JSONL is read.
+No Prefect here.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ import json
 import logging
 import os
 import socket
-from datetime import datetime, timezone
+import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +62,8 @@ def record(action: str, subject: str, reason: str, *, by: str | None = None, flo
     (Prefect flow run …)``), besides the user and host found here. ``client``: an MLflow client to log with (default: the configured store).
     Returns the entry."""
     entry = {
-        "at": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+        "id": uuid.uuid4().hex,
+        "at": datetime.now(UTC).isoformat(timespec="milliseconds"),
         "action": action, "subject": subject, "reason": redact(reason),
         "by": by, "user": user(), "host": socket.gethostname(), "pid": os.getpid(), "ci_run": ci_run(),
         "flow_run_id": flow_run_id or os.environ.get("PREFECT__FLOW_RUN_ID") or None,
@@ -74,11 +79,10 @@ def _append(path: Path, entry: dict) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     line = json.dumps(entry, sort_keys=True) + "\n"
-    with FileLock(str(path) + ".lock", timeout=LOCK_TIMEOUT_S):
-        with open(path, "a", encoding="utf-8") as fh:
-            fh.write(line)
-            fh.flush()
-            os.fsync(fh.fileno())
+    with FileLock(str(path) + ".lock", timeout=LOCK_TIMEOUT_S), open(path, "a", encoding="utf-8") as fh:
+        fh.write(line)
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def _to_mlflow(entry: dict, c: Any) -> None:
@@ -97,27 +101,64 @@ def _to_mlflow(entry: dict, c: Any) -> None:
 
 
 def read(home: Path | None = None, model: str | None = None, since: datetime | None = None,
-         action: str | None = None) -> list[dict]:
-    """The entries, oldest first: those whose subject names ``model``, from ``since`` on, of ``action``.
-    A line that does not parse (a disk that filled mid-line) is skipped with a warning."""
-    path = audit_path(home)
+         action: str | None = None, client: Any = None) -> list[dict]:
+    """The entries, oldest first: those whose subject names ``model``, from ``since`` on, of ``action``. From the
+    shared MLflow when there is one (every host's), else from this host's JSONL."""
+    from gauntlet.state import shared_tracking
+    from gauntlet.tracking import tracking_uri
+
+    local = _read_jsonl(audit_path(home))
+    if client is None and not shared_tracking(tracking_uri()):
+        entries = local
+    else:
+        entries = _read_mlflow(client)
+        known = {e.get("id") for e in entries}
+        entries += [{**e, "local_only": True} for e in local if e.get("id") and e["id"] not in known]
+    wanted = [e for e in entries if _matches(e, model, since, action)]
+    return sorted(wanted, key=lambda e: e["at"])
+
+
+def _matches(entry: dict, model: str | None, since: datetime | None, action: str | None) -> bool:
+    if model and entry.get("subject", "").split(" ")[0] != model and entry.get("details", {}).get("model") != model:
+        return False
+    if action and entry.get("action") != action:
+        return False
+    return not (since and datetime.fromisoformat(entry["at"]) < since)
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    """This host's copy; a line that does not parse (a disk that filled mid-line) is skipped with a warning."""
     if not path.is_file():
         return []
     entries = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         try:
-            entry = json.loads(line)
+            entries.append(json.loads(line))
         except json.JSONDecodeError:
             log.warning("%s:%d is not a JSON line: skipped", path, number)
-            continue
-        if model and entry.get("subject", "").split(" ")[0] != model and entry.get("details", {}).get("model") != model:
-            continue
-        if action and entry.get("action") != action:
-            continue
-        if since and datetime.fromisoformat(entry["at"]) < since:
-            continue
-        entries.append(entry)
     return entries
+
+
+def _read_mlflow(c: Any = None) -> list[dict]:
+    """Every entry of the MLflow experiment, back from its ``audit.*`` tags."""
+    from gauntlet.tracking import client, tracking_uri
+
+    c = c or client(tracking_uri())
+    exp = c.get_experiment_by_name(AUDIT_EXPERIMENT)
+    if exp is None:
+        return []
+    entries, token = [], None
+    while True:
+        page = c.search_runs([exp.experiment_id], max_results=1000, page_token=token)
+        for run in page:
+            tags = {k.removeprefix("audit."): v for k, v in run.data.tags.items() if k.startswith("audit.")}
+            for k in ("details", "pid"):
+                if k in tags:
+                    tags[k] = json.loads(tags[k])
+            entries.append(tags)
+        token = page.token
+        if not token:
+            return entries
 
 
 def table(entries: list[dict]) -> str:
@@ -126,5 +167,6 @@ def table(entries: list[dict]) -> str:
     for e in entries:
         where = " ".join(x for x in (e.get("flow_run_id"), e.get("ci_run")) if x) or e.get("by") or "-"
         rows.append(f"| {e['at'][:19].replace('T', ' ')} | {e['action']} | {e['subject']} | "
-                    f"{e['reason'].replace('|', '/')} | {e['user']}@{e['host']} | {where} |")
+                    f"{e['reason'].replace('|', '/')} | {e['user']}@{e['host']} | {where}"
+                    f"{' (local only: not in MLflow)' if e.get('local_only') else ''} |")
     return "\n".join(rows)

@@ -24,11 +24,11 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
-from typing import Callable, Iterator
 
 from gauntlet.hashing import sha256_json
 from gauntlet.project import project_root

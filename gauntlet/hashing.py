@@ -6,6 +6,7 @@ import hashlib
 import json
 from pathlib import Path
 
+
 def sha256_json(obj: object) -> str:
     """Stable hash of a JSON-able object (sorted keys)."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()

@@ -18,14 +18,17 @@ import logging
 import os
 import urllib.error
 import urllib.request
-from typing import Callable, Literal
+from collections.abc import Callable
+from functools import partial
+from typing import Literal
 from urllib.parse import urlparse
 
 from pydantic import BaseModel
 
 from gauntlet.config.gate import RegistrySpec
 from gauntlet.config.notify import NotifySpec, WebhookSpec
-from gauntlet.refs import EvalReport, PromotionResult
+from gauntlet.eval.scores import tagged_score
+from gauntlet.refs import EvalReport, PromotionResult, TaskScore
 from gauntlet.secrets import redact_uri
 from gauntlet.tracking import RunContext, client
 
@@ -80,10 +83,10 @@ class Notice(BaseModel):
         return out
 
 
-def biggest_deltas(report: EvalReport, reference: dict[str, float], n: int = 3) -> list[ScoreDelta]:
-    """The ``n`` scores that moved most (by absolute change) against ``reference`` ({task.metric: value})."""
-    deltas = [ScoreDelta(key=f"{s.task}.{s.metric}", before=reference[f"{s.task}.{s.metric}"], after=s.value)
-              for s in report.scores if f"{s.task}.{s.metric}" in reference]
+def biggest_deltas(report: EvalReport, before: Callable[[TaskScore], float | None], n: int = 3) -> list[ScoreDelta]:
+    """The ``n`` scores that moved most (by absolute change) against what ``before`` says each was."""
+    deltas = [ScoreDelta(key=f"{s.task}.{s.metric}", before=b, after=s.value)
+              for s in report.scores if (b := before(s)) is not None]
     return sorted(deltas, key=lambda d: (-abs(d.delta), d.key))[:n]
 
 
@@ -110,13 +113,22 @@ def flow_run_url(spec: NotifySpec, flow_run_id: str | None, prefect_ui_url: str 
 
 def render(notice: Notice, fmt: str) -> dict:
     if fmt == "dingtalk":
-        md = (lambda url, text: f"[{text}]({url})" if url else text)
+
+        def md(url: str | None, text: str) -> str:
+            return f"[{text}]({url})" if url else text
+
         return {"msgtype": "markdown", "markdown": {"title": notice.title,
                                                     "text": "\n\n".join([f"### {notice.title}", *notice.lines(md)])}}
     if fmt == "feishu":
-        plain = (lambda url, text: f"{text}: {url}" if url else text)
+
+        def plain(url: str | None, text: str) -> str:
+            return f"{text}: {url}" if url else text
+
         return {"msg_type": "text", "content": {"text": "\n".join([notice.title, *notice.lines(plain)])}}
-    slack = (lambda url, text: f"<{url}|{text}>" if url else text)
+
+    def slack(url: str | None, text: str) -> str:
+        return f"<{url}|{text}>" if url else text
+
     body = "\n".join(notice.lines(slack))
     return {"text": f"{notice.title}: {notice.verdict}",
             "blocks": [{"type": "header", "text": {"type": "plain_text", "text": notice.title[:150]}},
@@ -133,6 +145,7 @@ def webhook_url(hook: WebhookSpec, read_secret: Callable[[str], str] | None) -> 
         return os.environ.get(hook.url_env) or None
     if read_secret is None:
         raise LookupError(f"no reader for Secret block {hook.secret_block!r}")
+    assert hook.secret_block is not None   # WebhookSpec: exactly one of url_env, secret_block
     return read_secret(hook.secret_block)
 
 def post_json(url: str, payload: dict, timeout_s: float) -> int:
@@ -171,28 +184,31 @@ def send(spec: NotifySpec, notice: Notice, logger: logging.Logger | logging.Logg
 # ---------------------------------------------------------------------------------------------
 
 
+def _no_score(_: TaskScore) -> float | None:   # no earlier score to compare with
+    return None
+
+
 def outcome_notice(spec: NotifySpec, registry: RegistrySpec, promotion: PromotionResult, report: EvalReport,
                    base: EvalReport | None, run: RunContext, prefect_ui_url: str | None = None) -> Notice | None:
     """The message for a run that finished: promoted, or gate failed; None when nothing changed."""
     decision = promotion.decision
     if decision is None or (decision.passed and not promotion.registered):
         return None  # e.g. the model already is the champion: nothing to tell
-    if decision.compared_to is not None:
-        reference, compared_with = decision.champion_scores, f"champion v{decision.compared_to}"
+    before: Callable[[TaskScore], float | None] = _no_score
+    compared_with = None
+    if decision.compared_to is not None:   # the champion's score tags, as the gate compared with them
+        before, compared_with = partial(tagged_score, decision.champion_scores), f"champion v{decision.compared_to}"
     elif base is not None:
-        reference, compared_with = {f"{s.task}.{s.metric}": s.value for s in base.scores}, "the base model"
-    else:
-        reference, compared_with = {}, None
+        before, compared_with = (lambda s: base.score(s.task, s.metric)), "the base model"
     if promotion.registered:
         event, verdict = "promoted", promotion.message
     else:
         event, verdict = "gate_failed", f"not promoted; {len(decision.reasons)} gate rule(s) failed"
     return Notice(event=event, model_name=registry.model_name, version=promotion.version, verdict=verdict,
                   reasons=decision.reasons if not promotion.registered else [  # what the promotion rests on
-                      f"{r.rule}: {r.detail}" for r in decision.rules
-                      if r.rule.startswith(("no_regression", "gain_over_base"))],
+                      f"{r.rule}: {r.detail}" for r in decision.rules if r.against is not None],
                   compared_with=compared_with,
-                  deltas=biggest_deltas(report, reference), mlflow_run_id=run.parent_run_id,
+                  deltas=biggest_deltas(report, before), mlflow_run_id=run.parent_run_id,
                   mlflow_url=mlflow_run_url(spec, run.tracking_uri, run.experiment_id, run.parent_run_id),
                   flow_run_id=run.flow_run_id,
                   prefect_url=flow_run_url(spec, run.flow_run_id, prefect_ui_url))

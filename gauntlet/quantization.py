@@ -26,8 +26,8 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from gauntlet.config.quantize import CalibrationSpec, QuantizeVariant
 from gauntlet.envs import QUANTIZE_ENV
@@ -87,6 +87,7 @@ def check_group_size(variant: QuantizeVariant, model: ModelRef) -> None:
 
 def calibration_texts(data: DatasetRef, calibration: CalibrationSpec) -> list[str]:
     """``calibration.samples`` rows of the run's training file, drawn with the seed, as training prompts."""
+    assert data.train_path is not None   # without a train file a calibrated variant is skipped (variant_skip_reason)
     with open(data.train_path, encoding="utf-8") as f:
         rows = [json.loads(line) for line in f if line.strip()]
     if len(rows) < calibration.samples:
@@ -99,6 +100,7 @@ def calibration_texts(data: DatasetRef, calibration: CalibrationSpec) -> list[st
 
 def train_file_md5(data: DatasetRef) -> str:
     """DVC's md5 of the training file alone (calibration reads nothing else); the data version otherwise."""
+    assert data.train_path is not None   # without a train file a calibrated variant is skipped (variant_skip_reason)
     train = Path(data.train_path).as_posix()
     return next((md5 for rel, md5 in data.file_md5.items() if train.endswith("/" + rel.lstrip("/"))), data.md5)
 

@@ -6,7 +6,9 @@ exactly what depends on it (docs/architecture.md, "Refs carry content hashes").
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, computed_field
 
 
 class Ref(BaseModel):
@@ -155,19 +157,88 @@ class EvalReport(Ref):
     normalized: dict[str, float] = {}      # task -> normalized score (0-100), for tasks with a score
     average_normalized: float | None = None
 
+    def result(self, task: str) -> TaskResult | None:
+        """The task's result (its reported metric, baseline and per-item records); None for a subtask."""
+        return next((r for r in self.task_results if r.task == task), None)
+
+    def resolve(self, task: str, metric: str) -> TaskScore:
+        """The task's one score under ``metric``: that exact name, else, for a name without a filter
+        (``exact_match``), the task's only filtered score of that metric (``exact_match,last-number``).
+        Raises :class:`MetricLookupError` when the task or the metric is not in the report, or when the
+        name fits several filters. Every reader resolves names here (:mod:`gauntlet.eval.scores`)."""
+        rows = [s for s in self.scores if s.task == task]
+        if not rows:
+            raise MetricLookupError(task, metric, "task", sorted({s.task for s in self.scores}))
+        exact = next((s for s in rows if s.metric == metric), None)
+        if exact is not None:
+            return exact
+        filtered = [] if "," in metric else [s for s in rows if s.metric.partition(",")[0] == metric]
+        if len(filtered) == 1:
+            return filtered[0]
+        if filtered:
+            raise MetricLookupError(task, metric, "ambiguous", sorted(s.metric for s in filtered))
+        raise MetricLookupError(task, metric, "metric", sorted({s.metric for s in rows}))
+
     def score(self, task: str, metric: str) -> float | None:
-        for s in self.scores:
-            if s.task == task and s.metric == metric:
-                return s.value
-        return None
+        """The value :meth:`resolve` finds; None when it finds none."""
+        try:
+            return self.resolve(task, metric).value
+        except MetricLookupError:
+            return None
+
+
+class MetricLookupError(LookupError):
+    """A metric name that resolves to no single score of a task: the task is not in the report
+    (``kind="task"``), the task has no such metric (``"metric"``), or a name without a filter fits several
+    filtered scores (``"ambiguous"``). ``known`` lists what there is: tasks, metrics, or the fitting names."""
+
+    def __init__(self, task: str, metric: str, kind: Literal["task", "metric", "ambiguous"], known: list[str]):
+        self.task, self.metric, self.kind, self.known = task, metric, kind, known
+        super().__init__(self.explain("the metric"))
+
+    @property
+    def ambiguous(self) -> bool:
+        return self.kind == "ambiguous"
+
+    def explain(self, setting: str) -> str:
+        """The message, naming ``setting`` (``gate.metric``, ``ranking.task_metrics.gsm8k``) as the fix."""
+        if self.kind == "task":
+            return (f"task {self.task!r} is not in the report (its tasks: {self.known}); add it to eval.tasks or "
+                    "fix the task name")
+        if self.kind == "ambiguous":
+            return (f"{self.metric!r} fits {len(self.known)} filtered scores of task {self.task!r}: {self.known}; "
+                    f"set {setting} to one of them")
+        return (f"task {self.task!r} has no {self.metric!r} score in the report; its metrics: {self.known}. Set "
+                f"{setting} to one of them (a filtered metric is named 'metric,filter')")
+
+
+Verdict = Literal["passed", "failed", "refused"]
+VERDICT_LABELS: dict[str, str] = {"passed": "pass", "failed": "FAIL", "refused": "REFUSED"}
 
 
 class GateRule(Ref):
-    rule: str
-    measured: float | None
+    """One rule's verdict with the numbers it judged. ``refused``: the rule could not judge (the two models
+    were measured differently, the metric name fits several scores); a refused rule fails the gate."""
+
+    rule: str                          # min_score[facts], no_regression[facts], min_average, …
+    verdict: Verdict
+    measured: float | None             # what was judged: a score, a mean, a difference
     limit: float | None
-    passed: bool
+    reference: float | None = None     # what it was compared with: the base model's or the champion's score
+    against: str | None = None         # whom: "base model", "champion v3" (comparison rules only)
+    lo: float | None = None            # the interval of ``measured`` the rule read, when it read one
+    hi: float | None = None
     detail: str = ""
+
+    @computed_field  # type: ignore[prop-decorator]  # pydantic's documented pattern; mypy does not model it
+    @property
+    def passed(self) -> bool:
+        return self.verdict == "passed"
+
+    @property
+    def label(self) -> str:
+        """``pass``, ``FAIL`` or ``REFUSED``, as tables show it."""
+        return VERDICT_LABELS[self.verdict]
 
 
 class GateDecision(Ref):

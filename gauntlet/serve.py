@@ -11,6 +11,7 @@ These are the commands docs/deployments.md lists for doing the same by hand.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -27,7 +28,8 @@ from gauntlet.project import project_root
 from gauntlet.state import configure_environment, default_tracking_uri
 
 PREFECT_FILE = "deployments/prefect.yaml"
-DEPLOYMENTS = ("leaderboard/nightly", "finetune/manual", "finetune/ci", "deploy/deploy")
+DEPLOYMENTS = ("leaderboard/nightly", "finetune/manual", "finetune/ci", "deploy/deploy", "finetune/pool",
+               "leaderboard-job/pool")
 
 
 class ServeError(RuntimeError):
@@ -61,6 +63,7 @@ class Service:
     process: subprocess.Popen
     log_path: Path
     log_file: IO[bytes]
+    stop_signal: signal.Signals = signal.SIGTERM   # PostgreSQL: SIGINT is its fast shutdown (SIGTERM waits for clients)
 
     def log_tail(self, lines: int = 30) -> str:
         try:
@@ -87,19 +90,22 @@ def service_env(cfg: ServeConfig) -> dict[str, str]:
     """The environment of every child: this process's (after configure_environment), pointed at the servers."""
     env = dict(os.environ)
     env.update({"PREFECT_API_URL": cfg.prefect_api_url, "MLFLOW_TRACKING_URI": cfg.mlflow_url,
-                "PREFECT_CLI_PROMPT": "false", "PYTHONUNBUFFERED": "1"})
+                "PREFECT_CLI_PROMPT": "false", "PYTHONUNBUFFERED": "1",
+                "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})   # MLflow's GenAI jobs: unused, 7 processes
     return env
 
 
-def start_service(name: str, cmd: list[str], env: dict[str, str], log_dir: Path) -> Service:
+def start_service(name: str, cmd: list[str], env: dict[str, str], log_dir: Path, stop_signal: str = "SIGTERM",
+                  cwd: Path | None = None) -> Service:
+    """Start ``cmd`` with its output in ``log_dir/NAME.log``, in the project folder unless ``cwd`` is given."""
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}.log"
-    log_file = open(log_path, "ab")
+    log_file = open(log_path, "ab")  # noqa: SIM115 (the Service holds it; stop_service closes it)
     # Its own session: Ctrl-C reaches serve only, and stopping a service stops its children too.
-    proc = subprocess.Popen(cmd, cwd=project_root(), env=env, stdout=log_file, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(cmd, cwd=cwd or project_root(), env=env, stdout=log_file, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, start_new_session=True)
     print(f"  started {name} (pid {proc.pid}, log {log_path})", flush=True)
-    return Service(name, proc, log_path, log_file)
+    return Service(name, proc, log_path, log_file, signal.Signals[stop_signal])
 
 
 def wait_http(service: Service, url: str, timeout: float = 180.0) -> None:
@@ -119,26 +125,19 @@ def wait_http(service: Service, url: str, timeout: float = 180.0) -> None:
 
 
 def stop_service(service: Service, grace: float = 20.0) -> None:
-    """SIGTERM to the service's process group, SIGKILL after ``grace`` seconds."""
+    """The service's stop signal (SIGTERM) to its process group, SIGKILL after ``grace`` seconds."""
     proc = service.process
     if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        try:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, service.stop_signal)
+        with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait(10)
-    else:  # the leader is gone; its children may not be
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-        except (ProcessLookupError, PermissionError):
-            pass
+    # the leader is gone (or past its grace); what it left in its group goes too (MLflow's job consumers, orphaned
+    # but still in the group, kept running and connecting to a database that was gone)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(10)
     service.log_file.close()
     print(f"  stopped {service.name}", flush=True)
 
@@ -220,27 +219,19 @@ def serve(cfg: ServeConfig) -> int:
         ensure_tag_concurrency_limit(cfg.gpu_tag, cfg.gpu_slots, overwrite=True)
         print(f"  concurrency limit: tasks tagged {cfg.gpu_tag!r} run {cfg.gpu_slots} at a time", flush=True)
         if cfg.deploy:
+            # the pool deployments name the team's GPU pool: it exists (empty until a `gauntlet worker` joins)
+            from gauntlet.plan.placement import CLASSES
+            from gauntlet.worker import POOL
+
+            ensure_pool(POOL, [c.name for c in CLASSES])
             run_step("deploy", [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all",
                                 "--prefect-file", PREFECT_FILE], env, log_dir)
         if cfg.worker:
             services.append(start_service("worker", [
                 sys.executable, "-m", "prefect", "worker", "start", "--pool", cfg.pool, "--type", "process"],
                 env, log_dir))
-        print(f"""
-Gauntlet is serving (Ctrl-C stops everything):
-  Prefect UI    http://{cfg.host}:{cfg.prefect_port}
-  MLflow UI     {cfg.mlflow_url}
-  work pool     {cfg.pool}{' (worker running)' if cfg.worker else ' (no worker started)'}
-  deployments   {', '.join(DEPLOYMENTS) if cfg.deploy else '(not deployed)'}; nightly at 02:00 {cfg.timezone or 'UTC'}
-  run one now   PREFECT_API_URL={cfg.prefect_api_url} prefect deployment run 'leaderboard/nightly'
-READY""", flush=True)
-        while True:
-            for s in services:
-                if s.process.poll() is not None:
-                    print(f"{s.name} exited with code {s.process.returncode}; stopping the others. "
-                          f"Last lines of {s.log_path}:\n{s.log_tail()}", file=sys.stderr, flush=True)
-                    return 1
-            time.sleep(1)
+        print(ready_banner(cfg), flush=True)
+        return watch_services(services)
     except (KeyboardInterrupt, _Stop):
         print("\nGauntlet serve: stopping", flush=True)
         return 0
@@ -254,9 +245,121 @@ READY""", flush=True)
         signal.signal(signal.SIGTERM, previous)
 
 
+def ready_banner(cfg: ServeConfig) -> str:
+    return f"""
+Gauntlet is serving (Ctrl-C stops everything):
+  Prefect UI    http://{cfg.host}:{cfg.prefect_port}
+  MLflow UI     {cfg.mlflow_url}
+  work pool     {cfg.pool}{' (worker running)' if cfg.worker else ' (no worker started)'}
+  deployments   {', '.join(DEPLOYMENTS) if cfg.deploy else '(not deployed)'}; nightly at 02:00 {cfg.timezone or 'UTC'}
+  run one now   PREFECT_API_URL={cfg.prefect_api_url} prefect deployment run 'leaderboard/nightly'
+READY"""
+
+
+def watch_services(services: list[Service]) -> int:
+    """Until one service exits (1, after saying which, with its log's last lines); Ctrl-C or SIGTERM ends it."""
+    while True:
+        for s in services:
+            if s.process.poll() is not None:
+                print(f"{s.name} exited with code {s.process.returncode}; stopping the others. "
+                      f"Last lines of {s.log_path}:\n{s.log_tail()}", file=sys.stderr, flush=True)
+                return 1
+        time.sleep(1)
+
+
 def _raise_stop(_signum, _frame) -> None:
     raise _Stop()
 
 
 def _ignore(_signum, _frame) -> None:
     pass
+
+
+# -- a team's pool (gauntlet worker, gauntlet stack) ----------------------------------------------------------
+
+RESULTS_BLOCK = "gauntlet-results"                 # remote-file-system block every host persists results to
+RETRY_AUTOMATION = "gauntlet-retry-lost-flow-runs"
+LOST_AFTER_S = 75                                  # no heartbeat for this long: the flow run's host is gone
+
+
+def ensure_results_block(store: str) -> str:
+    """The Prefect block every host of the pool writes its results to (``$GAUNTLET_STORE/prefect-results``):
+    a result persisted on one host is read on another (a stage's cache hit, a night's rows). Its credentials
+    come from each host's environment, never from the block. Returns the block's slug."""
+    from prefect.filesystems import RemoteFileSystem
+
+    basepath = store.rstrip("/") + "/prefect-results"
+    try:
+        if RemoteFileSystem.load(RESULTS_BLOCK).basepath == basepath:
+            return f"remote-file-system/{RESULTS_BLOCK}"
+    except ValueError:   # not there yet
+        pass
+    RemoteFileSystem(basepath=basepath).save(RESULTS_BLOCK, overwrite=True)
+    return f"remote-file-system/{RESULTS_BLOCK}"
+
+
+def ensure_retry_automation() -> None:
+    """Prefect's own answer to a host that dies mid-run: a flow run whose heartbeats stop (and that did not end)
+    is put back to AwaitingRetry, so any worker of its queue takes it up again as its next attempt."""
+    from datetime import timedelta
+
+    from prefect.automations import Automation
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import EventTrigger, Posture
+
+    try:
+        Automation.read(name=RETRY_AUTOMATION)
+        return
+    except ValueError:
+        pass
+    ends = {f"prefect.flow-run.{s}" for s in ("Completed", "Failed", "Cancelled", "Crashed", "Cancelling")}
+    Automation(
+        name=RETRY_AUTOMATION,
+        description="Gauntlet: a flow run whose host stopped sending heartbeats is retried on another worker",
+        trigger=EventTrigger(match={"prefect.resource.id": "prefect.flow-run.*"},
+                             after={"prefect.flow-run.heartbeat"}, expect={"prefect.flow-run.heartbeat", *ends},
+                             for_each={"prefect.resource.id"}, posture=Posture.Proactive, threshold=1,
+                             within=timedelta(seconds=LOST_AFTER_S)),
+        actions=[ChangeFlowRunState(state=StateType.SCHEDULED, name="AwaitingRetry", force=True,
+                                    message=f"no heartbeat for {LOST_AFTER_S} s: its host is gone; retried on any "
+                                            "worker of its queue")],
+    ).create()
+
+
+def ensure_pool(pool: str, queues: list[str]) -> None:
+    """The process work pool and its queues (one per GPU class) on the Prefect server."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    with get_client(sync_client=True) as c:
+        try:
+            c.read_work_pool(pool)
+        except ObjectNotFound:
+            try:
+                from prefect.workers.process import ProcessWorker
+
+                c.create_work_pool(WorkPoolCreate(name=pool, type="process",
+                                                  base_job_template=ProcessWorker.get_default_base_job_template()))
+            except ObjectAlreadyExists:
+                pass
+        for queue in queues:
+            with contextlib.suppress(ObjectAlreadyExists):
+                c.create_work_queue(name=queue, work_pool_name=pool)
+
+
+def online_workers(pool: str) -> list[str]:
+    """The names of the pool's workers the Prefect server counts as online (their heartbeats are recent)."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as c:
+        return sorted(w.name for w in c.read_workers_for_work_pool(pool) if w.status.value == "ONLINE")
+
+
+def prepare_pool(pool: str, queues: list[str], store: str) -> str:
+    """Everything a pool needs on the Prefect server, made if missing (each worker calls it: no set-up step of
+    its own); returns the results block's slug."""
+    ensure_pool(pool, queues)
+    ensure_retry_automation()
+    return ensure_results_block(store)

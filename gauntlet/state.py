@@ -38,6 +38,18 @@ def sqlite_path(uri: str) -> Path | None:
     return Path(unquote(parsed.path[1:])).resolve()
 
 
+def shared_tracking(uri: str) -> bool:
+    """True when the MLflow store is shared between hosts (a server or a database), False for a local file (a
+    sqlite file, a file store): what decides a cache hit or a lock then lives there, not on this disk."""
+    scheme = urlparse(uri).scheme
+    return not (scheme in ("sqlite", "file", "") or len(scheme) == 1)   # len 1: a Windows drive letter
+
+
+def prefect_server() -> str | None:
+    """The Prefect server every host shares (``PREFECT_API_URL``); None: this process's ephemeral one."""
+    return os.environ.get("PREFECT_API_URL") or None
+
+
 class StateError(RuntimeError):
     """The state folder (or a store in it) is in a shape Gauntlet cannot use or repair: the message names the
     file and the fix. Commands exit 1 with it, before anything runs."""

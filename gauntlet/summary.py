@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
+from gauntlet.eval.scores import find
 from gauntlet.eval.stats import paired_difference
 from gauntlet.refs import DatasetRef, EvalReport, GateDecision, ModelRef, PromotionResult, QuantizedModel, TrainedModel
 from gauntlet.secrets import redact_uri
@@ -52,18 +53,20 @@ class RunSummary(BaseModel):
     perf: dict | None
     gate_passed: bool
     gate_reasons: list[str]
-    gate_rules: list[tuple[str, str, str]] = []   # every rule: (rule, pass/FAIL, detail with Δ and its interval)
+    gate_rules: list[tuple[str, str, str]] = []   # every rule: (rule, pass/FAIL/REFUSED, detail with Δ and its interval)
     promotion: str
     registered_version: str | None
     stage_runs: dict[str, str | None]
     finetuned_size_mb: float | None = None
     variants: list[VariantRow] = []
+    warnings: list[str] = []                      # what the run could not check (e.g. drift without its reference)
 
     def markdown(self) -> str:
         lines = [f"# Gauntlet run `{self.name}`", "",
                  f"- data version (DVC md5): `{self.data_md5}`", f"- base model: `{self.base_model}`",
                  f"- fine-tuned model: `{self.merged_model}`",
-                 "- training: " + ", ".join(f"{k}={v:.4g}" for k, v in self.train_metrics.items()), "",
+                 "- training: " + ", ".join(f"{k}={v:.4g}" for k, v in self.train_metrics.items()),
+                 *[f"- **warning**: {w}" for w in self.warnings], "",
                  "| task | metric | base | fine-tuned (95% CI) | delta |", "|---|---|---|---|---|"]
         for s in self.scores:
             base = "—" if s.base is None else f"{s.base:.4f}"
@@ -112,18 +115,14 @@ def variant_rows(report: EvalReport, variants: list[QuantizedModel], reports: li
     rows = []
     for q, r in zip(variants, reports, strict=True):
         scores = {f"{s.task}.{s.metric}": s.value for s in r.scores}
-        deltas = {}
-        for key, value in scores.items():
-            before = report.score(*key.split(".", 1))
-            deltas[key] = None if before is None else value - before
+        deltas = {f"{s.task}.{s.metric}": None if (before := report.score(s.task, s.metric)) is None
+                  else s.value - before for s in r.scores}
         promotion = promotions.get(q.variant)
         comparisons = {}
         for result in r.task_results:  # each task's reported metric, item by item against the parent
-            mine = result.item_scores.get(result.metric)
-            parent = next((p.item_scores.get(result.metric) for p in report.task_results if p.task == result.task),
-                          None)
-            if mine and parent:
-                comparisons[f"{result.task}.{result.metric}"] = paired_difference(mine, parent).text()
+            mine, parent = find(r, result.task, result.metric), find(report, result.task, result.metric)
+            if mine is not None and parent is not None and mine.items and parent.items:
+                comparisons[f"{result.task}.{result.metric}"] = paired_difference(mine.items, parent.items).text()
         rows.append(VariantRow(comparisons=comparisons, variant=q.variant, method=q.method, bits=q.bits, group_size=q.group_size, path=q.path,
                                size_mb=q.size_bytes / 1e6, size_ratio=q.size_ratio,
                                tokens_per_s=r.perf.tokens_per_s if r.perf else None, scores=scores, deltas=deltas,
@@ -135,7 +134,8 @@ def summarize(name: str, data: DatasetRef, base_model: ModelRef, trained: Traine
               base_report: EvalReport | None, report: EvalReport, decision: GateDecision,
               promotion: PromotionResult, run: RunContext, variants: list[QuantizedModel] | None = None,
               variant_reports: list[EvalReport] | None = None,
-              variant_promotions: dict[str, PromotionResult] | None = None) -> RunSummary:
+              variant_promotions: dict[str, PromotionResult] | None = None,
+              warnings: list[str] | None = None) -> RunSummary:
     variants, variant_reports = variants or [], variant_reports or []
     decision = promotion.decision or decision   # re-gated under the registry lock if the champion changed
     rows = [ScoreRow(task=s.task, metric=s.metric, finetuned=s.value, ci_low=s.ci_low, ci_high=s.ci_high,
@@ -145,7 +145,7 @@ def summarize(name: str, data: DatasetRef, base_model: ModelRef, trained: Traine
         base_model=f"{base_model.source} ({base_model.sha[:12]})", merged_model=trained.merged.path,
         train_metrics=trained.metrics, scores=rows, perf=report.perf.model_dump() if report.perf else None,
         gate_passed=decision.passed, gate_reasons=decision.reasons, promotion=promotion.message,
-        gate_rules=[(r.rule, "pass" if r.passed else "FAIL", r.detail) for r in decision.rules],
+        gate_rules=[(r.rule, r.label, r.detail) for r in decision.rules],
         registered_version=promotion.version,
         stage_runs={"fetch_model": base_model.mlflow_run_id, "train": trained.mlflow_run_id,
                     "evaluate_base": base_report.mlflow_run_id if base_report else None,
@@ -153,4 +153,5 @@ def summarize(name: str, data: DatasetRef, base_model: ModelRef, trained: Traine
                     **{f"quantize-{q.variant}": q.mlflow_run_id for q in variants},
                     **{f"evaluate-{r.variant}": r.mlflow_run_id for r in variant_reports}},
         finetuned_size_mb=variants[0].base_size_bytes / 1e6 if variants else None,
-        variants=variant_rows(report, variants, variant_reports, variant_promotions or {}))
+        variants=variant_rows(report, variants, variant_reports, variant_promotions or {}),
+        warnings=warnings or [])

@@ -14,9 +14,9 @@ import subprocess
 import threading
 import time
 import traceback
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from pydantic import BaseModel, ConfigDict
 
@@ -35,6 +35,14 @@ class RunContext(BaseModel):
     experiment_id: str
     parent_run_id: str
     flow_run_id: str | None = None
+    flow_attempt: int = 1             # the Prefect flow run's attempt (its run count) this run belongs to
+
+
+# A flow run's state type and run count by its id, from the Prefect server (tasks/_flow.py provides it): how a
+# host tells that a run another host started is dead (its flow run ended, or went on in a later attempt).
+FlowRunStates = Callable[[list[str]], dict[str, tuple[str, int]]]
+ATTEMPT_TAG = "gauntlet.flow_attempt"
+ROLE_TAG = "gauntlet.role"
 
 
 def tracking_uri(configured: str | None = None) -> str:
@@ -162,49 +170,102 @@ def experiment_id(c, name: str) -> str:
 
 
 @contextmanager
-def parent_run(uri: str, experiment: str, run_name: str, tags: dict[str, str],
-               params: dict[str, str]) -> Iterator[RunContext]:
-    """The flow run's MLflow run: FINISHED on success, FAILED (with the error) if anything raises."""
+def parent_run(uri: str, experiment: str, run_name: str, tags: dict[str, str], params: dict[str, str],
+               flow_attempt: int = 1, flow_run_states: FlowRunStates | None = None) -> Iterator[RunContext]:
+    """The flow run's MLflow run: FINISHED on success, FAILED (with the error) if anything raises. A later
+    attempt of the same Prefect flow run (a retry, on this host or another) continues the earlier attempt's run,
+    so its stages find their earlier attempts (a resumed training) under it."""
     c = client(uri)
     exp_id = experiment_id(c, experiment)
-    mark_dead_runs_failed(c, exp_id)
-    run = c.create_run(exp_id, run_name=run_name, tags={**tags, "gauntlet.commit": git_commit(),
-                                                         "gauntlet.host": socket.gethostname(),
-                                                         "gauntlet.pid": str(os.getpid())})
-    ctx = RunContext(tracking_uri=uri, experiment_id=exp_id, parent_run_id=run.info.run_id,
-                     flow_run_id=tags.get("prefect.flow_run_id"))
-    for k, v in params.items():
-        c.log_param(run.info.run_id, k, redact(str(v)))
-    log.info("MLflow run %s in experiment %r (%s)", run.info.run_id, experiment, redact_uri(uri))
+    mark_dead_runs_failed(c, exp_id, flow_run_states)
+    flow_run_id = tags.get("prefect.flow_run_id")
+    own = {"gauntlet.commit": git_commit(), "gauntlet.host": socket.gethostname(), "gauntlet.pid": str(os.getpid()),
+           ATTEMPT_TAG: str(flow_attempt), ROLE_TAG: "parent"}
+    run_id = _earlier_parent(c, exp_id, flow_run_id) if flow_run_id else None
+    if run_id:
+        _continue_run(c, run_id, own, flow_attempt)
+    else:
+        run_id = c.create_run(exp_id, run_name=run_name, tags={**tags, **own}).info.run_id
+        for k, v in params.items():
+            c.log_param(run_id, k, redact(str(v)))
+    ctx = RunContext(tracking_uri=uri, experiment_id=exp_id, parent_run_id=run_id, flow_run_id=flow_run_id,
+                     flow_attempt=flow_attempt)
+    log.info("MLflow run %s in experiment %r (%s)%s", run_id, experiment, redact_uri(uri),
+             f", attempt {flow_attempt} of the flow run" if flow_attempt > 1 else "")
     try:
         yield ctx
     except BaseException as e:
-        _record_failure(c, run.info.run_id, e)
+        _record_failure(c, run_id, e)
         raise
-    c.set_terminated(run.info.run_id, "FINISHED")
+    c.set_terminated(run_id, "FINISHED")
 
 
-def mark_dead_runs_failed(c, exp_id: str) -> None:
-    """A flow process killed outright (SIGKILL, OOM, power) cannot mark its run FAILED; the next run on
-    the same host does, for runs still RUNNING whose process is gone."""
+def _earlier_parent(c, exp_id: str, flow_run_id: str) -> str | None:
+    runs = c.search_runs([exp_id], f"tags.`prefect.flow_run_id` = '{flow_run_id}' and tags.`{ROLE_TAG}` = 'parent'",
+                         order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+def _continue_run(c, run_id: str, tags: dict[str, str], attempt: int) -> None:
+    """An earlier attempt's run, RUNNING again; its error kept under the attempt's name."""
+    earlier = c.get_run(run_id).data.tags
+    if earlier.get("gauntlet.error"):
+        c.set_tag(run_id, f"gauntlet.attempt_{earlier.get(ATTEMPT_TAG, attempt - 1)}.error", earlier["gauntlet.error"])
+        c.delete_tag(run_id, "gauntlet.error")
+    c.update_run(run_id, status="RUNNING")
+    for k, v in tags.items():
+        c.set_tag(run_id, k, v)
+
+
+FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "CRASHED"}
+
+
+def mark_dead_runs_failed(c, exp_id: str, flow_run_states: FlowRunStates | None = None) -> int:
+    """Runs still RUNNING whose attempt is gone are marked FAILED, by whichever host notices: one whose process
+    on this host is gone (SIGKILL, OOM, power), and (with ``flow_run_states``, from the Prefect server) one
+    whose Prefect flow run has ended or moved on to a later attempt, wherever it ran. Returns how many."""
     host = socket.gethostname()
-    for r in c.search_runs([exp_id], "attributes.status = 'RUNNING'"):
-        tags = r.data.tags
-        if tags.get("gauntlet.host") != host or "gauntlet.pid" not in tags:
+    running = c.search_runs([exp_id], "attributes.status = 'RUNNING'", max_results=5000)
+    flows = {r.data.tags["prefect.flow_run_id"] for r in running if r.data.tags.get("prefect.flow_run_id")}
+    states = flow_run_states(sorted(flows)) if flow_run_states and flows else {}
+    dead = 0
+    for r in running:
+        why = _why_dead(r.data.tags, host, states)
+        if why is None:
             continue
-        if _pid_alive(int(tags["gauntlet.pid"])):
-            continue
-        # its nested runs (stages, and their own nested runs) died with it
-        dead = [r.info.run_id]
-        while dead:
-            parent_id = dead.pop()
-            for child in c.search_runs([exp_id], f"tags.mlflow.parentRunId = '{parent_id}' "
-                                                 "and attributes.status = 'RUNNING'"):
-                c.set_terminated(child.info.run_id, "FAILED")
-                dead.append(child.info.run_id)
-        c.set_tag(r.info.run_id, "gauntlet.error", f"process {tags['gauntlet.pid']} died while the run was RUNNING")
+        c.set_tag(r.info.run_id, "gauntlet.error", why)
         c.set_terminated(r.info.run_id, "FAILED")
-        log.warning("marked MLflow run %s FAILED: its process is gone", r.info.run_id)
+        dead += 1
+        log.warning("marked MLflow run %s FAILED: %s", r.info.run_id, why)
+        if "gauntlet.pid" in r.data.tags:   # its nested runs (stages, and their own nested runs) died with it
+            dead += _fail_children(c, exp_id, r.info.run_id)
+    return dead
+
+
+def _why_dead(tags: dict[str, str], host: str, states: dict[str, tuple[str, int]]) -> str | None:
+    if tags.get("gauntlet.host") == host and "gauntlet.pid" in tags and not _pid_alive(int(tags["gauntlet.pid"])):
+        return f"process {tags['gauntlet.pid']} died while the run was RUNNING"
+    flow = states.get(tags.get("prefect.flow_run_id", ""))
+    if flow is None:
+        return None
+    state, run_count = flow
+    attempt = int(tags.get(ATTEMPT_TAG, "1"))
+    if state in FINAL_STATES:
+        return f"its Prefect flow run ended {state} while the run was RUNNING (its host died or lost it)"
+    if state != "RUNNING" or run_count > attempt:
+        return f"attempt {attempt} of its Prefect flow run is gone (the flow run is {state}, attempt {run_count})"
+    return None
+
+
+def _fail_children(c, exp_id: str, parent_id: str) -> int:
+    failed, todo = 0, [parent_id]
+    while todo:
+        for child in c.search_runs([exp_id], f"tags.mlflow.parentRunId = '{todo.pop()}' "
+                                             "and attributes.status = 'RUNNING'"):
+            c.set_terminated(child.info.run_id, "FAILED")
+            todo.append(child.info.run_id)
+            failed += 1
+    return failed
 
 
 def _pid_alive(pid: int) -> bool:
@@ -218,8 +279,8 @@ def _pid_alive(pid: int) -> bool:
 
 
 @contextmanager
-def stage_run(ctx: RunContext, stage: str, params: dict | None = None,
-              resume_run_id: str | None = None) -> Iterator[tuple[object, str]]:
+def stage_run(ctx: RunContext, stage: str, params: dict | None = None, resume_run_id: str | None = None,
+              tags: dict[str, str] | None = None) -> Iterator[tuple[object, str]]:
     """A nested MLflow run for one stage; yields (client, run_id).
 
     ``resume_run_id`` continues an earlier run of this stage (a retry in the same flow run) instead of
@@ -228,9 +289,11 @@ def stage_run(ctx: RunContext, stage: str, params: dict | None = None,
     c = client(ctx.tracking_uri)
     if resume_run_id:
         c.update_run(resume_run_id, status="RUNNING")
+        c.set_tag(resume_run_id, ATTEMPT_TAG, str(ctx.flow_attempt))
         run_id = resume_run_id
     else:
-        tags = {"mlflow.parentRunId": ctx.parent_run_id, "gauntlet.stage": stage}
+        tags = {**(tags or {}), "mlflow.parentRunId": ctx.parent_run_id, "gauntlet.stage": stage,
+                ATTEMPT_TAG: str(ctx.flow_attempt)}
         if ctx.flow_run_id:
             tags["prefect.flow_run_id"] = ctx.flow_run_id
         run_id = c.create_run(ctx.experiment_id, run_name=stage, tags=tags).info.run_id

@@ -12,18 +12,22 @@ cache key, its receipt and its MLflow stage run, so no call site pairs them by h
 * **Cache key** = sha256(name, code version, ``key(**inputs)``). The code version hashes every Gauntlet module
   the stage's module imports, found from its imports (:mod:`gauntlet.code_version`); config sections in the
   key parts are compared as their JSON. ``key=None``: never cached (the stage reads the registry's state).
-* **Receipt**: a cached stage writes into ``$GAUNTLET_HOME/stages/<name>/<key[:16]>/`` (``stage.out``) and
-  leaves ``receipt.json`` naming its ``outputs`` and holding its result as JSON (written atomically). A call
-  whose receipt, or a file it names, is gone refreshes the cache, so a hit never hands back dangling paths; an
-  unreadable receipt is a cache miss, logged as such; a call whose receipt is fine touches it (``gauntlet gc``
-  keeps what was used recently).
-* **One run per key at a time**: the body runs under a file lock in its output folder, so two flow runs (or
-  processes) with the same key never build into one folder; the second waits, then takes the result the
-  first recorded in the receipt instead of computing it again.
+* **Receipt** (:mod:`gauntlet.receipts`): a cached stage writes into ``$GAUNTLET_HOME/stages/<name>/<key[:16]>/``
+  (``stage.out``) and leaves ``receipt.json`` naming its ``outputs`` and holding its result as JSON (written
+  atomically). With a shared MLflow (a team's pool) the receipt and the outputs inside the stage folder are also
+  the stage run's artifacts, found by the key from every host and fetched on demand into that host's folder: a
+  stage computed on one host is a cache hit on all of them. A call whose receipt, or a file it names, is gone
+  everywhere refreshes the cache, so a hit never hands back dangling paths; an unreadable receipt is a cache
+  miss, logged as such; a call whose receipt is fine touches it (``gauntlet gc`` keeps what was used recently).
+* **One run per key at a time**: the body runs under a lock on the key, so two flow runs with the same key never
+  compute it twice; the second waits, then takes the result the first recorded instead of computing it again.
+  With a Prefect server (``PREFECT_API_URL``) the lock is one of its global concurrency limits, one slot per
+  key, held on a lease (a holder whose host dies loses it within a minute): every host of the pool waits on the
+  same one. With Prefect's ephemeral server (one machine) it is a file lock in the output folder.
 * **No pickles**: Prefect persists a cached stage's result as JSON; uncached stages persist nothing.
 * **MLflow**: a nested run named ``run_name`` under the flow's parent run, with ``params(**inputs)``; FAILED
-  with the error when the body raises. ``resumable``: a retry within the same flow run continues the failed
-  attempt's run, so its metrics keep their steps. A result with an unset ``mlflow_run_id`` gets the stage run's.
+  with the error when the body raises; tagged with its key. ``resumable``: a retry within the same flow run (on
+  any host) continues the failed attempt's run, so its metrics keep their steps. A result with an unset ``mlflow_run_id`` gets the stage run's.
 * **Prefect**: retries, except for the ``permanent`` errors a retry cannot fix; ``run_name`` is also the task
   run's name (``str.format`` over the inputs).
 * ``refresh(**inputs)``: True forces a fresh run (an unpinned model source); ``after(result, **inputs)``
@@ -39,25 +43,23 @@ import json
 import logging
 import typing
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from filelock import FileLock
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.exceptions import MissingContextError
 from pydantic import BaseModel, TypeAdapter
 
+from gauntlet import receipts
 from gauntlet.code_version import code_version
-from gauntlet.files import write_json
 from gauntlet.hashing import sha256_json
-from gauntlet.state import stage_dir
+from gauntlet.receipts import KEY_TAG, Receipt
+from gauntlet.state import shared_tracking, stage_dir
+from gauntlet.tasks._key_lock import key_lock
 from gauntlet.tracking import RunContext, client, stage_run
-
-RECEIPT = "receipt.json"
-MLFLOW_RUN_FILE = "mlflow_run.json"
-STAGE_LOCK = ".stage.lock"
 
 
 def _logger():
@@ -65,22 +67,6 @@ def _logger():
         return get_run_logger()
     except MissingContextError:   # called outside a flow or task run (a test, gc)
         return logging.getLogger(__name__)
-
-
-def read_receipt(folder: Path) -> tuple[dict | None, str | None]:
-    """(receipt, None) when it is readable and names files that all exist; (None, why not) otherwise."""
-    path = folder / RECEIPT
-    try:
-        receipt = json.loads(path.read_text())
-        outputs = receipt["outputs"]
-    except FileNotFoundError:
-        return None, "no receipt"
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        return None, f"receipt {path} is unreadable ({type(e).__name__}: {e})"
-    missing = [p for p in outputs if not Path(p).exists()]
-    if missing:
-        return None, f"receipt {path} names {len(missing)} missing files ({missing[0]}, …)"
-    return receipt, None
 
 
 def jsonable(value: Any) -> Any:
@@ -106,6 +92,12 @@ class StageRun:
     client: Any = None            # MlflowClient (None for stages that keep no MLflow run)
     run_id: str | None = None     # this stage's MLflow run
     attempt: int = 1
+    key: str | None = None        # the cache key of a cached stage
+
+    @property
+    def shared(self) -> bool:
+        """True when the stage's MLflow store is shared by the pool's hosts (the store of its files)."""
+        return shared_tracking(self.flow.tracking_uri)
 
     @property
     def log(self):
@@ -193,34 +185,60 @@ class Stage:
     def output_dir(self, **params: Any) -> Path:
         return stage_dir(self.name, self.key(**params))
 
-    def receipt_ok(self, **params: Any) -> bool:
-        receipt, why_not = read_receipt(self.output_dir(**params))
-        if receipt is None and why_not != "no receipt":
+    def receipt(self, tracking_uri: str | None = None, fetch: bool = True, **params: Any) -> Receipt | None:
+        """This key's receipt as this host sees it: its own copy when every file it names is here, else (with a
+        shared MLflow) the one another host stored, its files fetched into this host's folder (``fetch``;
+        without it, the receipt as stored). None: computed nowhere, or its files are gone."""
+        out = self.output_dir(**params)
+        local, why_not = receipts.read_local(out)
+        if local is not None:
+            return local
+        if why_not != "no receipt":
             _logger().warning(f"{self.name}: {why_not}: a cache miss, computing it again")
-        return receipt is not None
+        uri = tracking_uri or _tracking_uri(params)
+        if not shared_tracking(uri):
+            return None
+        c = client(uri)
+        stored = receipts.find(c, self.name, self.key(**params))
+        if stored is None or not fetch:
+            return stored
+        try:
+            return receipts.fetch(c, stored, out, echo=_logger().info)
+        except OSError as e:   # gone from the store, or damaged on the way: computed again
+            _logger().warning(f"{self.name}: the stored outputs of key {self.key(**params)[:16]} could not be "
+                              f"fetched ({e}): a cache miss, computing it again")
+            return None
 
-    def result_from(self, receipt: dict) -> Any:
+    def receipt_ok(self, **params: Any) -> bool:
+        return self.receipt(**params) is not None
+
+    def result_from(self, receipt: Receipt) -> Any:
         """The result a receipt recorded, as the body's return type; None if it recorded none."""
-        if "result" not in receipt:
+        if not receipt.with_result:
             return None
         returns = typing.get_type_hints(self.fn).get("return", Any)
-        return TypeAdapter(returns).validate_python(receipt["result"])
+        return TypeAdapter(returns).validate_python(receipt.result)
 
     # -- calling ----------------------------------------------------------------------------------
 
     def __call__(self, **params: Any) -> Any:
-        """Run the stage (or take its cached result); refresh the cache when the receipt's files are gone."""
+        """Run the stage (or take its cached result, from this host or another); refresh the cache when the
+        receipt's files are gone."""
         if "run" not in params:
             raise TypeError(f"stage {self.name} needs run=RunContext (the flow's MLflow run)")
         prefect_task = self.task
+        receipt = None
         if self.cached:
             if self.refresh is not None and self.refresh(**self._inputs(params)):
                 prefect_task = prefect_task.with_options(refresh_cache=True)
-            elif self.receipt_ok(**params):
-                (self.output_dir(**params) / RECEIPT).touch()
+            elif (receipt := self.receipt(**params)) is not None:
+                (self.output_dir(**params) / receipts.RECEIPT).touch()
             else:
                 prefect_task = prefect_task.with_options(refresh_cache=True)
         result = prefect_task(**params)
+        if receipt is not None and receipt.with_result:
+            # a hit of Prefect's cache holds the paths of the host that computed it: the receipt's are this host's
+            result = self.result_from(receipts.read_local(self.output_dir(**params))[0] or receipt)
         return self.after(result, **self._inputs(params)) if self.after else result
 
     def submit(self, **params: Any) -> Any:
@@ -236,73 +254,76 @@ class Stage:
         return other
 
 
+def _tracking_uri(params: dict[str, Any]) -> str:
+    from gauntlet.tracking import tracking_uri
+
+    run = params.get("run")
+    return run.tracking_uri if isinstance(run, RunContext) else tracking_uri()
+
+
 def _run_stage(st: Stage, **params: Any) -> Any:
     """The Prefect task's body: open the stage's output folder and MLflow run, run the stage, write the receipt."""
     run: RunContext = params.pop("run")
     inputs = st._inputs(params)
     name = st.run_name.format(**inputs)
     if not st.cached:
-        return _run_body(st, name, run, inputs, None)
+        return _run_body(st, name, run, inputs, None, None)[0]
+    key = st.key(**inputs)
     out = st.output_dir(**inputs)
     out.mkdir(parents=True, exist_ok=True)
-    seen, _ = read_receipt(out)
-    lock = FileLock(str(out / STAGE_LOCK))
-    try:
-        lock.acquire(timeout=1)
-    except TimeoutError:   # filelock's Timeout is a TimeoutError
-        _logger().info(f"{name}: another run is computing the same key in {out}; waiting for it")
-        lock.acquire()
-    try:
-        receipt, _ = read_receipt(out)
-        if receipt is not None and receipt.get("token") != (seen or {}).get("token"):
-            result = st.result_from(receipt)   # written while this call waited: the other run's result
+    seen = st.receipt(run.tracking_uri, fetch=False, **inputs)
+    with key_lock(key, out, name):
+        receipt = st.receipt(run.tracking_uri, **inputs)
+        if receipt is not None and receipt.token != (seen.token if seen else None):
+            result = st.result_from(receipt)   # recorded while this call waited: the other run's result
             if result is not None:
                 _logger().info(f"{name}: reusing the result another run recorded for this key while this one waited")
                 return result
-        result = _run_body(st, name, run, inputs, out)
+        result, run_id = _run_body(st, name, run, inputs, out, key)
         paths = [str(p) for p in (st.outputs(result, StageRun(name=name, flow=run, out=out)) if st.outputs else [])]
-        receipt = {"stage": st.name, "outputs": paths, "token": uuid.uuid4().hex, "result": jsonable(result)}
+        receipt = Receipt(stage=st.name, outputs=paths, token=uuid.uuid4().hex, result=jsonable(result),
+                          with_result=True, run_id=run_id)
         try:
-            json.dumps(receipt)
+            json.dumps(receipt.result)
         except (TypeError, ValueError):   # a result JSON cannot hold: a waiting run computes its own
-            del receipt["result"]
-        write_json(out / RECEIPT, receipt)
-    finally:
-        lock.release()
+            receipt = receipt.model_copy(update={"result": None, "with_result": False})
+        shared = client(run.tracking_uri) if shared_tracking(run.tracking_uri) and run_id else None
+        receipts.write(receipt, out, shared)
     return result
 
 
-def _run_body(st: Stage, name: str, run: RunContext, inputs: dict[str, Any], out: Path | None) -> Any:
-    """The stage's own function, inside its MLflow stage run (if it keeps one)."""
+def _run_body(st: Stage, name: str, run: RunContext, inputs: dict[str, Any], out: Path | None,
+              key: str | None) -> tuple[Any, str | None]:
+    """The stage's own function, inside its MLflow stage run (if it keeps one); (result, stage run id)."""
     if not st.mlflow:
         result = st.fn(**inputs, stage=StageRun(name=name, flow=run, out=out, client=client(run.tracking_uri)))
-    else:
-        resume_id, attempt = _earlier_attempt(out, run) if st.resumable and out else (None, 1)
-        logged = {k: str(v) for k, v in (st.params(**inputs) if st.params else {}).items()}
-        with stage_run(run, name, logged, resume_run_id=resume_id) as (c, run_id):
-            if st.resumable and out:
-                _record_attempt(c, run_id, out, run, attempt, resumed=resume_id is not None)
-            result = st.fn(**inputs, stage=StageRun(name=name, flow=run, out=out, client=c, run_id=run_id,
-                                                    attempt=attempt))
-        if (isinstance(result, BaseModel) and "mlflow_run_id" in type(result).model_fields
-                and getattr(result, "mlflow_run_id") is None):   # a result that names another run keeps it
-            result = result.model_copy(update={"mlflow_run_id": run_id})
-    return result
+        return result, None
+    resume_id, attempt = _earlier_attempt(run, key) if st.resumable and key else (None, 1)
+    logged = {k: str(v) for k, v in (st.params(**inputs) if st.params else {}).items()}
+    with stage_run(run, name, logged, resume_run_id=resume_id, tags={KEY_TAG: key} if key else None) as (c, run_id):
+        if st.resumable and key:
+            _record_attempt(c, run_id, attempt, resumed=resume_id is not None)
+        result = st.fn(**inputs, stage=StageRun(name=name, flow=run, out=out, client=c, run_id=run_id,
+                                                attempt=attempt, key=key))
+    if (isinstance(result, BaseModel) and "mlflow_run_id" in type(result).model_fields
+            and result.mlflow_run_id is None):   # a result that names another run keeps it
+        result = result.model_copy(update={"mlflow_run_id": run_id})
+    return result, run_id
 
 
-def _earlier_attempt(out: Path, run: RunContext) -> tuple[str | None, int]:
-    """(MLflow run id to continue, attempt number): an attempt of the same flow run is continued."""
-    try:
-        earlier = json.loads((out / MLFLOW_RUN_FILE).read_text())
-    except (OSError, ValueError):
+def _earlier_attempt(run: RunContext, key: str) -> tuple[str | None, int]:
+    """(MLflow run id to continue, attempt number): the stage run of this key under the same flow run's parent
+    run (an earlier attempt, on this host or another), found on the MLflow store."""
+    c = client(run.tracking_uri)
+    earlier = c.search_runs([run.experiment_id], f"tags.`{KEY_TAG}` = '{key}' and "
+                                                 f"tags.`mlflow.parentRunId` = '{run.parent_run_id}'",
+                            order_by=["attributes.start_time DESC"], max_results=1)
+    if not earlier:
         return None, 1
-    if earlier.get("parent_run_id") != run.parent_run_id:
-        return None, 1
-    return earlier["run_id"], earlier.get("attempt", 1) + 1
+    return earlier[0].info.run_id, int(earlier[0].data.tags.get("gauntlet.attempt", "1")) + 1
 
 
-def _record_attempt(c, run_id: str, out: Path, run: RunContext, attempt: int, resumed: bool) -> None:
-    write_json(out / MLFLOW_RUN_FILE, {"run_id": run_id, "parent_run_id": run.parent_run_id, "attempt": attempt})
+def _record_attempt(c, run_id: str, attempt: int, resumed: bool) -> None:
     c.set_tag(run_id, "gauntlet.attempt", str(attempt))
     if resumed:
         get_run_logger().info(f"attempt {attempt}: continuing MLflow run {run_id}")

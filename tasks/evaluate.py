@@ -20,11 +20,11 @@ from gauntlet.eval.protocol import plans_of, protocol_of
 from gauntlet.eval.report import build_report, report_markdown
 from gauntlet.names import task_result_metrics
 from gauntlet.refs import DatasetRef, EvalReport, ModelRef, TaskResult
-from gauntlet.tracking import flatten_params
 from gauntlet.tasks._stage import StageRun, stage
 from gauntlet.tasks.perplexity import heldout_file, perplexity
 from gauntlet.tasks.score import eval_data_md5, score
 from gauntlet.tasks.speed_probe import speed_probe
+from gauntlet.tracking import flatten_params
 
 
 def _named_as_asked(report: EvalReport, model: ModelRef, **_) -> EvalReport:

@@ -20,9 +20,23 @@ from pathlib import Path
 from gauntlet.config.gate import RegistrySpec
 from gauntlet.config.judge import JudgeSpec
 from gauntlet.config.model import ModelSpec
-from gauntlet.eval.judge import (EndpointJudge, Judge, JudgeError, JudgeReport, ModelJudge, as_task_result, file_md5,
-                                 generate_answers, judge_pairs, judge_protocol, load_instructions, prompt_template,
-                                 summarize, with_results, write_items)
+from gauntlet.eval.judge import (
+    EndpointJudge,
+    Judge,
+    JudgeError,
+    JudgeReport,
+    ModelJudge,
+    as_task_result,
+    file_md5,
+    generate_answers,
+    judge_pairs,
+    judge_protocol,
+    load_instructions,
+    prompt_template,
+    summarize,
+    with_results,
+    write_items,
+)
 from gauntlet.files import write_json
 from gauntlet.project import in_project
 from gauntlet.refs import EvalReport, ModelRef
@@ -59,7 +73,7 @@ def answer(spec: JudgeSpec, model: ModelRef, stage: StageRun) -> list[str]:
     rows = load_instructions(_set_path(spec), spec.limit)
     answers = generate_answers(model.path, [r["instruction"] for r in rows], spec.max_new_tokens, spec.batch_size,
                                log=stage.log.info)
-    write_json(stage.out / "answers.json", [{"id": r["id"], "answer": a} for r, a in zip(rows, answers)])
+    write_json(stage.out / "answers.json", [{"id": r["id"], "answer": a} for r, a in zip(rows, answers, strict=True)])
     stage.artifacts(stage.out / "answers.json")
     return answers
 

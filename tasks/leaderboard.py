@@ -7,23 +7,30 @@ not re-evaluated tonight. A candidate or variant that fails fails its own row; t
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from pydantic import BaseModel
 
 from gauntlet.config.leaderboard import LeaderboardCandidate, LeaderboardSpec
+from gauntlet.device import placement
 from gauntlet.leaderboard.board import Leaderboard, build_leaderboard
 from gauntlet.leaderboard.candidates import (
     CandidateOutcome,
+    JobRecord,
     PreparedCandidate,
     candidate_model,
     eval_file_dataset,
+    failed_outcome,
     ok_outcome,
     quantization_of,
 )
 from gauntlet.leaderboard.history import load_history
+from gauntlet.leaderboard.night_plan import candidate_params
 from gauntlet.leaderboard.publish import publish_dir, render_markdown, table_rows, write_board
 from gauntlet.names import mlflow_name
+from gauntlet.plan.placement import PlacementError, class_for_inference
 from gauntlet.project import in_project
 from gauntlet.refs import DatasetRef
 from gauntlet.serve import ensure_tag_concurrency_limit
@@ -32,6 +39,47 @@ from gauntlet.tasks.evaluate import evaluate
 from gauntlet.tasks.models import fetch_model, resolve_model
 from gauntlet.tasks.quantize import quantize
 from gauntlet.tasks.safety import check_safety
+
+
+class NightJob(BaseModel):
+    """What a pool job needs to rebuild its part of the night: the config it came from, as the parent read it."""
+
+    config: str
+    overrides: list[str] = []
+    candidate: str
+
+    def parameters(self, variant: str) -> dict[str, Any]:
+        return {"config": self.config, "overrides": self.overrides, "candidate": self.candidate, "variant": variant}
+
+
+def queue_for(candidate: LeaderboardCandidate, spec: LeaderboardSpec) -> str:
+    """The work queue of the GPU class the candidate's evaluation needs (its parameters from config.json)."""
+    params_b, _ = candidate_params(candidate)
+    return class_for_inference(params_b).name
+
+
+def wait_for_end(flow_run_id: Any, timeout_s: float, every_s: float = 2.0) -> Any:
+    """The flow run's final state, or None after ``timeout_s``. The Prefect server may be away for a while (a
+    restart): the wait goes on through it."""
+    from prefect.client.orchestration import get_client
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with get_client(sync_client=True) as c:
+                state = c.read_flow_run(flow_run_id).state
+            if state is not None and state.is_final():
+                return state
+        except Exception as e:   # the server restarting: ask again
+            _logger().warning(f"waiting for flow run {flow_run_id}: {type(e).__name__}: {e}")
+        time.sleep(every_s)
+    return None
+
+
+def _logger():
+    from prefect import get_run_logger
+
+    return get_run_logger()
 
 
 def failure_reason(state: Any) -> str:
@@ -70,6 +118,7 @@ def prepare_candidate(name: str, candidate: LeaderboardCandidate, stage: StageRu
 def score_variant(name: str, candidate: LeaderboardCandidate, variant: str, prepared: PreparedCandidate,
                   spec: LeaderboardSpec, data: DatasetRef | None, stage: StageRun) -> CandidateOutcome:
     gpu = [spec.concurrency.gpu_tag]
+    started = time.monotonic()
     model = prepared.model
     if (how := quantization_of(variant)) is not None:
         model = quantize.with_options(tags=gpu)(variant=how, calibration=spec.calibration, model=model, data=data,
@@ -78,15 +127,44 @@ def score_variant(name: str, candidate: LeaderboardCandidate, variant: str, prep
     if spec.eval.safety is not None:   # every candidate judged with the one judge and rubric: comparable rates
         report = check_safety(spec=spec.eval.safety, judge=spec.eval.judge, candidate=model, report=report,
                               run=stage.flow)
-    return ok_outcome(candidate, variant, prepared, report)
+    elapsed = time.monotonic() - started   # the job flow (a pool) replaces wall_s with its whole time
+    return ok_outcome(candidate, variant, prepared, report, JobRecord(**placement(), wall_s=elapsed, gpu_s=elapsed))
+
+
+@stage("night_job", run_name="job-{name}-{variant}", mlflow=False)
+def night_job(name: str, variant: str, job: NightJob, spec: LeaderboardSpec, stage: StageRun) -> CandidateOutcome:
+    """One candidate x variant as its own flow run on the pool (``concurrency.job_deployment``), on the queue of the
+    GPU class it needs; waits for its end (a job whose host died is retried by Prefect meanwhile: AwaitingRetry is
+    not an end) and reads its outcome from the shared result storage. A job that fails fails its own row."""
+    from prefect.deployments import run_deployment
+
+    candidate = next(c for c in spec.candidates if c.display_name == name)
+    try:
+        queue = queue_for(candidate, spec)
+    except PlacementError as e:   # refused before it queues
+        return failed_outcome(candidate, variant, f"PlacementError: {e}")
+    flow_run = run_deployment(spec.concurrency.job_deployment, parameters=job.parameters(variant), timeout=0,
+                              work_queue_name=queue, idempotency_key=f"{stage.flow.flow_run_id}:{name}:{variant}",
+                              tags=["gauntlet", "leaderboard-job"])
+    stage.log.info(f"{name} x {variant}: flow run {flow_run.name} on queue {queue}")
+    state = wait_for_end(flow_run.id, spec.concurrency.job_timeout_minutes * 60)
+    if state is None:
+        return failed_outcome(candidate, variant, f"not done after concurrency.job_timeout_minutes="
+                                                  f"{spec.concurrency.job_timeout_minutes:g} (flow run {flow_run.name})")
+    if not state.is_completed():
+        return failed_outcome(candidate, variant, failure_reason(state))
+    return CandidateOutcome.model_validate(state.result())
 
 
 @stage("rank", params=lambda spec, **_: {"ranking.key": spec.ranking.key, "ranking.metric": spec.ranking.metric})
-def rank(spec: LeaderboardSpec, outcomes: list[CandidateOutcome], stage: StageRun) -> Leaderboard:
+def rank(spec: LeaderboardSpec, outcomes: list[CandidateOutcome], wall_s: float | None, stage: StageRun) -> Leaderboard:
     flow = stage.flow
     history = load_history(flow.tracking_uri, spec.tracking.experiment, spec.name, spec.publish.history_nights,
                            exclude_run_id=flow.parent_run_id)
-    board = build_leaderboard(spec, outcomes, history)
+    board = build_leaderboard(spec, outcomes, history, wall_s=wall_s)
+    for w in board.workers:
+        stage.log.info(f"worker {w.worker} ({w.gpu}): {w.jobs} job(s), {w.gpu_s:.0f} s on the device"
+                       + (f", busy {w.busy:.0%} of the night" if w.busy is not None else ""))
     stage.metrics({t: b["value"] for t, b in board.baselines.items()}, prefix="baseline.")
     stage.metric("previous_nights", len(history))
     stage.log.info(f"{len(board.ranked())} ranked, {len(history)} previous night(s) read from MLflow")

@@ -36,17 +36,22 @@ def notify_outcome(spec: NotifySpec, registry: RegistrySpec, promotion: Promotio
 
 
 def notify_failed_run(flow, flow_run, state) -> None:
-    """Prefect ``on_failure``/``on_crashed`` hook of the finetune flow: re-reads the run's config for its
-    ``notify`` section (a config that does not validate has none to use)."""
+    """Prefect ``on_failure``/``on_crashed`` hook of the finetune flows: the run's config for its ``notify``
+    section, from the flow run's parameters (the spec ``finetune_spec`` was given, as Prefect recorded it, or the
+    config ``finetune`` read; a config that does not validate has none to use)."""
+    from pydantic import ValidationError
+
     from gauntlet.config.load import load_spec
     from gauntlet.config.problems import SpecError
+    from gauntlet.config.run import RunSpec
     from gauntlet.project import ProjectError, in_project
     from gauntlet.tracking import tracking_uri
 
     params = flow_run.parameters or {}
     try:
-        spec = load_spec(in_project(params.get("config", "configs/demo.yaml")), params.get("overrides") or [])
-    except (SpecError, OSError, ProjectError):
+        spec = (RunSpec.model_validate(params["spec"]) if "spec" in params
+                else load_spec(in_project(params.get("config", "configs/demo.yaml")), params.get("overrides") or []))
+    except (SpecError, ValidationError, OSError, ProjectError):
         return
     if not spec.notify.webhooks:
         return

@@ -12,8 +12,8 @@ from gauntlet.eval.engine import EvalError, engine_for
 from gauntlet.eval.perplexity import heldout_texts, measure_perplexity
 from gauntlet.eval.protocol import engine_protocol
 from gauntlet.refs import DatasetRef, ModelRef, PerplexityResult
-from gauntlet.tracking import flatten_params
 from gauntlet.tasks._stage import StageRun, stage
+from gauntlet.tracking import flatten_params
 
 
 def heldout_file(spec: EvalSpec, data: DatasetRef | None) -> tuple[str, str | None]:

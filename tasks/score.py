@@ -9,13 +9,14 @@ to a suite runs that task alone.
 from __future__ import annotations
 
 from gauntlet.config.eval import EvalSpec
-from gauntlet.eval.engine import engine_for, run_task
+from gauntlet.eval.engine import engine_for
 from gauntlet.eval.protocol import engine_protocol, task_protocol
+from gauntlet.eval.scoring import run_task
 from gauntlet.eval.suites import EvalTaskPlan
 from gauntlet.names import task_result_metrics
 from gauntlet.refs import DatasetRef, ModelRef, TaskResult
-from gauntlet.tracking import flatten_params
 from gauntlet.tasks._stage import StageRun, stage
+from gauntlet.tracking import flatten_params
 
 
 def eval_data_md5(data: DatasetRef | None) -> str | None:

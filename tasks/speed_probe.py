@@ -11,8 +11,8 @@ from gauntlet.eval.engine import engine_for
 from gauntlet.eval.protocol import engine_protocol
 from gauntlet.eval.speed import probe_speed
 from gauntlet.refs import ModelRef, PerfProbe
-from gauntlet.tracking import flatten_params
 from gauntlet.tasks._stage import StageRun, stage
+from gauntlet.tracking import flatten_params
 
 
 @stage("speed_probe", key=lambda spec, model, variant: [model.sha, engine_protocol(spec), spec.speed_probe],

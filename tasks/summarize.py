@@ -18,10 +18,11 @@ from gauntlet.tasks._stage import StageRun, stage
 def summarize(name: str, data: DatasetRef, base_model: ModelRef, trained: TrainedModel,
               base_report: EvalReport | None, report: EvalReport, decision: GateDecision,
               promotion: PromotionResult, variants: list[QuantizedModel], variant_reports: list[EvalReport],
-              variant_promotions: dict[str, PromotionResult], stage: StageRun) -> RunSummary:
+              variant_promotions: dict[str, PromotionResult], warnings: list[str],
+              stage: StageRun) -> RunSummary:
     flow = stage.flow
     summary = summary_of(name, data, base_model, trained, base_report, report, decision, promotion, flow,
-                         variants, variant_reports, variant_promotions)
+                         variants, variant_reports, variant_promotions, warnings)
     c, rid = stage.client, flow.parent_run_id
     c.log_text(rid, summary.markdown(), "summary.md")
     c.log_dict(rid, summary.model_dump(mode="json"), "summary.json")

@@ -22,14 +22,17 @@ from gauntlet.cli import (
     rollback,
     run,
     serve,
+    stack,
     validate,
+    worker,
 )
 from gauntlet.cli.common import EXIT_FAILED, EXIT_INVALID
 from gauntlet.config.problems import SpecError
 from gauntlet.project import ProjectError
 from gauntlet.state import StateError
 
-COMMANDS = (validate, run, demo, plan, eval, leaderboard, serve, promote, rollback, history, deploy, gc, audit)
+COMMANDS = (validate, run, demo, plan, eval, leaderboard, serve, stack, worker, promote, rollback, history, deploy, gc,
+            audit)
 
 
 def parser() -> argparse.ArgumentParser:

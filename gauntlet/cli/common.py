@@ -100,8 +100,10 @@ def announce_champion_moved(model_name: str, event) -> None:
         print(f"no Prefect server (PREFECT_API_URL unset), so no deploy was triggered; "
               f"`gauntlet deploy {model_name}` serves the champion by hand")
         return
-    from gauntlet.tasks.events import emit_champion_moved
+    from gauntlet.secrets import redact_uri
+    from gauntlet.tasks.events import SEND_TIMEOUT_S, emit_champion_moved
 
-    sent = emit_champion_moved(model_name, event.version, event.previous, event.action, event.reason, wait_s=30)
+    sent = emit_champion_moved(model_name, event.version, event.previous, event.action, event.reason, wait=True)
     print("sent gauntlet.champion.moved: the deploy deployment's trigger serves it" if sent
-          else "gauntlet.champion.moved not sent: Prefect emits no events here")
+          else f"gauntlet.champion.moved not sent: the Prefect server at {redact_uri(PREFECT_API_URL.value())} did not "
+               f"take it within {SEND_TIMEOUT_S:.0f} s; `gauntlet deploy {model_name}` serves the champion by hand")

@@ -74,10 +74,15 @@ LOGIT_BYTES = 12           # per logit at the loss's peak; see the module docstr
 # ---------------------------------------------------------------------------------------------
 
 
+ProfileKind = Literal["single", "ddp", "deepspeed", "fsdp"]
+# accelerate's distributed_type -> the planner's kind
+DISTRIBUTED_KINDS: dict[str, ProfileKind] = {"NO": "single", "MULTI_GPU": "ddp", "DEEPSPEED": "deepspeed", "FSDP": "fsdp"}
+
+
 @dataclass(frozen=True)
 class Profile:
     name: str
-    kind: Literal["single", "ddp", "deepspeed", "fsdp"]
+    kind: ProfileKind
     zero_stage: int = 0
     offload_optimizer: bool = False
     offload_params: bool = False
@@ -92,8 +97,7 @@ PLAIN = Profile("(none)", "single")
 
 def read_profile(path: Path) -> Profile:
     raw = yaml.safe_load(path.read_text()) or {}
-    kind = {"NO": "single", "MULTI_GPU": "ddp", "DEEPSPEED": "deepspeed", "FSDP": "fsdp"}.get(
-        str(raw.get("distributed_type", "NO")))
+    kind = DISTRIBUTED_KINDS.get(str(raw.get("distributed_type", "NO")))
     if kind is None:
         raise PlanError(f"{path}: distributed_type {raw.get('distributed_type')!r} is not one the planner knows "
                         "(NO, MULTI_GPU, DEEPSPEED, FSDP)")
@@ -184,7 +188,7 @@ def estimate(shape: ModelShape, train: TrainSpec, profile: Profile, processes: i
         adapters = 0.0
 
     grad_bytes = adapter_bytes if train.method != "full" else c
-    gradients = trainable * grad_bytes
+    gradients: float = trainable * grad_bytes
     if profile.kind == "fsdp" or (ds and profile.zero_stage >= 2):
         gradients /= n
     elif profile.kind == "ddp":

@@ -21,6 +21,7 @@ from gauntlet.plan.memory import (
     verdict,
     visible_devices,
 )
+from gauntlet.plan.placement import PlacementError, class_for_training
 from gauntlet.plan.shape import ModelShape, check_model_fit, fetch_model_config, model_shape
 
 
@@ -36,6 +37,8 @@ class Plan:
     verdicts: dict[str, tuple[bool, str]]
     cpu_run: Estimate | None = None          # the run this machine would do (no CUDA: on the CPU)
     largest_batch: int | None = None         # the largest micro-batch that fits the configured profile
+    gpu_class: str | None = None             # the smallest GPU class of a team's pool it fits (its work queue)
+    gpu_class_why: str = ""                  # why none fits, when none does
 
     @property
     def recommended(self) -> str | None:
@@ -51,6 +54,7 @@ class Plan:
                 "profiles": {k: {**e.as_dict(), "fits": self.verdicts[k][0], "why": self.verdicts[k][1]}
                              for k, e in self.by_profile.items()},
                 "recommended": self.recommended, "largest_batch": self.largest_batch,
+                "gpu_class": self.gpu_class, "gpu_class_why": self.gpu_class_why,
                 "cpu_run": self.cpu_run.as_dict() if self.cpu_run else None}
 
 
@@ -77,7 +81,12 @@ def make_plan(shape: ModelShape, train: TrainSpec, devices: Devices | None = Non
         ok, why = True, "no GPU visible to compare with (pass --gpus and --gpu-memory to plan for one)"
     cpu_run = estimate(shape, train, profile_named(acc.profile), configured_n, "cpu") if not target else None
     batch = largest_batch(shape, train, target) if target else None
-    return Plan(shape, train, devices, configured, ok, why, by_profile, verdicts, cpu_run, batch)
+    try:
+        gpu_class, gpu_class_why = class_for_training(shape, train).name, ""
+    except PlacementError as e:
+        gpu_class, gpu_class_why = None, str(e)
+    return Plan(shape, train, devices, configured, ok, why, by_profile, verdicts, cpu_run, batch, gpu_class,
+                gpu_class_why)
 
 
 def render(plan: Plan) -> str:
@@ -129,6 +138,8 @@ def render(plan: Plan) -> str:
         lines.append(f"recommended: {plan.recommended} (the first profile that fits, least communication first)")
     elif plan.devices.kind == "cuda":
         lines.append("no profile fits these devices: lower batch_size/max_seq_len, use qlora, or add GPUs")
+    lines.append(f"pool class: {plan.gpu_class} (the smallest GPU class of a team's pool it fits: `gauntlet run "
+                 "--pool` queues it there)" if plan.gpu_class else f"pool class: none: {plan.gpu_class_why}")
     return "\n".join(lines)
 
 

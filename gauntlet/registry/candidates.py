@@ -6,6 +6,7 @@ version gets the ``challenger`` alias while the gate judges it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -14,8 +15,8 @@ from gauntlet.config.gate import RegistrySpec
 from gauntlet.names import metric_key
 from gauntlet.refs import DatasetRef, EvalReport, ModelRef, QuantizedModel, RegisteredVersion, TrainedModel
 from gauntlet.registry.lock import registry_lock
-from gauntlet.registry.reports import log_version_report
 from gauntlet.registry.mlflow_model import log_model_version
+from gauntlet.registry.reports import log_version_report
 from gauntlet.registry.store import PERF_TAG, SCORE_TAG, champion_of, version_with_sha
 from gauntlet.tracking import RunContext, git_commit
 
@@ -78,11 +79,9 @@ def register_candidate(c, registry: RegistrySpec, run_id: str, model_dir: Path, 
     # The upload is slow for big models: do it outside the lock; only find-or-create is inside it.
     source = upload() if version_with_sha(c, registry, sha) is None else None
     with registry_lock(c, name, registry.lock_timeout_s):
-        try:
+        with contextlib.suppress(MlflowException):  # already exists
             c.create_registered_model(name, description="Registered by Gauntlet: candidates with their lineage; "
                                                         "`champion` is the promoted one.")
-        except MlflowException:
-            pass  # already exists
         version = version_with_sha(c, registry, sha)
         if version is None:
             source = source or upload()  # it was registered, then deleted by hand meanwhile

@@ -16,12 +16,13 @@ import random
 import socket
 import time
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Literal
 from urllib.parse import unquote, urlparse
 
-from gauntlet.state import sqlite_path
+from gauntlet.state import shared_tracking, sqlite_path
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +52,7 @@ def lock_mode(tracking_uri: str) -> Literal["file", "registry"]:
     forced = os.environ.get(LOCK_ENV, "").strip()
     if forced in ("file", "registry"):
         return forced  # type: ignore[return-value]
-    scheme = urlparse(tracking_uri).scheme
-    return "file" if scheme in ("sqlite", "file", "") or len(scheme) == 1 else "registry"  # len 1: C:\\ paths
+    return "registry" if shared_tracking(tracking_uri) else "file"
 
 
 def lock_file_for(tracking_uri: str, model_name: str) -> Path:

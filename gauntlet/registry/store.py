@@ -15,7 +15,7 @@ lock in :mod:`.lock`, promotion (compare-and-set, by hand, rollback) in :mod:`.p
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Literal
 
 from pydantic import BaseModel
@@ -49,7 +49,7 @@ class ChampionEvent(BaseModel):
 
 
 def now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def _not_found(e: Exception) -> bool:

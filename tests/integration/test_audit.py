@@ -5,7 +5,7 @@ them (real sqlite MLflow registry, the real command line)."""
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -29,7 +29,7 @@ def audit_home(tmp_path, monkeypatch) -> Path:
 def test_every_change_is_recorded_and_printed(audit_home: Path, tmp_path: Path, capsys) -> None:
     from gauntlet.audit import AUDIT_EXPERIMENT, read
     from gauntlet.cli import main
-    from gauntlet.deploy.rollout import DeployState
+    from gauntlet.deploy.rollout import DeployState, record_change
     from gauntlet.gc import apply_gc, plan_gc
 
     c = mlflow_client()
@@ -44,7 +44,7 @@ def test_every_change_is_recorded_and_printed(audit_home: Path, tmp_path: Path, 
     v1, v2 = versions
     assert main(["promote", name, v1, "--reason", "v2 answers in the wrong language"]) == 0
     assert main(["rollback", name, "--reason", "back to the gated one"]) == 0
-    DeployState(model=name, router_port=1).event("started", slot="stable", version=v2, port=2, pid=3)
+    record_change(DeployState(model=name, router_port=1), "deploy", "started", slot="stable", version=v2, port=2, pid=3)
     stage(audit_home, "train", "e" * 64, age_days=30)
     apply_gc(plan_gc(keep_days=7, home=audit_home), "gauntlet gc --keep-days 7")
 
@@ -61,7 +61,7 @@ def test_every_change_is_recorded_and_printed(audit_home: Path, tmp_path: Path, 
     for e in entries:   # who and where, on every entry
         assert e["user"] and e["host"] and e["flow_run_id"] == "flow-run-under-audit"
         assert e["ci_run"] == "https://github.com/acme/models/actions/runs/4242"
-        assert datetime.fromisoformat(e["at"]) > datetime.now(timezone.utc) - timedelta(minutes=10)
+        assert datetime.fromisoformat(e["at"]) > datetime.now(UTC) - timedelta(minutes=10)
     assert entries[0]["by"] == "pipeline test"
 
     # the same entries in MLflow
@@ -82,6 +82,6 @@ def test_every_change_is_recorded_and_printed(audit_home: Path, tmp_path: Path, 
     assert out.count(f"| {name} v") == 7 and "gauntlet gc" not in out and "back to the gated one" in out
     assert main(["audit", "--since", "1h", "--action", "gc"]) == 0
     assert "gauntlet gc --keep-days 7" in capsys.readouterr().out
-    future = (datetime.now(timezone.utc) + timedelta(days=1)).date().isoformat()
+    future = (datetime.now(UTC) + timedelta(days=1)).date().isoformat()
     assert main(["audit", "--since", future]) == 0 and "no audit entries match" in capsys.readouterr().out
     assert main(["audit", "--since", "yesterday"]) == 2

@@ -68,8 +68,7 @@ def test_an_interrupted_migration_is_finished(tmp_path: Path) -> None:
     process leaves it) is finished by the next command."""
     import sqlalchemy
     from alembic import command
-    from mlflow.store.db.utils import _get_alembic_config
-    from mlflow.store.db.utils import InitialBase
+    from mlflow.store.db.utils import InitialBase, _get_alembic_config
 
     home = tmp_path / "home"
     home.mkdir()

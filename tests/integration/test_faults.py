@@ -26,7 +26,7 @@ def test_killed_during_evaluation_then_rerun(dvc_repo: Path, tmp_path: Path) -> 
     home = tmp_path / "home"
     cmd = [sys.executable, "-m", "gauntlet.cli", "run", str(REPO / "configs" / "demo.yaml"),
            "--set", f"data.repo={dvc_repo}"]
-    log = open(tmp_path / "first.log", "w")
+    log = open(tmp_path / "first.log", "w")  # noqa: SIM115 (the child's output for the whole test)
     proc = subprocess.Popen(cmd, env=cli_env(home), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + 600
     # the evaluate stage creates its durable folder when it starts

@@ -76,3 +76,22 @@ def test_bad_plan_options_exit_2_naming_the_option(args: list[str], message: str
 
     assert main(["leaderboard", "--plan", *args]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_measured_costs_come_from_past_rows_on_the_same_card_newest_night_first() -> None:
+    from gauntlet.leaderboard.board import BoardRow, Leaderboard
+    from gauntlet.leaderboard.night_plan import measured_costs
+
+    def night(when: str, rows: list[BoardRow]) -> Leaderboard:
+        return Leaderboard(name="n", title="n", night=when, rank_key="average", higher_is_better=True, tasks=[],
+                           task_metrics={}, suites={}, baselines={}, rows=rows)
+
+    def row(gpu: str, seconds: float) -> BoardRow:
+        return BoardRow(candidate="a", variant="bf16", source="x", status="ranked", gpu=gpu,
+                        task_seconds={"demo_facts": seconds})
+
+    newest_first = [night("2026-12-02", [row("NVIDIA H100 80GB HBM3 #3", 0.02), row("cpu cores 0", 9.0)]),
+                    night("2026-12-01", [row("NVIDIA H100 80GB HBM3 #0", 0.05), row("NVIDIA A100-SXM4-80GB #1", 0.1)])]
+    assert measured_costs(newest_first, "H100") == {("a", "bf16", "demo_facts"): 0.02}
+    assert measured_costs(newest_first, "A100") == {("a", "bf16", "demo_facts"): 0.1}
+    assert measured_costs(newest_first, "H200") == {}    # nothing measured on it: the plan assumes, and says so

@@ -7,12 +7,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-# Prefect is imported now (with the stages), not inside a CLI call below: its log handlers bind the stream of
-# the moment, and the CLI calls run under capsys, whose stream closes after each test.
-import gauntlet.tasks.models  # noqa: F401
 import pytest
 import yaml
 
+# Prefect is imported now (with the stages), not inside a CLI call below: its log handlers bind the stream of
+# the moment, and the CLI calls run under capsys, whose stream closes after each test.
+import gauntlet.tasks.models  # noqa: F401
 from gauntlet.cli import main as cli
 from gauntlet.config.train import TrainSpec
 from gauntlet.plan.memory import GIB, estimate, profile_named
