@@ -51,8 +51,8 @@ def read_all(root: Path) -> None:
 
 
 def fetch(root: Path) -> None:
-    from gauntlet.models import fetch_model
     from gauntlet.config.model import ModelSpec
+    from gauntlet.models import fetch_model
 
     fetch_model(ModelSpec(source=str(root)))
 

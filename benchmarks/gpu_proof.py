@@ -31,6 +31,7 @@ import random
 import statistics
 import sys
 import time
+from itertools import pairwise
 from pathlib import Path
 
 SHAPES = {   # Llama-3.2-1B and Llama-3-8B (vocabulary, widths, heads, layers); random weights
@@ -224,7 +225,7 @@ class DeviceMemory:
             except (OSError, ValueError, IndexError, subprocess.SubprocessError):
                 pass
 
-    def __enter__(self) -> "DeviceMemory":
+    def __enter__(self) -> DeviceMemory:
         if self.thread:
             self.thread.start()
         return self
@@ -358,7 +359,7 @@ def section_trl(args) -> dict:
         torch.cuda.reset_peak_memory_stats()
     with DeviceMemory() as card:
         trainer.train()
-    per_step = [b - a for a, b in zip(times, times[1:])]   # from the end of step 1: step 1 warms up
+    per_step = [b - a for a, b in pairwise(times)]   # from the end of step 1: step 1 warms up
     tokens = batch * seq
     return {"batch": batch, "seq": seq, "steps": steps, "load_s": loaded, "step_s": per_step, "trl": trl_version(),
             "tokens_per_s": tokens / statistics.median(per_step) if per_step else None,

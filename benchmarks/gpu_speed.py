@@ -73,12 +73,12 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         sys.exit("no CUDA device: this benchmark measures the GPU path")
     os.environ.setdefault("GAUNTLET_HOME", str(Path(args.out) / "home"))
-    from gauntlet.eval.engine import engine_for
-    from gauntlet.eval.report import evaluate_model
-    from gauntlet.refs import ModelRef
+    from benchmarks.library_eval import evaluate_without_stages
     from gauntlet.config.eval import EvalSpec, SpeedProbeSpec
+    from gauntlet.eval.engine import engine_for
     from gauntlet.eval.speed import probe_speed
     from gauntlet.hashing import sha256_dir
+    from gauntlet.refs import ModelRef
 
     path = build_model(Path(args.out) / "llama-1b-random")
     params = sum(p.numel() for p in __import__("transformers").AutoModelForCausalLM.from_pretrained(
@@ -92,8 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     with engine_for(spec, model) as engine:
         perf = probe_speed(engine, probe)
     t0 = time.perf_counter()
-    report = evaluate_model(spec.model_copy(update={"speed_probe": SpeedProbeSpec(enabled=False)}), model, None,
-                            Path(args.out) / "report")
+    report = evaluate_without_stages(spec.model_copy(update={"speed_probe": SpeedProbeSpec(enabled=False)}), model,
+                                     Path(args.out) / "report")
     suite_seconds = time.perf_counter() - t0
 
     print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, {params / 1e9:.2f}B parameters (bf16, "

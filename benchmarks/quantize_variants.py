@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from gauntlet.demo import data as demo_data  # noqa: E402
-from gauntlet.demo.model import build_demo_model, DEMO_CONFIG  # noqa: E402
+from gauntlet.demo.model import DEMO_CONFIG, build_demo_model  # noqa: E402
 
 SIZES = {
     "tiny": {},
@@ -85,11 +85,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="gauntlet-bench-") as tmp:
         work = Path(tmp)
         os.environ.setdefault("GAUNTLET_HOME", str(work / "home"))
-        from gauntlet.quantization import quantize_model
-        from gauntlet.refs import DatasetRef, ModelRef
         from gauntlet.config.eval import SpeedProbeSpec
         from gauntlet.config.quantize import CalibrationSpec, QuantizeVariant
         from gauntlet.hashing import sha256_dir
+        from gauntlet.quantization import quantize_model
+        from gauntlet.refs import DatasetRef, ModelRef
 
         path = build_model(args.size, work)
         train = work / "train.jsonl"

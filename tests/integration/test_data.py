@@ -17,15 +17,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-# dvc's use of pygtrie emits hundreds of these per test.
-pytestmark = pytest.mark.filterwarnings("ignore:_NoneStep.value:DeprecationWarning")
-
 from gauntlet.config.base import dvc_produces
 from gauntlet.config.data import DataSpec
 from gauntlet.config.load import load_spec
 from gauntlet.data.dvc import pull_data
 from gauntlet.data.jsonl import DataError
 from tests.helpers import REPO
+
+# dvc's use of pygtrie emits hundreds of these per test.
+pytestmark = pytest.mark.filterwarnings("ignore:_NoneStep.value:DeprecationWarning")
 
 N_ENTITIES = 6  # demo_data writes 3 train rows and 1 validation / eval row per entity
 SPLITS = ("train", "validation", "eval")

@@ -1,6 +1,7 @@
 """Suites, fixtures and the protocol: every suite's fixture path through the real lm-eval engine on a
-tiny real model, the fixtures checked against the engine's own task definitions, and our wrapper's
-scores checked against the engine's own CLI on the same model and data. Nothing is mocked."""
+tiny real model, the fixtures checked against the engine's own task definitions, and our scores checked
+against the engine's own CLI on the same model and data. Every evaluation goes through the evaluate flow
+(the evaluate stage and its cached score stages, as production runs them). Nothing is mocked."""
 
 from __future__ import annotations
 
@@ -17,10 +18,9 @@ from gauntlet.eval.engine import EvalError
 from gauntlet.eval.protocol import (
     require_same_protocol,
 )
-from gauntlet.eval.report import evaluate_model, load_report
+from gauntlet.eval.report import load_report
 from gauntlet.eval.suites import load_catalog, normalized_score
-from gauntlet.refs import ModelRef
-from tests.helpers import REPO
+from tests.helpers import REPO, evaluate_in_flow
 
 EVALS = REPO / "evals"
 
@@ -29,12 +29,14 @@ ALL_SUITES = ("en-core", "zh-core", "reasoning", "demo")
 LIMIT = 4
 
 
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> ModelRef:
+def tiny_model(tmp_path_factory) -> Path:
     from gauntlet.demo.model import build_demo_model
 
-    path = build_demo_model("tiny-llama", out=tmp_path_factory.mktemp("models") / "tiny-llama")
-    return ModelRef(name="tiny-llama", path=str(path), source="demo://tiny-llama", sha="tiny-test")
+    return build_demo_model("tiny-llama", out=tmp_path_factory.mktemp("models") / "tiny-llama")
 
 
 @pytest.fixture(scope="module")
@@ -45,18 +47,17 @@ def demo_eval_data(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def all_suites_report(tiny_model, demo_eval_data, tmp_path_factory):
+def all_suites_report(prefect_api, tiny_model, demo_eval_data):
     """One evaluation of every suite's fixtures (and the demo's own tasks): 9 tasks, limit 4 items each."""
     tasks = [t for s in ALL_SUITES for t in load_catalog(EVALS).suites[s].tasks]
     spec = EvalSpec(tasks=list(dict.fromkeys(tasks)), fixtures=True, num_fewshot=1, limit=LIMIT,
                     max_gen_tokens=12, speed_probe=SpeedProbeSpec(prompts=3, max_new_tokens=4, large_batch=6))
-    out = tmp_path_factory.mktemp("all-suites")
-    return spec, evaluate_model(spec, tiny_model, str(demo_eval_data), out, variant="base"), out
+    return spec, evaluate_in_flow(tiny_model, spec, eval_file=demo_eval_data)
 
 
 @pytest.mark.slow
 def test_every_suite_fixture_runs_through_the_engine(all_suites_report) -> None:
-    spec, report, out = all_suites_report
+    spec, report = all_suites_report
     names = ["mmlu", "arc_challenge", "hellaswag", "gsm8k", "ceval-valid", "cmmlu", "bbh", "demo_facts",
              "demo_facts_gen"]
     assert [r.task for r in report.task_results] == names
@@ -103,11 +104,11 @@ def test_every_suite_fixture_runs_through_the_engine(all_suites_report) -> None:
 
     assert report.protocol["fixtures"] is True and report.protocol["decoding"] == "each task's own"
     assert report.protocol["task_versions"]["mmlu"]["mmlu_elementary_mathematics"] == "1.0"
-    saved = json.loads((out / "report.json").read_text())
+    saved = json.loads(Path(report.report_path).read_text())
     for key in ("model", "model_sha", "variant", "scores", "task_results", "normalized", "average_normalized",
                 "perf", "protocol", "versions", "timestamp"):
         assert key in saved, key
-    assert load_report(out / "report.json") == report
+    assert load_report(report.report_path) == report.model_copy(update={"mlflow_run_id": None})
     require_same_protocol([report, report])
     with pytest.raises(EvalError, match="different protocols.*fixtures"):
         require_same_protocol([report, report.model_copy(update={"protocol": {**report.protocol, "fixtures": False}})])
@@ -115,7 +116,7 @@ def test_every_suite_fixture_runs_through_the_engine(all_suites_report) -> None:
 
 def test_fixture_prompts_are_the_engines_prompts(all_suites_report) -> None:
     """What the model saw: lm-eval's MMLU / GSM8K / C-Eval prompt formats, filled from our rows."""
-    _, report, _ = all_suites_report
+    _, report = all_suites_report
     by_name = {r.task: r for r in report.task_results}
     mmlu = [json.loads(line) for line in Path(by_name["mmlu"].samples_path).read_text().splitlines()]
     sample = next(s for s in mmlu if s["task"] == "mmlu_elementary_mathematics")
@@ -135,17 +136,17 @@ def test_fixture_prompts_are_the_engines_prompts(all_suites_report) -> None:
 
 
 @pytest.mark.slow
-def test_wrapper_scores_equal_the_engines_cli(tiny_model, tmp_path: Path) -> None:
+def test_our_scores_equal_the_engines_cli(prefect_api, tiny_model, tmp_path: Path) -> None:
     """``lm_eval run --model hf …`` on the same model and fixture data gives exactly our scores."""
     spec = EvalSpec(tasks=["arc_challenge", "mmlu"], fixtures=True, num_fewshot=1, limit=6, batch_size=8,
                     speed_probe=SpeedProbeSpec(enabled=False))
-    ours = evaluate_model(spec, tiny_model, None, tmp_path / "ours")
+    ours = evaluate_in_flow(tiny_model, spec)
 
     cli_out = tmp_path / "cli"
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "HF_DATASETS_CACHE": str(tmp_path / "hf-cache"),
            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, "-m", "lm_eval", "run", "--model", "hf",
-           "--model_args", f"pretrained={tiny_model.path},dtype=float32",
+           "--model_args", f"pretrained={tiny_model},dtype=float32",
            "--tasks", "fixture_arc_challenge", "fixture_mmlu", "--include_path", "evals",
            "--num_fewshot", "1", "--limit", "6", "--batch_size", "8", "--device", "cpu", "--seed", "1234",
            "--output_path", str(cli_out)]
@@ -162,26 +163,25 @@ def test_wrapper_scores_equal_the_engines_cli(tiny_model, tmp_path: Path) -> Non
         assert ours.score(our_name, metric) == cli[cli_name][f"{metric},none"], (our_name, metric)
 
 
-def test_a_task_yamls_own_few_shot_count_holds_unless_the_config_sets_one(tiny_model, tmp_path: Path) -> None:
+def test_a_task_yamls_own_few_shot_count_holds_unless_the_config_sets_one(prefect_api, tiny_model) -> None:
     """BBH's fixture YAML says ``num_fewshot: 3``: evaluated 3-shot and reported as 3, unless eval sets it."""
     task = "fixture_bbh_cot_fewshot_boolean_expressions"
     common = dict(tasks=[task], limit=2, max_gen_tokens=4, speed_probe=SpeedProbeSpec(enabled=False))
-    own = evaluate_model(EvalSpec(**common), tiny_model, None, tmp_path / "own").task_results[0]
+    own = evaluate_in_flow(tiny_model, EvalSpec(**common)).task_results[0]
     assert own.num_fewshot == 3 and own.effective[task]["num_fewshot"] == 3
     prompt = json.loads(Path(own.samples_path).read_text().splitlines()[0])["arguments"][0][0]
     assert prompt.count("Q: ") == 4  # three worked examples, then the question
     assert own.effective[task]["generation_kwargs"]["max_gen_toks"] == 4  # the config set this one
-    overridden = evaluate_model(EvalSpec(**common, num_fewshot=1), tiny_model, None, tmp_path / "set").task_results[0]
+    overridden = evaluate_in_flow(tiny_model, EvalSpec(**common, num_fewshot=1)).task_results[0]
     assert overridden.num_fewshot == 1
 
 
-def test_repeats_record_their_seeds_and_check_greedy_determinism(tiny_model, demo_eval_data, tmp_path: Path) -> None:
+def test_repeats_record_their_seeds_and_check_greedy_determinism(prefect_api, tiny_model, demo_eval_data) -> None:
     """eval.repeats: sampled decoding reports each repeat (mean ± sd, distinct seeds); greedy repeats agree."""
     from gauntlet.eval.report import report_markdown
 
     common = dict(tasks=["demo_facts_gen"], limit=12, max_gen_tokens=6, speed_probe=SpeedProbeSpec(enabled=False))
-    sampled = evaluate_model(EvalSpec(**common, repeats=3, temperature=1.0), tiny_model, str(demo_eval_data),
-                             tmp_path / "sampled")
+    sampled = evaluate_in_flow(tiny_model, EvalSpec(**common, repeats=3, temperature=1.0), eval_file=demo_eval_data)
     result = sampled.task_results[0]
     assert result.repeat_seeds == [1234, 1235, 1236] and len(result.repeat_values) == 3
     assert result.value == pytest.approx(sum(result.repeat_values) / 3)
@@ -192,6 +192,6 @@ def test_repeats_record_their_seeds_and_check_greedy_determinism(tiny_model, dem
     assert answers[1234] != answers[1235]  # the sampling seed really changed what was generated
     assert "3 repeats (seeds [1234, 1235, 1236])" in report_markdown(sampled) and "± sd" in report_markdown(sampled)
 
-    greedy = evaluate_model(EvalSpec(**common, repeats=2, temperature=0.0), tiny_model, str(demo_eval_data),
-                            tmp_path / "greedy").task_results[0]
+    greedy = evaluate_in_flow(tiny_model, EvalSpec(**common, repeats=2, temperature=0.0),
+                              eval_file=demo_eval_data).task_results[0]
     assert greedy.changed_items == [] and greedy.repeat_values[0] == greedy.repeat_values[1]

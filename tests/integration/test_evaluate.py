@@ -1,4 +1,5 @@
-"""Evaluation stage: real lm-eval, a real (tiny, random-init) model, real files. Nothing mocked."""
+"""Evaluation stage: real lm-eval, a real (tiny, random-init) model, real files, through the evaluate flow
+(resolve → fetch → the evaluate stage, as ``gauntlet eval`` and the finetune flow run it). Nothing mocked."""
 
 from __future__ import annotations
 
@@ -10,25 +11,25 @@ import pytest
 from gauntlet.config.eval import EvalSpec, SpeedProbeSpec
 from gauntlet.demo import data as demo_data
 from gauntlet.eval.protocol import protocol_of
-from gauntlet.eval.report import evaluate_model, load_report
+from gauntlet.eval.report import load_report
+from gauntlet.hashing import sha256_dir
 from gauntlet.prompting import format_prompt
-from gauntlet.refs import ModelRef
+from tests.helpers import evaluate_in_flow
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
-def test_evaluate_tiny_model_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_evaluate_tiny_model_end_to_end(prefect_api, tmp_path: Path) -> None:
     from gauntlet.demo.model import build_demo_model
 
-    monkeypatch.setenv("GAUNTLET_HOME", str(tmp_path / "home"))
     splits = demo_data.build(48, 7)
     data = tmp_path / "data" / "eval.jsonl"
     demo_data.write_jsonl(data, splits["eval"])
-    path = build_demo_model("tiny-llama", out=tmp_path / "m")
-    model = ModelRef(name="tiny-llama", path=str(path), source="demo://tiny-llama", sha="x")
+    path = build_demo_model("tiny-llama", out=tmp_path / "tiny-llama")
     spec = EvalSpec(tasks=["demo_facts"], limit=16, batch_size=16,
                     speed_probe=SpeedProbeSpec(prompts=2, max_new_tokens=8))
-    out = tmp_path / "out"
 
-    report = evaluate_model(spec, model, str(data), out, variant="base")
+    report = evaluate_in_flow(path, spec, eval_file=data)
 
     acc = report.score("demo_facts", "acc")
     assert acc is not None and 0.0 <= acc <= 1.0
@@ -47,20 +48,22 @@ def test_evaluate_tiny_model_end_to_end(tmp_path: Path, monkeypatch: pytest.Monk
     assert report.protocol["limit"] == 16 and report.protocol["decoding"] == "each task's own"
     assert report.versions["tasks"] == {"demo_facts": "1.0"}
     assert {"lm_eval", "transformers", "torch"} <= set(report.versions)
-    assert report.model == "tiny-llama" and report.model_sha == "x" and report.variant == "base"
+    assert report.model.endswith("tiny-llama") and report.model_sha == sha256_dir(path) and report.variant == "base"
+    assert report.mlflow_run_id
 
-    saved = json.loads((out / "report.json").read_text())
+    saved = json.loads(Path(report.report_path).read_text())
     for key in ("model", "model_sha", "variant", "scores", "perf", "protocol", "versions", "timestamp"):
         assert key in saved
     assert saved["timestamp"].endswith("+00:00")
-    assert Path(report.report_path) == out / "report.json"
-    assert load_report(out / "report.json") == report
-    raw = json.loads((out / "tasks" / "demo_facts" / "lm_eval_results.json").read_text())
+    assert load_report(report.report_path) == report.model_copy(update={"mlflow_run_id": None})
+    (task,) = report.task_results
+    raw = json.loads(Path(task.results_path).read_text())
     assert raw["n-samples"]["demo_facts"]["effective"] == 16
-    samples = (out / "tasks" / "demo_facts" / "lm_eval_samples.jsonl").read_text().splitlines()
+    samples = Path(task.samples_path).read_text().splitlines()
     assert len(samples) == 16
-    # the model saw exactly the training prompt, answer appended with no delimiter
+    # the model saw exactly the training prompt, answer appended with no delimiter, from the file it was given
     first = json.loads(samples[0])
     context, continuation = first["arguments"][0]
     assert context == format_prompt(first["doc"]["instruction"], first["doc"]["input"])
     assert continuation == first["doc"]["choices"][0]
+    assert first["doc"]["instruction"] in {row["instruction"] for row in splits["eval"]}

@@ -15,7 +15,7 @@ import pytest
 from gauntlet.config.eval import EvalSpec, SpeedProbeSpec
 from gauntlet.config.gate import GateSpec, Significance
 from gauntlet.demo import data as demo_data
-from gauntlet.refs import EvalReport, ModelRef
+from gauntlet.refs import EvalReport
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -23,17 +23,16 @@ TASK = "demo_facts"
 
 
 @pytest.fixture(scope="module")
-def champion(tmp_path_factory) -> EvalReport:
+def champion(prefect_api, tmp_path_factory) -> EvalReport:
     from gauntlet.demo.model import build_demo_model
-    from gauntlet.eval.report import evaluate_model
+    from tests.helpers import evaluate_in_flow
 
     root = tmp_path_factory.mktemp("significance")
     path = build_demo_model("tiny-llama", out=root / "tiny-llama")
     eval_path = root / "eval.jsonl"
     demo_data.write_jsonl(eval_path, demo_data.build(48, 7)["eval"])
-    spec = EvalSpec(tasks=[TASK], speed_probe=SpeedProbeSpec(enabled=False))
-    model = ModelRef(name="tiny-llama", path=str(path), source="demo://tiny-llama", sha="tiny-significance")
-    return evaluate_model(spec, model, str(eval_path), root / "report")
+    return evaluate_in_flow(path, EvalSpec(tasks=[TASK], speed_probe=SpeedProbeSpec(enabled=False)),
+                            eval_file=eval_path)
 
 
 def with_items(report: EvalReport, change) -> EvalReport:
@@ -86,7 +85,7 @@ def test_one_item_worse_passes_with_significance_and_fails_without(champion: Eva
                        champion_scores(champion), champion)
     rule = regression_rule(with_test)
     assert with_test.passed and rule.passed, rule.detail
-    assert rule.measured == pytest.approx(-1 / 48)
+    assert rule.measured == pytest.approx(-1 / 48) and rule.lo < rule.measured < rule.hi   # the interval judged
     assert "not significant" in rule.detail and "0 better / 1 worse" in rule.detail and "95% CI" in rule.detail
 
     point = decide(GateSpec(metric="acc", max_regression=0.0, significance=Significance(no_regression=False)),
@@ -126,7 +125,7 @@ def test_a_champion_measured_differently_is_refused_naming_the_field(champion: E
         **settings, TASK: {**settings[TASK], "num_fewshot": 3}}}})
     decision = decide(GateSpec(metric="acc"), champion, None, "1", champion_scores(champion), other)
     rule = regression_rule(decision)
-    assert not rule.passed and rule.measured is None
+    assert not rule.passed and rule.measured is None and rule.verdict == "refused"
     assert f"task_settings[{TASK}].num_fewshot: None != 3" in rule.detail and "refused" in rule.detail
 
 

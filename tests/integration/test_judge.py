@@ -17,8 +17,18 @@ import pytest
 
 from gauntlet.config.gate import GateSpec
 from gauntlet.config.judge import JudgeSpec
-from gauntlet.eval.judge import (JUDGE_TASK, ModelJudge, as_task_result, generate_answers, judge_pairs,
-                                 load_instructions, prompt_template, summarize, with_results, write_items)
+from gauntlet.eval.judge import (
+    JUDGE_TASK,
+    ModelJudge,
+    as_task_result,
+    generate_answers,
+    judge_pairs,
+    load_instructions,
+    prompt_template,
+    summarize,
+    with_results,
+    write_items,
+)
 from gauntlet.gate import decide
 from gauntlet.refs import ModelRef
 from tests.helpers import REPO, make_report

@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 from datetime import timedelta
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -195,7 +196,7 @@ def test_gpu_evaluations_respect_the_tag_concurrency_limit(night1) -> None:
     runs = [r for r in evaluations(flow_run_id) if r.start_time and r.end_time]
     assert len(runs) == 4 and all("gpu" in r.tags for r in runs)
     spans = sorted((r.start_time, r.end_time) for r in runs)
-    for (_, end), (start, _) in zip(spans, spans[1:]):
+    for (_, end), (start, _) in pairwise(spans):
         assert start >= end - timedelta(milliseconds=50), "two evaluations held the gpu slot at once"
 
 
@@ -297,7 +298,7 @@ def test_html_leaderboard_sorts_and_draws_in_chromium(night3, browser) -> None:
             const b = t.getBBox(); return [t.textContent, b.x, b.y, b.x + b.width, b.y + b.height, box.width, box.height];
         });""")
     assert len(boxes) == len(points)
-    outside = [b for b in boxes if not (0 <= b[1] and b[3] <= b[5] and 0 <= b[2] and b[4] <= b[6])]
+    outside = [b for b in boxes if not (b[1] >= 0 and b[3] <= b[5] and b[2] >= 0 and b[4] <= b[6])]
     assert not outside, outside
     # intervals: one bar per point in the plot, and under every ranked average in the table
     assert len(browser.find_elements(By.CSS_SELECTOR, "#scatter line.ci-bar")) == len(points)

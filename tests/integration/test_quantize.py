@@ -47,11 +47,11 @@ def tiny(tmp_path_factory) -> tuple[ModelRef, DatasetRef]:
 
 
 def _quantize_and_evaluate(variants: list[QuantizeVariant], model: ModelRef, data: DatasetRef, spec: EvalSpec):
-    from gauntlet.tasks.evaluate import evaluate
-    from gauntlet.tasks.quantize import quantize
     from prefect import flow
     from prefect.runtime import flow_run
 
+    from gauntlet.tasks.evaluate import evaluate
+    from gauntlet.tasks.quantize import quantize
     from gauntlet.tracking import parent_run, tracking_uri
 
     @flow(name="quantize-and-evaluate")
@@ -85,9 +85,10 @@ def assert_4bit_groups(layer, group_size: int, symmetric: bool) -> None:
 @pytest.mark.slow
 def test_gptq_and_awq_quantize_reload_generate_and_evaluate(prefect_api, quantize_env, tiny) -> None:
     import torch
-    from gauntlet.tasks.quantize import quantize
     from mlflow.tracking import MlflowClient
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from gauntlet.tasks.quantize import quantize
 
     model, data = tiny
     variants = [QuantizeVariant(method="gptq", group_size=32), QuantizeVariant(method="awq", group_size=64)]

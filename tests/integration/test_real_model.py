@@ -115,14 +115,15 @@ def run_cli(model: ModelRef, tasks: list[str], out_dir: Path, extra: list[str], 
     ("chat-template generation, two filters", ["arith_chat"], {"apply_chat_template": True},
      ["--apply_chat_template"]),
 ])
-def test_per_item_parity_with_the_engines_cli(smollm2: ModelRef, tmp_path: Path, kind: str, tasks: list[str],
-                                              spec_args: dict, cli_args: list[str]) -> None:
-    """``gauntlet eval``'s evaluation and ``lm_eval run`` on the same model and task YAMLs agree item by item.
-    Neither side is told the few-shot count or generation settings: the task YAMLs' own hold in both."""
-    from gauntlet.eval.report import evaluate_model
+def test_per_item_parity_with_the_engines_cli(prefect_api, smollm2: ModelRef, tmp_path: Path, kind: str,
+                                              tasks: list[str], spec_args: dict, cli_args: list[str]) -> None:
+    """``gauntlet eval``'s evaluation (the evaluate flow) and ``lm_eval run`` on the same model and task YAMLs
+    agree item by item. Neither side is told the few-shot count or generation settings: the task YAMLs' own hold
+    in both."""
+    from tests.helpers import evaluate_in_flow
 
     spec = EvalSpec(tasks=tasks, batch_size=8, speed_probe=SpeedProbeSpec(enabled=False), **spec_args)
-    ours = evaluate_model(spec, smollm2, None, tmp_path / "ours")
+    ours = evaluate_in_flow(smollm2.path, spec)
     cli = run_cli(smollm2, tasks, tmp_path / "cli", cli_args, tmp_path)
 
     mine = {}

@@ -19,8 +19,7 @@ import pytest
 
 from gauntlet.config.gate import GateSpec, Significance
 from gauntlet.eval.judge import EndpointJudge, load_instructions
-from gauntlet.eval.safety import (HARMFUL_RATE, HARMFUL_TASK, OVER_REFUSAL_RATE, classify, rate_result,
-                                  rubric_template)
+from gauntlet.eval.safety import HARMFUL_RATE, HARMFUL_TASK, OVER_REFUSAL_RATE, classify, rate_result, rubric_template
 from tests.helpers import REPO, make_report
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
@@ -136,8 +135,8 @@ def test_a_candidate_that_complies_with_harmful_requests_fails_the_gate(prefect_
 
 
 def test_significance_makes_the_safety_rules_stricter() -> None:
-    from gauntlet.eval.safety import SafetyItem
     from gauntlet.eval.judge import with_results
+    from gauntlet.eval.safety import SafetyItem
     from gauntlet.gate import decide
 
     items = [SafetyItem(id=str(i), instruction="x", answer="y", refused=1.0 if i else 0.0, consistent=True,

@@ -46,7 +46,7 @@ def mlflow_server(tmp_path: Path):
                              "--port", str(port), "--workers", "1",
                              "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
                              "--artifacts-destination", str(folder / "artifacts")],
-                            cwd=folder, env=env, stdout=open(tmp_path / "mlflow-server.log", "w"),
+                            cwd=folder, env=env, stdout=open(tmp_path / "mlflow-server.log", "w"),  # noqa: SIM115
                             stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + 180
     while True:

@@ -92,6 +92,50 @@ def test_a_run_that_cannot_fit_is_refused_with_the_plan(demo_model, demo_data, t
     assert warned.startswith("WARNING")
 
 
+def test_a_bad_arguments_file_fails_in_the_trainer_naming_the_field(demo_model, demo_data, tmp_path) -> None:
+    """The training program validates its arguments file into TrainSpec before anything loads."""
+    import subprocess
+    import sys
+
+    args = {"base_model": demo_model.path, "train_path": demo_data.train_path,
+            "validation_path": demo_data.validation_path, "output_dir": str(tmp_path / "out"),
+            "train": {**SMALL, "learning_rate": -1, "max_grad_norm": "inf"}}
+    (tmp_path / "args.json").write_text(json.dumps(args))
+    done = subprocess.run([sys.executable, "-m", "gauntlet.programs.trainer", "--args", str(tmp_path / "args.json")],
+                          capture_output=True, text=True, timeout=300)
+    print(done.stderr[-2000:])
+    assert done.returncode != 0
+    assert "invalid arguments file" in done.stderr and "2 validation errors for TrainerArgs" in done.stderr
+    assert "train.learning_rate\n  Input should be greater than 0" in done.stderr
+    assert "train.max_grad_norm\n  Input should be a finite number" in done.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def steps_of(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
+
+
+def test_max_grad_norm_is_the_norm_the_optimizer_steps_with(demo_model, demo_data, tmp_path) -> None:
+    """train.max_grad_norm reaches the optimizer: the gradients its step sees (measured in a hook at the start of
+    the optimizer's own step) have the configured norm, though they were far larger before clipping; with null
+    nothing is clipped."""
+    from gauntlet.training import train_model
+
+    spec = TrainSpec(**{**SMALL, "max_steps": 3, "logging_steps": 1, "checkpoint_steps": None, "max_grad_norm": 1e-3})
+    clipped = train_model(spec, demo_model, demo_data, tmp_path / "clipped", echo=print)
+    steps = steps_of(tmp_path / "clipped")
+    assert [s["step"] for s in steps] == [1, 2, 3]
+    for s in steps:
+        assert s["grad_norm"] > 10 * spec.max_grad_norm, s
+        assert s["applied_grad_norm"] == pytest.approx(spec.max_grad_norm, rel=1e-3), s
+    assert "max_grad_norm: 0.001" in (Path(clipped.merged.path) / "README.md").read_text()   # the card's config
+
+    unclipped = spec.model_copy(update={"max_grad_norm": None, "max_steps": 2})
+    train_model(unclipped, demo_model, demo_data, tmp_path / "unclipped")
+    for s in steps_of(tmp_path / "unclipped"):
+        assert s["applied_grad_norm"] == pytest.approx(s["grad_norm"], rel=1e-4) and s["grad_norm"] > 0.01, s
+
+
 class KillAfterFirstCheckpoint(threading.Thread):
     """Watches a training's durable folder; once a checkpoint is complete, SIGKILLs the process group
     named by the task's pid file (the launcher and every training process)."""
@@ -133,7 +177,8 @@ def test_deepspeed_zero2_profile_trains_and_resumes_on_the_cpu(demo_model, demo_
     from gauntlet.training import TrainingError, train_model
 
     spec = TrainSpec(**{**SMALL, "method": "lora", "max_steps": 40, "checkpoint_steps": 5, "logging_steps": 5,
-                        "batch_size": 8, "accelerate": {"profile": "deepspeed_zero2", "num_processes": 2}})
+                        "batch_size": 8, "max_grad_norm": 0.5,
+                        "accelerate": {"profile": "deepspeed_zero2", "num_processes": 2}})
     out = tmp_path / "out"
     killer = KillAfterFirstCheckpoint(out)
     killer.start()
@@ -146,6 +191,7 @@ def test_deepspeed_zero2_profile_trains_and_resumes_on_the_cpu(demo_model, demo_
     print(log)
     assert "deepspeed_zero2.yaml --num_processes 2" in log and "--cpu" not in log
     assert "processes=2 distributed=DEEPSPEED" in log
+    assert "DeepSpeed clips gradients at 0.5 " in log   # train.max_grad_norm, as the engine holds it
     assert "resumed from checkpoint step-00000005: step 5" in log
     assert result.steps == 40
 
@@ -184,13 +230,13 @@ def test_deepspeed_zero2_profile_trains_and_resumes_on_the_cpu(demo_model, demo_
 
 @pytest.mark.slow
 def test_killed_training_is_retried_and_resumes_from_its_checkpoint(prefect_api, demo_model, demo_data) -> None:
-    from gauntlet.tasks.train import train
     from mlflow.tracking import MlflowClient
     from prefect import flow
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
     from prefect.runtime import flow_run
 
+    from gauntlet.tasks.train import train
     from gauntlet.tracking import parent_run, tracking_uri
 
     spec = TrainSpec(**{**SMALL, "max_steps": 20, "checkpoint_steps": 10})

@@ -63,7 +63,7 @@ def test_editing_the_trainer_changes_the_training_key(checkout: Path) -> None:
     edit(trainer, '"""The training program:', '"""Reworded docstring. The training program:')
     edit(trainer, "class EpochShuffle", "# a comment\nclass EpochShuffle")
     assert version(checkout) == before                        # comments and docstrings never re-train
-    edit(trainer, 'set_seed(cfg["seed"])', 'set_seed(cfg["seed"] + 1)')
+    edit(trainer, 'set_seed(spec.seed)', 'set_seed(spec.seed + 1)')
     assert version(checkout) != before
 
 
