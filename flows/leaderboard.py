@@ -8,7 +8,8 @@ Composition only. Two ways to spread the night:
   once (`gauntlet serve` sets it; the flow creates it with ``concurrency.gpu_slots`` when it is missing);
 * **on a team's pool** (``concurrency.pool``): each candidate × variant is its own flow run of ``leaderboard_job``
   (deployment ``concurrency.job_deployment``) on the queue of the GPU class it needs; this flow waits for them,
-  reads their outcomes from the shared result storage, ranks and publishes.
+  reads their outcomes from the shared result storage, ranks and publishes. Its jobs take no tag slot: each worker
+  owns one GPU and runs one job at a time.
 
 A candidate that fails (its source is gone, its weights do not load, its job's host died too often, …) fails its
 own row on the board; the others go on.

@@ -117,7 +117,9 @@ def prepare_candidate(name: str, candidate: LeaderboardCandidate, stage: StageRu
 @stage("score_variant", run_name="score-{name}-{variant}", mlflow=False)
 def score_variant(name: str, candidate: LeaderboardCandidate, variant: str, prepared: PreparedCandidate,
                   spec: LeaderboardSpec, data: DatasetRef | None, stage: StageRun) -> CandidateOutcome:
-    gpu = [spec.concurrency.gpu_tag]
+    # On a pool each worker owns one GPU and takes one job at a time (`gauntlet worker` starts it with --limit 1):
+    # the tag limit would only throttle the whole pool, and its slot leases fail through a Prefect server restart.
+    gpu = [] if spec.concurrency.pool else [spec.concurrency.gpu_tag]
     started = time.monotonic()
     model = prepared.model
     if (how := quantization_of(variant)) is not None:
