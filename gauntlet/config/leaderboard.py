@@ -12,6 +12,7 @@ from gauntlet.config.eval import EvalSpec, task_names
 from gauntlet.config.model import REGISTRY_SCHEME, check_source_scheme, refuse_remote_code
 from gauntlet.config.notify import TrackingSpec
 from gauntlet.config.quantize import CalibrationSpec, QuantizeVariant
+from gauntlet.eval.suites import filters_a_name_fits
 
 # A leaderboard variant name -> how the candidate is turned into it (None: evaluated as stored, unquantized).
 LEADERBOARD_VARIANTS: dict[str, QuantizeVariant | None] = {
@@ -167,6 +168,12 @@ class LeaderboardSpec(Strict):
         problems = [f"suite {s!r} names task(s) {sorted(set(ts) - tasks)} not in eval.tasks"
                     for s, ts in v.suites.items() if set(ts) - tasks or not ts]
         problems += [f"task_metrics names {t!r}, not in eval.tasks" for t in v.task_metrics if t not in tasks]
+        tasks_dir = resolve(ev.tasks_dir, info)
+        for t in sorted(tasks):   # a name without a filter where the task has several: refused now, not unranked
+            metric = v.task_metrics.get(t, v.metric)
+            if len(fits := filters_a_name_fits(tasks_dir, t, metric)) > 1:
+                problems.append(f"metric {metric!r} fits {len(fits)} filters of task {t}: {', '.join(fits)}; name "
+                                f"one in task_metrics, e.g. {t}: '{metric},{fits[0]}'")
         key = v.key
         ok = (key == "average" or key in PERF_RANK_KEYS
               or (key.startswith("suite:") and key[6:] in v.suites)

@@ -9,7 +9,7 @@ from pydantic import Field
 from gauntlet.config.base import Strict, check_model_name
 from gauntlet.config.data import DataSpec
 from gauntlet.config.deploy import DeploySpec
-from gauntlet.config.eval import EvalSpec
+from gauntlet.config.eval import EvalSpec, task_names
 from gauntlet.config.gate import GateSpec, RegistrySpec
 from gauntlet.config.model import ModelSpec, SourcesSpec
 from gauntlet.config.notify import NotifySpec, TrackingSpec
@@ -88,4 +88,22 @@ def cross_section_problems(spec: RunSpec, root: Path) -> list[SpecProblem]:
                 path="quantize.calibration.samples",
                 message=f"{wanted} calibration samples asked for {calibrated}, but {spec.data.train} has {rows} rows",
                 hint=f"set quantize.calibration.samples to at most {rows}"))
+    return problems + gate_metric_problems(spec, root)
+
+
+def gate_metric_problems(spec: RunSpec, root: Path) -> list[SpecProblem]:
+    """gate.metric without a filter where an eval task has several filters of that metric: refused now, naming
+    them, not found ambiguous after training. (Tasks of lm-eval's own catalogue are checked when scored.)"""
+    from gauntlet.eval.suites import filters_a_name_fits, load_catalog
+
+    tasks_dir = Path(root) / spec.eval.tasks_dir
+    suite = load_catalog(tasks_dir).suites[spec.eval.suite].tasks if spec.eval.suite else []
+    problems = []
+    for task in dict.fromkeys(suite + task_names(spec.eval.tasks)):
+        filters = filters_a_name_fits(tasks_dir, task, spec.gate.metric)
+        if len(filters) > 1:
+            problems.append(SpecProblem(
+                path="gate.metric", message=f"{spec.gate.metric!r} fits {len(filters)} filters of task {task}: "
+                                            f"{', '.join(filters)}",
+                hint=f"name one, e.g. gate.metric: '{spec.gate.metric},{filters[0]}'"))
     return problems

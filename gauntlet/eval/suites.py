@@ -322,6 +322,27 @@ def _first_metric(yaml_path: Path) -> str:
     return f"{metric},{filters[0]['name']}" if filters and filters[0].get("name") not in (None, "none") else metric
 
 
+def declared_scores(yaml_path: Path) -> tuple[list[str], list[str]]:
+    """A local task's metric names and filter names as its YAML declares them (or the YAML it includes)."""
+    cfg = read_yaml(yaml_path)
+    base = yaml_path.parent / cfg["include"] if isinstance(cfg.get("include"), str) else None
+    metrics, filters = declared_scores(base) if base is not None and base.is_file() else ([], [])
+    own_metrics = [m["metric"] for m in cfg.get("metric_list") or [] if isinstance(m, dict) and m.get("metric")]
+    own_filters = [f["name"] for f in cfg.get("filter_list") or [] if isinstance(f, dict) and f.get("name")]
+    return own_metrics or metrics, own_filters or filters
+
+
+def filters_a_name_fits(tasks_dir: Path, task: str, metric: str) -> list[str]:
+    """The filters of local task ``task`` a metric name without a filter (``exact_match``) could mean: two or more
+    and the name is ambiguous (:meth:`gauntlet.refs.EvalReport.resolve` refuses it). [] for a name with a filter,
+    a task not defined under ``tasks_dir``, or a metric it does not declare."""
+    path = local_tasks(tasks_dir).get(task)
+    if "," in metric or path is None:
+        return []
+    metrics, filters = declared_scores(path)
+    return [f for f in filters if f != "none"] if metric in metrics else []
+
+
 def normalized_score(value: float, random_baseline: float) -> float:
     """The Open LLM Leaderboard's normalization: 0 at the random baseline (and below), 100 at a perfect score."""
     if random_baseline >= 1:

@@ -52,6 +52,8 @@ CONFIG_MUTATIONS = {
     "tracking_store_outside": lambda r, t: r["tracking"].__setitem__("tracking_uri", "sqlite:////tmp/x.db"),
     "tracking_store_file_url": lambda r, t: r["tracking"].__setitem__("tracking_uri", "file:///etc/mlflow"),
     "tracking_store_scheme": lambda r, t: r["tracking"].__setitem__("tracking_uri", "s3://bucket/mlruns"),
+    "gate_metric_ambiguous": lambda r, t: (r["eval"]["tasks"].append("arith_chat"),
+                                           r["gate"].__setitem__("metric", "exact_match")),
 }
 
 

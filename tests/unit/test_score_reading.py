@@ -118,3 +118,24 @@ def test_a_read_score_carries_its_interval_items_and_normalised_value() -> None:
     with pytest.raises(MetricLookupError) as err:
         read(report, "mmlu", "acc")
     assert err.value.kind == "task" and "its tasks: ['demo_facts_gen', 'gsm8k']" in err.value.explain("gate.metric")
+
+
+def test_a_name_fitting_several_filters_of_a_local_task_is_refused_at_validation(tmp_path: Path) -> None:
+    """Where the task's YAML is in the project (arith_chat: strict-match and last-number), the board's config is
+    refused before any night, naming both filters and the fix (the run config's gate.metric: the bad-input corpus,
+    case gate_metric_ambiguous); a filtered name, or task_metrics naming one, validates."""
+    from pydantic import ValidationError
+
+    def spec(ranking: dict) -> LeaderboardSpec:
+        data = tmp_path / "eval.jsonl"
+        data.write_text("{}\n")
+        return LeaderboardSpec.model_validate({"name": "unit", "candidates": [{"source": "demo://tiny-llama"}],
+                                               "eval_file": str(data), "eval": {"tasks": ["arith_chat"]},
+                                               "ranking": ranking})
+
+    with pytest.raises(ValidationError) as refused:
+        spec({"metric": "exact_match"})
+    assert "metric 'exact_match' fits 2 filters of task arith_chat: strict-match, last-number" in str(refused.value)
+    assert "arith_chat: 'exact_match,strict-match'" in str(refused.value)
+    assert spec({"metric": "exact_match,last-number"}).ranking.metric == "exact_match,last-number"
+    assert spec({"metric": "exact_match", "task_metrics": {"arith_chat": "exact_match,strict-match"}})
