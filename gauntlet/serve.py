@@ -215,21 +215,7 @@ def serve(cfg: ServeConfig) -> int:
         wait_http(mlflow, f"{cfg.mlflow_url}/health")
         wait_http(prefect_server, f"{cfg.prefect_api_url}/health")
 
-        ensure_process_pool(cfg.pool, env, log_dir)
-        ensure_tag_concurrency_limit(cfg.gpu_tag, cfg.gpu_slots, overwrite=True)
-        print(f"  concurrency limit: tasks tagged {cfg.gpu_tag!r} run {cfg.gpu_slots} at a time", flush=True)
-        if cfg.deploy:
-            # the pool deployments name the team's GPU pool: it exists (empty until a `gauntlet worker` joins)
-            from gauntlet.plan.placement import CLASSES
-            from gauntlet.worker import POOL
-
-            ensure_pool(POOL, [c.name for c in CLASSES])
-            run_step("deploy", [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all",
-                                "--prefect-file", PREFECT_FILE], env, log_dir)
-        if cfg.worker:
-            services.append(start_service("worker", [
-                sys.executable, "-m", "prefect", "worker", "start", "--pool", cfg.pool, "--type", "process"],
-                env, log_dir))
+        services += pools_and_workers(cfg, env, log_dir)
         print(ready_banner(cfg), flush=True)
         return watch_services(services)
     except (KeyboardInterrupt, _Stop):
@@ -245,12 +231,41 @@ def serve(cfg: ServeConfig) -> int:
         signal.signal(signal.SIGTERM, previous)
 
 
+def pools_and_workers(cfg: ServeConfig, env: dict[str, str], log_dir: Path) -> list[Service]:
+    """The work pools, the gpu tag's concurrency limit and the deployments on the Prefect server; the workers
+    started (the process pool's, and the serving pool's, where the deploy flow runs)."""
+    workers: list[Service] = []
+    ensure_process_pool(cfg.pool, env, log_dir)
+    ensure_tag_concurrency_limit(cfg.gpu_tag, cfg.gpu_slots, overwrite=True)
+    print(f"  concurrency limit: tasks tagged {cfg.gpu_tag!r} run {cfg.gpu_slots} at a time", flush=True)
+    from gauntlet.worker import SERVING_POOL, SERVING_QUEUE
+
+    ensure_pool(SERVING_POOL, [SERVING_QUEUE])   # the deploy flow's: this machine serves the models
+    if cfg.deploy:
+        # the pool deployments name the team's GPU pool: it exists (empty until a `gauntlet worker` joins)
+        from gauntlet.plan.placement import CLASSES
+        from gauntlet.worker import POOL
+
+        ensure_pool(POOL, [c.name for c in CLASSES])
+        run_step("deploy", [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all",
+                            "--prefect-file", PREFECT_FILE], env, log_dir)
+    if cfg.worker:
+        workers.append(start_service("worker", [
+            sys.executable, "-m", "prefect", "worker", "start", "--pool", cfg.pool, "--type", "process"],
+            env, log_dir))
+        # the deploy flow's runs start in this checkout (its deployment has no pull step, as on a team)
+        workers.append(start_service("serving-worker", [
+            sys.executable, "-m", "prefect", "worker", "start", "--pool", SERVING_POOL, "--type", "process"],
+            {**env, "GAUNTLET_PROJECT_ROOT": str(project_root())}, log_dir))
+    return workers
+
+
 def ready_banner(cfg: ServeConfig) -> str:
     return f"""
 Gauntlet is serving (Ctrl-C stops everything):
   Prefect UI    http://{cfg.host}:{cfg.prefect_port}
   MLflow UI     {cfg.mlflow_url}
-  work pool     {cfg.pool}{' (worker running)' if cfg.worker else ' (no worker started)'}
+  work pools    {cfg.pool} and serving (deploys){' (workers running)' if cfg.worker else ' (no worker started)'}
   deployments   {', '.join(DEPLOYMENTS) if cfg.deploy else '(not deployed)'}; nightly at 02:00 {cfg.timezone or 'UTC'}
   run one now   PREFECT_API_URL={cfg.prefect_api_url} prefect deployment run 'leaderboard/nightly'
 READY"""

@@ -1,4 +1,5 @@
-"""``gauntlet worker``: this host joins the team's GPU pool as one Prefect worker per GPU.
+"""``gauntlet worker``: this host joins the team's GPU pool as one Prefect worker per GPU (or, with
+``--serving``, the serving pool, where the deploy flow runs and the models are served).
 
 A worker owns its GPUs: every flow run it starts sees only them (``CUDA_VISIBLE_DEVICES``), so every GPU stage
 (train, quantize, score, probe, perplexity, judge, safety) uses the worker's device, never another worker's. It
@@ -20,11 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from gauntlet.plan.placement import CLASSES, GpuClass, class_named, classes_of_worker
+from gauntlet.plan.placement import CLASSES, class_named, classes_of_worker
 from gauntlet.secrets import redact_uri
 from gauntlet.state import shared_tracking
 
 POOL = "gpu"
+SERVING_POOL = "serving"  # where the deploy flow runs: the host that serves (its routers and model servers)
+SERVING_QUEUE = "default"
 HEARTBEAT_S = 30          # flow runs beat this often; one that stops is retried on another worker
 QUERY_S = 5               # how often a worker asks for work
 
@@ -37,10 +40,12 @@ class WorkerSpec:
     gpu_memory_gib: float | None = None # per GPU; measured when None
     queues: tuple[str, ...] = ()        # explicit queues; default: the classes the GPUs hold
     name: str | None = None
+    serving: bool = False               # the serving pool (deploy flows) instead of the GPU pool
 
     @property
     def worker_name(self) -> str:
         what = f"gpu{'+'.join(self.gpus)}" if self.gpus else f"cpu{'+'.join(map(str, self.cpu_cores)) or 'all'}"
+        what = f"serving-{what}" if self.serving else what
         return self.name or f"{socket.gethostname()}-{what}"
 
 
@@ -98,7 +103,7 @@ def gpu_memory_gib(index: str) -> float:
 
 def check_devices(spec: WorkerSpec) -> list[str]:
     if not spec.gpus:
-        return [] if spec.cpu_cores or spec.queues else [
+        return [] if spec.cpu_cores or spec.queues or spec.serving else [
             "no --gpu given: name the GPUs this worker owns (--gpu 0), or --cpu-cores for a CPU worker with --queue"]
     import torch
 
@@ -107,13 +112,16 @@ def check_devices(spec: WorkerSpec) -> list[str]:
     return [f"--gpu {','.join(missing)}: this host has {count} CUDA device(s) (0..{count - 1})"] if missing else []
 
 
-def worker_queues(spec: WorkerSpec) -> list[GpuClass]:
+def worker_queues(spec: WorkerSpec) -> list[str]:
+    """The work queues the worker listens on: the serving pool's one, or the GPU classes its GPUs hold."""
+    if spec.serving:
+        return [SERVING_QUEUE]
     if spec.queues:
-        return [class_named(q) for q in spec.queues]
+        return [class_named(q).name for q in spec.queues]
     if not spec.gpus:
-        return [CLASSES[0]]
+        return [CLASSES[0].name]
     memory = spec.gpu_memory_gib or min(gpu_memory_gib(g) for g in spec.gpus)
-    return classes_of_worker(len(spec.gpus), memory)
+    return [c.name for c in classes_of_worker(len(spec.gpus), memory)]
 
 
 def worker_environment(spec: WorkerSpec, env: dict[str, str], project: Path, results_block: str) -> dict[str, str]:
@@ -140,11 +148,11 @@ def worker_environment(spec: WorkerSpec, env: dict[str, str], project: Path, res
     return out
 
 
-def worker_command(spec: WorkerSpec, queues: list[GpuClass]) -> list[str]:
+def worker_command(spec: WorkerSpec, queues: list[str]) -> list[str]:
     cmd = [sys.executable, "-m", "prefect", "worker", "start", "--pool", spec.pool, "--type", "process",
            "--limit", "1", "--name", spec.worker_name]
     for q in queues:
-        cmd += ["--work-queue", q.name]
+        cmd += ["--work-queue", q]
     return cmd
 
 

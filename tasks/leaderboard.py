@@ -58,6 +58,9 @@ def queue_for(candidate: LeaderboardCandidate, spec: LeaderboardSpec) -> str:
     return class_for_inference(params_b).name
 
 
+JOB_ATTEMPTS = 3   # a job's flow run that crashed (its infrastructure, not the job) is submitted again, at most so often
+
+
 def wait_for_end(flow_run_id: Any, timeout_s: float, every_s: float = 2.0) -> Any:
     """The flow run's final state, or None after ``timeout_s``. The Prefect server may be away for a while (a
     restart): the wait goes on through it."""
@@ -137,7 +140,8 @@ def score_variant(name: str, candidate: LeaderboardCandidate, variant: str, prep
 def night_job(name: str, variant: str, job: NightJob, spec: LeaderboardSpec, stage: StageRun) -> CandidateOutcome:
     """One candidate x variant as its own flow run on the pool (``concurrency.job_deployment``), on the queue of the
     GPU class it needs; waits for its end (a job whose host died is retried by Prefect meanwhile: AwaitingRetry is
-    not an end) and reads its outcome from the shared result storage. A job that fails fails its own row."""
+    not an end) and reads its outcome from the shared result storage. A job whose flow run crashed (its process
+    failed, not the job) is submitted again, up to ``JOB_ATTEMPTS``. A job that fails fails its own row."""
     from prefect.deployments import run_deployment
 
     candidate = next(c for c in spec.candidates if c.display_name == name)
@@ -145,14 +149,20 @@ def night_job(name: str, variant: str, job: NightJob, spec: LeaderboardSpec, sta
         queue = queue_for(candidate, spec)
     except PlacementError as e:   # refused before it queues
         return failed_outcome(candidate, variant, f"PlacementError: {e}")
-    flow_run = run_deployment(spec.concurrency.job_deployment, parameters=job.parameters(variant), timeout=0,
-                              work_queue_name=queue, idempotency_key=f"{stage.flow.flow_run_id}:{name}:{variant}",
-                              tags=["gauntlet", "leaderboard-job"])
-    stage.log.info(f"{name} x {variant}: flow run {flow_run.name} on queue {queue}")
-    state = wait_for_end(flow_run.id, spec.concurrency.job_timeout_minutes * 60)
-    if state is None:
-        return failed_outcome(candidate, variant, f"not done after concurrency.job_timeout_minutes="
-                                                  f"{spec.concurrency.job_timeout_minutes:g} (flow run {flow_run.name})")
+    for attempt in range(1, JOB_ATTEMPTS + 1):
+        flow_run = run_deployment(spec.concurrency.job_deployment, parameters=job.parameters(variant), timeout=0,
+                                  work_queue_name=queue, tags=["gauntlet", "leaderboard-job"],
+                                  idempotency_key=f"{stage.flow.flow_run_id}:{name}:{variant}:{attempt}")
+        stage.log.info(f"{name} x {variant}: flow run {flow_run.name} on queue {queue} (attempt {attempt})")
+        state = wait_for_end(flow_run.id, spec.concurrency.job_timeout_minutes * 60)
+        if state is None:
+            return failed_outcome(candidate, variant, f"not done after concurrency.job_timeout_minutes="
+                                  f"{spec.concurrency.job_timeout_minutes:g} (flow run {flow_run.name})")
+        # Crashed: its process, not the job, failed (e.g. it started while the Prefect server was away and could
+        # not load its flow run); the job is submitted again, to any worker of the queue.
+        if not state.is_crashed() or attempt == JOB_ATTEMPTS:
+            break
+        stage.log.warning(f"{name} x {variant}: flow run {flow_run.name} crashed ({state.message}); submitted again")
     if not state.is_completed():
         return failed_outcome(candidate, variant, failure_reason(state))
     return CandidateOutcome.model_validate(state.result())

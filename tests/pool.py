@@ -138,22 +138,23 @@ class Host:
         return subprocess.run(cmd, cwd=self.project, env=self.environment(**extra), capture_output=True, text=True,
                               timeout=timeout)
 
-    def start_worker(self, core: int, *args: str) -> Host:
+    def start_worker(self, core: int, *args: str, role: tuple[str, ...] = ("--queue", "gpu-24g")) -> Host:
+        """``gauntlet worker`` on this host, held to ``core``; ``role``: a GPU-class queue, or ``("--serving",)``."""
         self.log_file = self.root / "worker.log"
         self._log = open(self.log_file, "ab")  # noqa: SIM115  (the worker writes it until stop() closes it)
-        cmd = self.prefix() + [str(Path(sys.executable).with_name("gauntlet")), "worker", "--queue", "gpu-24g",
+        cmd = self.prefix() + [str(Path(sys.executable).with_name("gauntlet")), "worker", *role,
                                "--cpu-cores", str(core), "--name", self.name, *args]
         self.worker = subprocess.Popen(cmd, cwd=self.project, env=self.environment(), stdout=self._log,
                                        stderr=subprocess.STDOUT, start_new_session=True)
         return self
 
-    def wait_online(self, timeout: float = 120) -> None:
-        """Until the Prefect server lists this worker as online."""
+    def wait_online(self, timeout: float = 120, pool: str = "gpu") -> None:
+        """Until the Prefect server lists this worker as online in ``pool``."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.worker is not None and self.worker.poll() is not None:
                 raise AssertionError(f"worker {self.name} exited {self.worker.returncode}:\n{self.log_tail()}")
-            if self.name in online_workers(self.env):
+            if self.name in online_workers(self.env, pool):
                 return
             time.sleep(1)
         raise AssertionError(f"worker {self.name} not online in {timeout:.0f}s:\n{self.log_tail()}")
@@ -240,11 +241,11 @@ def online_workers(env: dict[str, str], pool: str = "gpu") -> set[str]:
             return set()
 
 
-def deploy_pool_flows(env: dict[str, str], project: Path) -> None:
+def deploy_pool_flows(env: dict[str, str], project: Path, names: tuple[str, ...] = POOL_DEPLOYMENTS) -> None:
     """The pool's deployments (deployments/prefect.yaml), applied to the team's Prefect from a host's project."""
     cmd = [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--prefect-file",
            str(project / "deployments" / "prefect.yaml")]
-    for name in POOL_DEPLOYMENTS:
+    for name in names:
         cmd += ["--name", name]
     run_env = {**{k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}, **env,
                "GAUNTLET_PROJECT_ROOT": str(project)}
@@ -295,6 +296,16 @@ def flow_run_logs(env: dict[str, str], flow_run_id: str) -> str:
             logs += page
             if len(page) < 200:
                 return "\n".join(entry.message for entry in logs)
+
+
+def deployment_flow_runs(env: dict[str, str], deployment: str) -> list:
+    """The flow runs of deployment ``FLOW/NAME``."""
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName, FlowFilter, FlowFilterName
+
+    flow_name, name = deployment.split("/")
+    with prefect_client(env) as c:
+        return c.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])),
+                                deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[name])))
 
 
 def unique(prefix: str) -> str:

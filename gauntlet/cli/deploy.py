@@ -51,8 +51,13 @@ def run(args: argparse.Namespace) -> int:
         return status(names[0] if names else None)
     if action == "stop":
         from gauntlet.deploy.rollout import stop_all
+        from gauntlet.deploy.servers import ServerError
 
-        state = stop_all(names[0])
+        try:
+            state = stop_all(names[0])
+        except ServerError as e:
+            print(f"gauntlet deploy stop: {e}", file=sys.stderr)
+            return EXIT_FAILED
         print(f"{names[0]}: stopped (router and servers)" if state else f"{names[0]}: nothing deployed")
         return EXIT_OK
     if start_environment() is None:
@@ -68,9 +73,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def status(name: str | None) -> int:
-    from gauntlet.deploy.rollout import folder_of, load_state, status_lines
+    from gauntlet.deploy.rollout import deployed_models, load_state, status_lines
 
-    names = [name] if name else sorted(p.name for p in folder_of("x").parent.glob("*") if (p / "state.json").is_file())
+    names = [name] if name else deployed_models()
     if not names:
         print("nothing deployed")
     for n in names:

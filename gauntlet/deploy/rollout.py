@@ -1,8 +1,12 @@
 """What serves now, and the moves of a rollout: first deploy, canary start, weight shift, promotion, rollback.
 
-One deployment per registered model, in ``$GAUNTLET_HOME/deploy/<model>/``: ``state.json`` (the servers, their
-versions and ports, the weights, since when, and the rollout's events), ``nginx.conf`` and its logs, one
-folder per server. ``gauntlet deploy status`` reads the state; a server or router that died is reported so.
+One deployment per registered model, served on one host (the serving host: the deploy flow runs on the
+``serving`` work pool), in its ``$GAUNTLET_HOME/deploy/<model>/``: ``state.json`` (the servers, their versions
+and ports, the weights, since when, and the rollout's events), ``nginx.conf`` and its logs, one folder per
+server. With a shared MLflow the record is the registered model's tag ``gauntlet.deploy`` (without the events,
+which the audit log has too): every host's ``gauntlet deploy status`` reads the same, and a serving host that
+replaces another finds what was served there; the file is the serving host's copy. A server or router that
+died is reported so.
 
 Ports are chosen per model, under one lock for the host (``deploy/.ports.lock``): a server takes
 ``deploy.stable_port`` or ``deploy.canary_port``, the router ``deploy.router_port``, unless another
@@ -18,11 +22,12 @@ log by :func:`record_change`; the state's own ``events`` keep every step of the 
 from __future__ import annotations
 
 import json
+import socket
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from gauntlet.audit import record
 from gauntlet.config.deploy import DeploySpec
@@ -30,18 +35,26 @@ from gauntlet.deploy.router import Router, Weights
 from gauntlet.deploy.servers import Server, ServerError, now, pid_alive, start_server, stop_pid
 from gauntlet.files import write_text
 from gauntlet.serve import port_free
-from gauntlet.state import gauntlet_home
+from gauntlet.state import gauntlet_home, shared_tracking
 
 PORT_SEARCH = 200          # how many ports above the configured ones are tried before giving up
+STATE_TAG = "gauntlet.deploy"   # the registered model's tag holding its deployment record (a shared MLflow)
+STATE_TAG_LIMIT = 5000     # MLflow's registered-model tag value column (varchar 5000)
 
 if TYPE_CHECKING:
     from gauntlet.deploy.watch import StepReport
+
+
+def this_node() -> str:
+    """The host the servers of a deployment run on (its processes and ports are only checked there)."""
+    return socket.gethostname()
 
 
 class DeployState(BaseModel):
     model: str
     router_port: int
     host: str = "127.0.0.1"
+    node: str = Field(default_factory=this_node)
     stable: Server | None = None
     canary: Server | None = None
     weights: Weights = Weights()
@@ -70,14 +83,59 @@ def folder_of(model: str) -> Path:
     return deploy_root() / model
 
 
-def load_state(model: str) -> DeployState | None:
+def _local_copy(model: str) -> DeployState | None:
     path = folder_of(model) / "state.json"
     return DeployState.model_validate_json(path.read_text()) if path.is_file() else None
 
 
+def _registry():
+    from gauntlet.tracking import client, tracking_uri
+
+    uri = tracking_uri()
+    return client(uri) if shared_tracking(uri) else None
+
+
+def load_state(model: str) -> DeployState | None:
+    """The deployment's record: with a shared MLflow its registered model's tag (the same on every host; this
+    host's copy adds the events when it is the serving host), else this host's file."""
+    registry = _registry()
+    if registry is None:
+        return _local_copy(model)
+    from mlflow.exceptions import MlflowException
+
+    try:
+        raw = registry.get_registered_model(model).tags.get(STATE_TAG)
+    except MlflowException as e:
+        if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+    if raw is None:
+        return None
+    state = DeployState.model_validate_json(raw)
+    local = _local_copy(model)
+    if local is not None and local.node == state.node:
+        state.events = local.events
+    return state
+
+
 def save_state(state: DeployState) -> None:
+    """This host's copy, then (a shared MLflow) the record every host reads, written whole as one tag."""
     state.updated = now()
     write_text(folder_of(state.model) / "state.json", state.model_dump_json(indent=2))
+    if (registry := _registry()) is not None:
+        record = state.model_dump_json(exclude={"events"})
+        if len(record) > STATE_TAG_LIMIT:
+            raise ServerError(f"{state.model}: the deployment record is {len(record)} characters, over MLflow's "
+                              f"{STATE_TAG_LIMIT} for a registered model tag")
+        registry.set_registered_model_tag(state.model, STATE_TAG, record)
+
+
+def deployed_models() -> list[str]:
+    """The models with a deployment record (on the shared MLflow, else in this host's state folder)."""
+    registry = _registry()
+    if registry is None:
+        return sorted(p.parent.name for p in deploy_root().glob("*/state.json"))
+    return sorted(m.name for m in registry.search_registered_models(max_results=1000) if STATE_TAG in m.tags)
 
 
 def router_of(state: DeployState) -> Router:
@@ -100,6 +158,9 @@ def current(spec: DeploySpec, model: str) -> DeployState:
     """The recorded deployment with its dead servers dropped, or a new empty one; a router that is not
     running gets its port anew (``deploy.router_port`` unless another deployment holds it)."""
     state = load_state(model) or DeployState(model=model, router_port=spec.router_port, host=spec.host)
+    if state.node != this_node():   # served elsewhere until now: nothing of it runs here
+        state.event("serving host changed", previous=state.node, now=this_node())
+        state.node, state.stable, state.canary = this_node(), None, None
     for slot in ("stable", "canary"):
         server = getattr(state, slot)
         if server is not None and not pid_alive(server.pid):
@@ -208,6 +269,8 @@ def stop_all(model: str) -> DeployState | None:
     state = load_state(model)
     if state is None:
         return None
+    if state.node != this_node():   # its pids are another host's
+        raise ServerError(f"{model} is served on host {state.node}: run `gauntlet deploy stop {model}` there")
     router_of(state).stop()
     for slot in ("canary", "stable"):
         server = getattr(state, slot)
@@ -222,15 +285,18 @@ def stop_all(model: str) -> DeployState | None:
 
 def status_lines(state: DeployState) -> list[str]:
     """What ``gauntlet deploy status`` prints."""
+    here = state.node == this_node()   # processes are only checked on the serving host
     router = router_of(state)
-    lines = [f"{state.model}: router http://{state.host}:{state.router_port} "
-             f"({'running, pid ' + str(router.pid()) if router.running() else 'NOT running'}); updated {state.updated}"]
+    running = ('running, pid ' + str(router.pid()) if router.running() else 'NOT running') if here else \
+        "not checked from this host"
+    lines = [f"{state.model}: router http://{state.host}:{state.router_port} on host {state.node} ({running}); "
+             f"updated {state.updated}"]
     for slot, share in (("stable", state.weights.stable), ("canary", state.weights.canary)):
         s = getattr(state, slot)
         if s is None:
             lines.append(f"  {slot}: none")
         else:
-            alive = "serving" if pid_alive(s.pid) else "DEAD"
+            alive = ("serving" if pid_alive(s.pid) else "DEAD") if here else f"on {state.node}"
             lines.append(f"  {slot}: v{s.version} on port {s.port} ({s.backend}, pid {s.pid}, {alive}) since {s.since}, "
                          f"{share if state.canary else 100}% of traffic")
     return lines

@@ -306,3 +306,49 @@ def test_a_worker_with_host_local_state_refuses_to_start_naming_the_fix(team_sta
     assert f"the default DVC remote 'team' is {tmp_path / 'only-here'}, a folder only this host sees" in \
         local.stderr and "dvc remote add --local -d team s3://" in local.stderr, local.stderr
     assert "MLFLOW_TRACKING_URI" not in local.stderr, local.stderr
+
+
+def test_a_promotion_on_one_host_deploys_on_the_serving_host(pool, team_stack, tmp_path) -> None:
+    """A serving host joins the serving pool (`gauntlet worker --serving`). A promotion by hand on host-a moves
+    @champion; its event starts the deploy flow, which runs on the serving host and serves there. `gauntlet deploy
+    status` on host-a (which serves nothing) shows what serves on the serving host, read from the shared store."""
+    import subprocess
+    import sys
+
+    from gauntlet.demo.model import build_demo_model
+    from tests.pool import deployment_flow_runs
+
+    name = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())["registry"]["model_name"]  # what deploy/deploy
+    serving = Host("serving", tmp_path / "serving", team_stack.env, index=3).setup(team_stack.netns)   # serves
+    serving.root.chmod(0o755)
+    try:
+        serving.start_worker(1, role=("--serving",)).wait_online(pool="serving")
+        deploy_pool_flows(pool[0].environment(), pool[0].project, names=("deploy/deploy",))
+        c = mlflow_client(team_stack.env)
+        run = c.create_run(c.create_experiment(unique("pool-serve")))
+        c.log_artifacts(run.info.run_id, str(build_demo_model("tiny-llama", out=tmp_path / "m", seed=5)), "model")
+        c.create_registered_model(name)
+        version = c.create_model_version(name, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id).version
+        a = pool[0]
+        promoted = a.run("promote", name, str(version), "--reason", "serve it")
+        assert promoted.returncode == 0, promoted.stdout + promoted.stderr
+
+        def deploy_ended():
+            runs = deployment_flow_runs(team_stack.env, "deploy/deploy")
+            return runs if runs and all(r.state.is_final() for r in runs) else None
+
+        (deployed,) = wait_for("the triggered deploy flow run to end", deploy_ended, 420, 2)
+        logs = flow_run_logs(team_stack.env, str(deployed.id))
+        assert deployed.state.is_completed() and deployed.work_pool_name == "serving", (deployed.state, logs[-3000:])
+        assert f"starting transformers server for {name} v{version} (stable)" in logs and "router on http://" in \
+            logs, logs[-3000:]
+        status = a.run("deploy", "status", name)
+        assert status.returncode == 0, status.stderr
+        assert "on host serving" in status.stdout and f"stable: v{version} on port" in status.stdout, status.stdout
+        ask = subprocess.run(serving.prefix() + [sys.executable, "-c", "import urllib.request as u; print(u.urlopen("
+                                                 "'http://127.0.0.1:8780/v1/models', timeout=30).status)"],
+                             capture_output=True, text=True, timeout=60, env=serving.environment())
+        assert ask.stdout.strip() == "200", ask.stdout + ask.stderr     # the router answers on the serving host
+    finally:
+        serving.run("deploy", "stop", name, timeout=120)
+        serving.stop()

@@ -36,7 +36,7 @@ def test_every_deployment_entrypoint_imports_and_its_parameters_fit_the_flow(mon
         params = inspect.signature(flow.fn).parameters
         given = d.get("parameters", {})
         assert set(given) <= set(params), f"{d['name']}: {set(given) - set(params)} not parameters of {flow.name}"
-        if d["work_pool"]["name"] == "gpu":   # the team's pool: each worker runs in its own checkout
+        if d["work_pool"]["name"] in ("gpu", "serving"):   # a team's pools: each worker runs in its own checkout
             assert d["pull"] == [], d["name"]
         else:
             assert d["work_pool"]["name"] == "process"
