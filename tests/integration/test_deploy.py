@@ -244,7 +244,7 @@ def test_broken_canary_is_rolled_back_and_champion_restored(models, prefect_api,
         stop_all(name)
 
 
-def test_slow_canary_is_rolled_back_on_its_p95(models, slow_model, prefect_api, load, tmp_path) -> None:
+def test_slow_canary_is_rolled_back_on_its_p95(models, slow_model, prefect_api, load, tmp_path, monkeypatch) -> None:
     """A canary that answers, right-shaped and without errors, but many times slower per token than stable:
     with answers of 24 tokens (generation, not the request's overhead, decides the time) its p95 at the router
     breaches max_p95_ratio (2x stable's in the same window) and it is rolled back. (A 25M-parameter canary
@@ -252,6 +252,7 @@ def test_slow_canary_is_rolled_back_on_its_p95(models, slow_model, prefect_api, 
     from gauntlet.deploy.rollout import load_state, stop_all
     from gauntlet.registry.store import history
 
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)   # each server gets half the cores (servers.py)
     c = mlflow_client()
     name = f"deploy-slow-{uuid.uuid4().hex[:6]}"
     s = spec(steps=[(50, 16), (100, 6)], thresholds={"max_p95_ratio": 2.0})
