@@ -56,6 +56,10 @@ def run(args: argparse.Namespace) -> int:
                       gpus=tuple(g for g in args.gpu.split(",") if g),
                       cpu_cores=tuple(int(c) for c in args.cpu_cores.split(",") if c),
                       gpu_memory_gib=args.gpu_memory, queues=tuple(args.queue), name=args.name, serving=args.serving)
+    if args.serving and args.queue:
+        print("gauntlet worker: --queue does not apply with --serving (the serving pool has one queue); drop it",
+              file=sys.stderr)
+        return EXIT_INVALID
     configure_environment()
     project = project_root()
     problems = refusals(dict(os.environ), project) + check_devices(spec)

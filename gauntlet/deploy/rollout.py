@@ -135,7 +135,12 @@ def deployed_models() -> list[str]:
     registry = _registry()
     if registry is None:
         return sorted(p.parent.name for p in deploy_root().glob("*/state.json"))
-    return sorted(m.name for m in registry.search_registered_models(max_results=1000) if STATE_TAG in m.tags)
+    names, token = [], None
+    while True:
+        page = registry.search_registered_models(max_results=1000, page_token=token)
+        names += [m.name for m in page if STATE_TAG in m.tags]
+        if not (token := page.token):
+            return sorted(names)
 
 
 def router_of(state: DeployState) -> Router:

@@ -64,12 +64,12 @@ def serve_command(backend: str, served_name: str, host: str, port: int, model_di
 
 
 def server_environment(backend: str) -> dict[str, str]:
-    """A server's environment. On the CPU, stable and canary share the host's cores: each gets half (unless
+    """A server's environment. On the CPU, stable and canary share the cores this process may use: each gets half (unless
     OMP_NUM_THREADS is set), since two servers each spinning a thread per core starve the small one behind the
     big one (a 0.5M stable's p95 2.9 s beside an 85M canary on 2 cores, 0.03-0.07 s with a core each)."""
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     if backend == "transformers":
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // 2)))
+        env.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // 2)))
     return env
 
 

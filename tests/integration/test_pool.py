@@ -345,8 +345,9 @@ def test_a_promotion_on_one_host_deploys_on_the_serving_host(pool, team_stack, t
         status = a.run("deploy", "status", name)
         assert status.returncode == 0, status.stderr
         assert "on host serving" in status.stdout and f"stable: v{version} on port" in status.stdout, status.stdout
+        router = status.stdout.split("router ", 1)[1].split()[0]          # http://127.0.0.1:PORT
         ask = subprocess.run(serving.prefix() + [sys.executable, "-c", "import urllib.request as u; print(u.urlopen("
-                                                 "'http://127.0.0.1:8780/v1/models', timeout=30).status)"],
+                                                 f"'{router}/v1/models', timeout=30).status)"],
                              capture_output=True, text=True, timeout=60, env=serving.environment())
         assert ask.stdout.strip() == "200", ask.stdout + ask.stderr     # the router answers on the serving host
     finally:

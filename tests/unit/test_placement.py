@@ -65,3 +65,12 @@ def test_run_on_the_pool_refuses_a_training_no_class_holds_before_it_queues() ->
         assert "Fix: use train.method qlora" in done.stderr
     finally:
         shutil.rmtree(work)
+
+
+def test_a_serving_worker_refuses_a_queue_it_would_ignore(capsys) -> None:
+    """`gauntlet worker --serving` listens on the serving pool's one queue: a --queue beside it is refused (exit 2)
+    before anything is checked or started, not ignored."""
+    from gauntlet.cli import main as gauntlet
+
+    assert gauntlet(["worker", "--serving", "--queue", "gpu-24g"]) == 2
+    assert "--queue does not apply with --serving" in capsys.readouterr().err
