@@ -29,7 +29,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from gauntlet.config.train import AccelerateSpec, TrainSpec
-from gauntlet.data.sft import DataFormatError, check_file, check_tokenizer, read_jsonl, tokenize_rows
+from gauntlet.data.preference import (
+    OBJECTIVE_LAYOUT,
+    Layout,
+    detect_layout,
+    layout_mismatch,
+    row_problem as preference_row_problem,
+)
+from gauntlet.data.sft import DataFormatError, check_file, check_tokenizer, read_jsonl, resolve_format, tokenize_rows
 from gauntlet.files import is_complete, mark_complete
 from gauntlet.hashing import sha256_dir
 from gauntlet.launch import ProgramTimeout, launch, write_args
@@ -43,7 +50,7 @@ from gauntlet.plan.memory import (
     visible_devices,
 )
 from gauntlet.plan.shape import PlanError, check_model_fit, model_shape
-from gauntlet.programs import trainer
+from gauntlet.programs import preference_trainer, trainer
 from gauntlet.programs.train_kit import CardFacts, MlflowTarget, TrainerArgs
 from gauntlet.project import project_root
 from gauntlet.refs import DatasetRef, ModelRef, TrainedModel
@@ -70,8 +77,9 @@ def runs_on_cpu(acc: AccelerateSpec) -> bool:
     return acc.cpu if acc.cpu is not None else not cuda_available()
 
 
-def launch_command(acc: AccelerateSpec, args_file: Path, use_cpu: bool | None = None) -> list[str]:
-    """The ``accelerate launch`` command line for a training run."""
+def launch_command(acc: AccelerateSpec, args_file: Path, use_cpu: bool | None = None,
+                   program: str = trainer.__name__) -> list[str]:
+    """The ``accelerate launch`` command line for a training run of ``program`` (the SFT or the preference one)."""
     use_cpu = runs_on_cpu(acc) if use_cpu is None else use_cpu
     try:
         profile = profile_named(acc.profile)
@@ -91,7 +99,12 @@ def launch_command(acc: AccelerateSpec, args_file: Path, use_cpu: bool | None = 
     if not acc.profile:
         cmd += ["--mixed_precision", "no", "--dynamo_backend", "no",
                 "--num_cpu_threads_per_process", str(max(1, (os.cpu_count() or 1) // acc.num_processes))]
-    return cmd + ["-m", trainer.__name__, "--args", str(args_file)]
+    return cmd + ["-m", program, "--args", str(args_file)]
+
+
+def program_for(spec: TrainSpec) -> str:
+    """The training program's module: TRL's preference trainers for a preference objective, else the SFT one."""
+    return preference_trainer.__name__ if spec.is_preference else trainer.__name__
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,14 +130,10 @@ def preflight(spec: TrainSpec, model: ModelRef, data: DatasetRef, devices: Devic
         log.warning("cannot plan %s from its config.json (%s): model checks skipped", model.source, e)
     if shape:
         problems += check_model_fit(shape, spec)
-    fmt = None
-    for role, path in (("train", data.train_path), ("validation", data.validation_path)):
-        assert path is not None   # a training run's data (DataSpec: train and validation are required) has both
-        try:
-            fmt, _ = check_file(path, spec.data_format)
-        except DataFormatError as e:
-            problems.append(f"data.{role}: {e}")
-    if not problems and fmt == "chat":
+    problems += data_problems(spec, data)
+    fmt = (None if problems or spec.is_preference
+           else resolve_format(spec.data_format, read_jsonl(data.train_path or "")[:1]))
+    if fmt == "chat":
         problems += _check_chat_rendering(spec, model, data, fmt)
     if problems:
         raise TrainingConfigError("training cannot start:\n- " + "\n- ".join(problems))
@@ -136,6 +145,32 @@ def preflight(spec: TrainSpec, model: ModelRef, data: DatasetRef, devices: Devic
     if not fits and spec.memory_check == "refuse":
         raise TrainingConfigError(why)
     return why if fits else f"WARNING (train.memory_check=warn): {why}"
+
+
+def data_problems(spec: TrainSpec, data: DatasetRef) -> list[str]:
+    """Rows the objective cannot train on: SFT rows under a preference objective or the reverse (naming the fields
+    each needs), and rows its own checks refuse (no response; chosen == rejected)."""
+    problems = []
+    for role, path in (("train", data.train_path), ("validation", data.validation_path)):
+        assert path is not None   # a training run's data (DataSpec: train and validation are required) has both
+        first = read_jsonl(path)[:1]
+        mismatch = first and layout_mismatch(spec.objective, detect_layout(first[0]), f"data.{role} ({path})")
+        if mismatch:
+            problems.append(mismatch)
+        elif spec.is_preference:
+            problems += preference_file_problems(path, f"data.{role}", OBJECTIVE_LAYOUT[spec.objective])
+        else:
+            try:
+                check_file(path, spec.data_format)
+            except DataFormatError as e:
+                problems.append(f"data.{role}: {e}")
+    return problems
+
+
+def preference_file_problems(path: str, role: str, layout: Layout) -> list[str]:
+    rows = read_jsonl(path)
+    bad = [f"{path}:{i}: {why}" for i, row in enumerate(rows, 1) if (why := preference_row_problem(row, layout))]
+    return [f"{role}: {len(bad)} row(s) cannot be used:\n  " + "\n  ".join(bad[:10])] if bad else []
 
 
 def _check_chat_rendering(spec: TrainSpec, model: ModelRef, data: DatasetRef, fmt: str) -> list[str]:
@@ -161,8 +196,10 @@ def _check_chat_rendering(spec: TrainSpec, model: ModelRef, data: DatasetRef, fm
 
 
 def train_model(spec: TrainSpec, model: ModelRef, data: DatasetRef, out: Path,
-                mlflow: dict | None = None, echo: Callable[[str], None] = print) -> TrainedModel:
-    """Fine-tune ``model`` on ``data`` into ``out`` (durable); returns the merged model's ref.
+                mlflow: dict | None = None, echo: Callable[[str], None] = print,
+                reference: ModelRef | None = None) -> TrainedModel:
+    """Fine-tune ``model`` on ``data`` into ``out`` (durable); returns the merged model's ref. ``reference``: a
+    preference objective's reference model when ``train.preference.reference`` names one (else the base).
 
     Resumes from the newest checkpoint in ``out`` when an earlier attempt left one.
     """
@@ -172,18 +209,36 @@ def train_model(spec: TrainSpec, model: ModelRef, data: DatasetRef, out: Path,
         echo(f"training already finished in an earlier attempt: {out}")
     else:
         echo(preflight(spec, model, data))
-        _launch(spec, model, data, out, mlflow, echo)
+        _launch(spec, model, data, out, mlflow, echo, reference)
     result = json.loads(result_file.read_text())
     merged_path = Path(result["merged_path"])
     mark_complete(out)
     merged = ModelRef(name=f"{model.name}-ft", path=str(merged_path), source=f"trained-from:{model.source}",
                       revision=model.sha[:12], sha=sha256_dir(merged_path))
+    metrics = {**result["metrics"], **preference_gain(result.get("preference_accuracy"))}
     return TrainedModel(base=model, merged=merged, adapter_path=result.get("adapter_path"), output_dir=str(out),
-                        metrics=result["metrics"], steps=result["steps"])
+                        metrics=metrics, steps=result["steps"])
+
+
+def preference_gain(per_pair: dict | None) -> dict[str, float]:
+    """The held-out preference accuracy of the base and the trained model (Wilson intervals) and their paired
+    difference (paired bootstrap over the same pairs), from the program's per-pair scores; empty without them."""
+    if not per_pair or not per_pair.get("base"):
+        return {}
+    from gauntlet.eval.stats import interval, paired_difference
+
+    base, trained = per_pair["base"], per_pair["trained"]
+    b, t = interval(base), interval(trained)
+    gain = paired_difference({str(i): v for i, v in enumerate(trained)}, {str(i): v for i, v in enumerate(base)})
+    return {"preference_accuracy_base": b.value, "preference_accuracy_base_lo": b.lo,
+            "preference_accuracy_base_hi": b.hi, "preference_accuracy": t.value, "preference_accuracy_lo": t.lo,
+            "preference_accuracy_hi": t.hi, "preference_accuracy_gain": gain.delta,
+            "preference_accuracy_gain_lo": gain.lo, "preference_accuracy_gain_hi": gain.hi,
+            "preference_accuracy_gain_significant": float(gain.significant), "preference_pairs": float(gain.n)}
 
 
 def _launch(spec: TrainSpec, model: ModelRef, data: DatasetRef, out: Path, mlflow: dict | None,
-            echo: Callable[[str], None]) -> None:
+            echo: Callable[[str], None], reference: ModelRef | None = None) -> None:
     use_cpu = runs_on_cpu(spec.accelerate)
     deepspeed = profile_named(spec.accelerate.profile).kind == "deepspeed"
     args = TrainerArgs(
@@ -192,12 +247,13 @@ def _launch(spec: TrainSpec, model: ModelRef, data: DatasetRef, out: Path, mlflo
         loss_chunk_tokens=LOSS_CHUNK_TOKENS,
         card=CardFacts(name=f"{model.name}-ft", base_model=model.source, base_revision=model.revision,
                        base_sha=model.sha, data_md5=data.md5, train_file=data.train_path,
-                       validation_file=data.validation_path))
+                       validation_file=data.validation_path),
+        reference_model=reference.path if reference else None)
     args_file = write_args(out / "train_args.json", args.model_dump(mode="json"))
     resume = trainer.latest_checkpoint(out)
     if resume:
         echo(f"resuming from checkpoint {resume}")
-    cmd = launch_command(spec.accelerate, args_file, use_cpu)
+    cmd = launch_command(spec.accelerate, args_file, use_cpu, program_for(spec))
     echo("launching: " + " ".join(cmd))
     try:
         finished = launch(cmd, cwd=project_root(), env={**os.environ, "PYTHONUNBUFFERED": "1"},

@@ -1,8 +1,14 @@
 """Stage ``train``: preflight, then the training program under ``accelerate launch`` (gauntlet.training).
 
-Key: the ``train`` section, the base model's content hash and the data version; the code version covers
-the training program too (this stage imports it). Retried (and resumed from the newest checkpoint, in
+Key: the ``train`` section (so the objective, ``beta`` and every ``train.preference`` setting), the base model's
+content hash and the data version (the md5 of the preference pairs, for a preference objective); the code version
+covers both training programs (this stage imports them). Retried (and resumed from the newest checkpoint, in
 the same MLflow run) unless the config cannot train at all (``TrainingConfigError``).
+
+A preference objective whose ``train.preference.reference`` names a model source (not ``base``) fetches it here,
+through the model stages, nested under this one; the key holds that source as written, so pin it
+(``models:/NAME/VERSION``, ``hf://org/name@revision``). The held-out preference accuracy of the base and of the
+trained model, with their intervals and the paired difference, are this stage's metrics.
 """
 
 from __future__ import annotations
@@ -34,6 +40,19 @@ def checkpoints_in_store(stage: StageRun) -> Iterator[None]:
         yield
 
 
+def reference_model(spec: TrainSpec, stage: StageRun) -> ModelRef | None:
+    """A preference objective's reference model when ``train.preference.reference`` names a source; None: the base
+    (under LoRA/QLoRA the base with the adapter disabled)."""
+    from gauntlet.config.model import ModelSpec
+    from gauntlet.tasks.models import fetch_model, resolve_model
+
+    source = spec.preference_settings().reference if spec.is_preference else "base"
+    if source == "base":
+        return None
+    run = stage.nested()
+    return fetch_model(resolved=resolve_model(spec=ModelSpec(source=source), run=run), run=run)
+
+
 @stage("train", key=lambda spec, model, data: [spec, model.sha, data.md5],
        outputs=lambda trained, st: [trained.merged.path, st.out / "result.json"],
        params=lambda spec, model, data: {**flatten_params("train", spec.model_dump(mode="json")),
@@ -41,9 +60,11 @@ def checkpoints_in_store(stage: StageRun) -> Iterator[None]:
        retries=2, retry_delay_seconds=10, permanent=(TrainingConfigError,), resumable=True)
 def train(spec: TrainSpec, model: ModelRef, data: DatasetRef, stage: StageRun) -> TrainedModel:
     out = stage.out
+    reference = reference_model(spec, stage)
     with checkpoints_in_store(stage):
         result = train_model(spec, model, data, out, {"tracking_uri": redact_uri(stage.flow.tracking_uri),
-                                                      "run_id": stage.run_id}, echo=stage.log.info)
+                                                      "run_id": stage.run_id}, echo=stage.log.info,
+                             reference=reference)
     for k, v in result.metrics.items():   # at the last step, so that the curves end there
         stage.metric(k, v, step=result.steps)
     resumed_from = json.loads((out / "result.json").read_text()).get("resumed_from_step", 0)
@@ -52,5 +73,6 @@ def train(spec: TrainSpec, model: ModelRef, data: DatasetRef, stage: StageRun) -
     stage.artifacts(out / "loss_curve.png", out / "train_args.json", out / "result.json", out / "steps.jsonl")
     stage.artifacts(Path(result.merged.path) / "README.md", folder="model_card")
     stage.tag("gauntlet.merged_model", result.merged.path)
+    stage.tag("gauntlet.objective", spec.objective)
     stage.log.info(f"trained {result.steps} steps: {result.metrics}; merged model {result.merged.path}")
     return result

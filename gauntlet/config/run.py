@@ -15,7 +15,7 @@ from gauntlet.config.model import ModelSpec, SourcesSpec
 from gauntlet.config.notify import NotifySpec, TrackingSpec
 from gauntlet.config.problems import SpecProblem
 from gauntlet.config.quantize import QuantizeSpec
-from gauntlet.config.train import TrainSpec
+from gauntlet.config.train import TrainSpec, data_layout_problems
 from gauntlet.hashing import sha256_json
 
 
@@ -88,7 +88,7 @@ def cross_section_problems(spec: RunSpec, root: Path) -> list[SpecProblem]:
                 path="quantize.calibration.samples",
                 message=f"{wanted} calibration samples asked for {calibrated}, but {spec.data.train} has {rows} rows",
                 hint=f"set quantize.calibration.samples to at most {rows}"))
-    return problems + gate_metric_problems(spec, root)
+    return problems + data_layout_problems(spec.train, spec.data, root) + gate_metric_problems(spec, root)
 
 
 def gate_metric_problems(spec: RunSpec, root: Path) -> list[SpecProblem]:

@@ -28,6 +28,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from gauntlet.config.data import DataChecksSpec
+from gauntlet.data import preference
 
 FIELDS = ("prompt_chars", "response_chars")
 
@@ -49,7 +50,10 @@ class DriftReport(BaseModel):
 
 
 def _text(row: dict) -> tuple[str, str]:
-    """(prompt, response) of an alpaca or a chat row."""
+    """(prompt, response) of an alpaca, chat or preference row (a pair's response: its chosen completion)."""
+    if "chosen" in row or ("completion" in row and "label" in row):
+        prompt, responses = preference.prompt_and_responses(row)
+        return prompt, responses[0]
     turns = row.get("messages") or row.get("conversations")
     if isinstance(turns, list) and turns:
         said = [(t.get("role") or t.get("from"), t.get("content") or t.get("value") or "") for t in turns

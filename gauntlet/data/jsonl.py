@@ -2,8 +2,9 @@
 
 Alpaca rows need ``instruction``, ``input`` and ``output`` strings (or the configured
 ``data.required_fields``); chat rows (``messages`` or ShareGPT ``conversations``) are checked with the
-training stage's own turn rules (:func:`gauntlet.data.sft.row_problem`); evaluation rows need an
-``instruction``. Every problem names its file and line and says how to fix it.
+training stage's own turn rules (:func:`gauntlet.data.sft.row_problem`); preference rows (``{prompt, chosen,
+rejected}``, KTO's ``{prompt, completion, label}``) with :func:`gauntlet.data.preference.row_problem` (``chosen ==
+rejected`` refused); evaluation rows need an ``instruction``. Every problem names its file and line and says how to fix it.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from gauntlet.data.sft import detect_format, row_problem
+from gauntlet.data import preference
+from gauntlet.data.sft import row_problem
 
 EVAL_REQUIRED_FIELDS = ("instruction",)
 ALPACA_FIELDS = ("instruction", "input", "output")
@@ -85,7 +87,7 @@ def _check_file(path: Path, required: tuple[str, ...] | None, problems: list[str
             row = _parse_row(f"{path}:{lineno}", raw, lineno == 1, required, problems)
             if row is None:
                 continue
-            layout = layout or ("fields" if required is not None else detect_format(row))
+            layout = layout or ("fields" if required is not None else preference.detect_layout(row))
             problems += _row_problems(f"{path}:{lineno}", row, layout, required)
             rows += 1
             key = json.dumps(row, sort_keys=True, ensure_ascii=False)
@@ -134,6 +136,10 @@ def _parse_row(where: str, raw: bytes, first: bool, required: tuple[str, ...] | 
 def _row_problems(where: str, row: dict, layout: str, required: tuple[str, ...] | None) -> list[str]:
     """A row's problems for its layout: chat turns by the training stage's rules, else the string fields."""
     problems = []
+    if layout in ("pairs", "kto"):
+        if problem := preference.row_problem(row, layout):  # type: ignore[arg-type]
+            problems.append(f"{where}: {problem} — {layout} rows are {preference.layout_fields(layout)}")
+        return problems
     if layout == "chat" and (problem := row_problem(row, "chat")):
         problems.append(f"{where}: {problem} — chat rows need a messages (or ShareGPT conversations) list of "
                         "role/content turns with an assistant answer")

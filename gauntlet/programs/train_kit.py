@@ -69,6 +69,8 @@ class TrainerArgs(Strict):
     loss_chunk_tokens: int | None = Field(None, gt=0, description="the loss this many tokens at a time; "
                                                                   "None: from the full logits")
     card: CardFacts | None = None
+    reference_model: str | None = Field(None, description="folder of the preference objective's reference model "
+                                                          "when it is not the base (train.preference.reference)")
 
 
 def read_args(path: Path) -> TrainerArgs:
@@ -337,12 +339,13 @@ def model_card(args: TrainerArgs, result: dict, kind: str) -> str:
     lines = [
         "---",
         yaml.safe_dump({"base_model": base, "library_name": "peft" if kind == "adapter" else "transformers",
-                        "tags": ["gauntlet", spec.method]}, sort_keys=False).strip(),
+                        "tags": ["gauntlet", spec.method, spec.objective]}, sort_keys=False).strip(),
         "---",
         "",
         f"# {card.name} ({'LoRA adapter' if kind == 'adapter' else 'merged model'})",
         "",
-        f"Fine-tuned by Gauntlet with **{spec.method}** on {datetime.now(UTC):%Y-%m-%d %H:%M} UTC.",
+        f"Fine-tuned by Gauntlet with **{spec.method}**, objective **{spec.objective}**, on "
+        f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC.",
         "",
         "## Base model",
         "",
@@ -354,7 +357,9 @@ def model_card(args: TrainerArgs, result: dict, kind: str) -> str:
         "",
         f"- data version (DVC md5): `{card.data_md5}`",
         f"- train: `{card.train_file}`, validation: `{card.validation_file}`",
-        f"- format: {result['data_format']}; loss on responses only" + ("; packed sequences" if spec.packing else ""),
+        (f"- format: {result['data_format']}; TRL's {spec.objective} loss, reference: "
+         f"{spec.preference_settings().reference}" if spec.is_preference else
+         f"- format: {result['data_format']}; loss on responses only" + ("; packed sequences" if spec.packing else "")),
         "",
         "## Metrics",
         "",

@@ -1,11 +1,15 @@
 """What the training program (gauntlet/programs/trainer.py) sets up before its loop and uses after it: the
 accelerator, the model (4-bit NF4 base + LoRA for qlora, 16-bit base + LoRA for lora, every weight for full),
-its optimizer, and the adapter merged into an unquantized copy of the base at the end. No Prefect here.
+its optimizer, and at the end the adapter merged into an unquantized copy of the base and the outputs written.
+Both training programs (``trainer``, SFT; ``preference_trainer``, TRL's preference trainers) use them. No Prefect
+here.
 """
 
 from __future__ import annotations
 
+import math
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -13,7 +17,8 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs
 
 from gauntlet.config.train import TrainSpec
-from gauntlet.programs.train_kit import shards_weights
+from gauntlet.files import write_json, write_text
+from gauntlet.programs.train_kit import CHECKPOINTS, TrainerArgs, model_card, plot_loss, shards_weights
 
 
 def make_accelerator(spec: TrainSpec, cpu: bool) -> Accelerator:
@@ -37,6 +42,18 @@ def compute_dtype(accelerator: Accelerator) -> torch.dtype:
 
 
 def load_model(base_model: str, spec: TrainSpec, accelerator: Accelerator, checkpointing: bool):
+    """The model to train: the base (4-bit for qlora) with its LoRA adapter, or every weight for full."""
+    model = load_base(base_model, spec, accelerator, checkpointing)
+    if spec.method == "full":
+        return model
+    from peft import get_peft_model
+
+    return get_peft_model(model, lora_config(spec))
+
+
+def load_base(base_model: str, spec: TrainSpec, accelerator: Accelerator, checkpointing: bool):
+    """The base model as ``train.method`` trains it: 4-bit NF4 (qlora, prepared for k-bit training) or in the
+    compute dtype; without an adapter (the preference program hands TRL the adapter's config instead)."""
     from transformers import AutoModelForCausalLM
 
     on_gpu = accelerator.device.type == "cuda"
@@ -67,14 +84,15 @@ def load_model(base_model: str, spec: TrainSpec, accelerator: Accelerator, check
     elif checkpointing:
         # sharded QLoRA keeps one dtype (no fp32 upcast), so it enables checkpointing directly
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs)
-    if spec.method == "full":
-        return model
-    from peft import LoraConfig, get_peft_model
+    return model
+
+
+def lora_config(spec: TrainSpec):
+    from peft import LoraConfig
 
     lora = spec.lora
-    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                        target_modules=lora.target_modules, task_type="CAUSAL_LM")
-    return get_peft_model(model, config)
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                      target_modules=lora.target_modules, task_type="CAUSAL_LM")
 
 
 def make_optimizer(model, spec: TrainSpec, accelerator: Accelerator) -> torch.optim.Optimizer:
@@ -100,3 +118,27 @@ def merge_and_save(base_model: str, adapter_dir: Path, merged_dir: Path, tokeniz
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     merged.save_pretrained(merged_dir)
     tokenizer.save_pretrained(merged_dir)
+
+
+def write_outputs(args: TrainerArgs, tokenizer, result: dict, history: list[dict], dtype: torch.dtype) -> dict:
+    """The main process's end of a training: the adapter merged into the base (LoRA methods; the adapter, or the
+    full model in ``merged/``, already saved), the loss curve, the model cards, the checkpoints removed and
+    ``result.json`` written last (what the training stage reads back: whole or not at all)."""
+    out = Path(args.output_dir)
+    adapter_dir, merged_dir = out / "adapter", out / "merged"
+    if args.train.method != "full":
+        merge_and_save(args.base_model, adapter_dir, merged_dir, tokenizer, dtype)
+        result["adapter_path"] = str(adapter_dir)
+    plot_loss(history, out / "loss_curve.png")
+    last_train: dict = next((h for h in reversed(history) if "train_loss" in h), {})
+    last_val: dict = next((h for h in reversed(history) if "val_loss" in h), {})
+    result.update(merged_path=str(merged_dir), loss_curve=str(out / "loss_curve.png"),
+                  metrics={**result.get("metrics", {}), "train_loss": last_train.get("train_loss", math.nan),
+                           "val_loss": last_val.get("val_loss", math.nan), "train_duration_s": result["duration_s"]},
+                  history=history)
+    for kind, folder in (("adapter", adapter_dir), ("merged", merged_dir)):
+        if folder.exists():
+            write_text(folder / "README.md", model_card(args, result, kind))
+    shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
+    write_json(out / "result.json", result)
+    return result

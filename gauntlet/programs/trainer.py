@@ -33,9 +33,7 @@ Checkpoints are removed once the final model is saved.
 from __future__ import annotations
 
 import argparse
-import math
 import os
-import shutil
 import signal
 import sys
 import time
@@ -51,9 +49,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from gauntlet.config.train import TrainSpec
 from gauntlet.data.sft import IGNORE_INDEX, Format, collate, pack, read_jsonl, resolve_format, tokenize_rows
-from gauntlet.files import write_json, write_text
 from gauntlet.programs.train_kit import (
-    CHECKPOINTS,
     AppliedGradNorm,
     Checkpointer,
     ChunkedLoss,
@@ -62,14 +58,12 @@ from gauntlet.programs.train_kit import (
     TrainerArgs,
     clip_gradients,
     latest_checkpoint,
-    model_card,
     peak_memory_gb,
-    plot_loss,
     read_args,
     shards_weights,
     validation_loss,
 )
-from gauntlet.programs.train_setup import compute_dtype, load_model, make_accelerator, make_optimizer, merge_and_save
+from gauntlet.programs.train_setup import compute_dtype, load_model, make_accelerator, make_optimizer, write_outputs
 
 __all__ = ["IGNORE_INDEX", "train", "main", "latest_checkpoint"]
 
@@ -344,20 +338,7 @@ def save_outputs(run: Run) -> dict:
                     "data_format": run.fmt}
     if not acc.is_main_process:
         return result
-    if spec.method != "full":
-        merge_and_save(run.args.base_model, adapter_dir, merged_dir, run.tokenizer, dtype)
-        result["adapter_path"] = str(adapter_dir)
-    history = run.sink.history
-    plot_loss(history, out / "loss_curve.png")
-    result.update(merged_path=str(merged_dir), loss_curve=str(out / "loss_curve.png"),
-                  metrics={"train_loss": history[-1]["train_loss"], "val_loss": history[-1].get("val_loss", math.nan),
-                           "train_duration_s": result["duration_s"]},
-                  history=history)
-    for kind, folder in (("adapter", adapter_dir), ("merged", merged_dir)):
-        if folder.exists():
-            write_text(folder / "README.md", model_card(run.args, result, kind))
-    shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
-    write_json(out / "result.json", result)   # read by the training stage: whole or not at all
+    write_outputs(run.args, run.tokenizer, result, run.sink.history, dtype)
     run.say(f"[trainer] done: {p.step} steps in {result['duration_s']:.1f}s; merged model at {merged_dir}")
     return result
 
