@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import importlib
+import os
 import sys
+import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
@@ -20,9 +24,14 @@ def add_overrides(p: argparse.ArgumentParser, example: str = "train.learning_rat
                    help=f"override a value by dotted key, e.g. {example} (repeatable)")
 
 
-def start_environment() -> Path | None:
+def start_environment(preload: Sequence[str] | None = None) -> Path | None:
     """Point Prefect and MLflow at $GAUNTLET_HOME and check configured servers answer; the home, or None
-    (after saying why) when a server does not answer."""
+    (after saying why) when a server does not answer.
+
+    ``preload``: the modules the command's flow will import (its flow module, the engine). Given, and with no
+    Prefect server configured, the command's temporary Prefect API (a subprocess, ~5 s to start) starts now in a
+    thread while this thread imports them and sets up the MLflow store: work the command does anyway, done while
+    the API boots on the other core instead of after it. None: the API starts at the first flow, as Prefect does."""
     from gauntlet.state import ServerUnreachable, check_servers, configure_environment
 
     home = configure_environment()
@@ -31,8 +40,58 @@ def start_environment() -> Path | None:
     except ServerUnreachable as e:
         print(f"cannot start: {e}", file=sys.stderr)
         return None
-    prepare_prefect_database()
+    if preload is None or os.environ.get("PREFECT_API_URL"):
+        prepare_prefect_database()
+        for module in preload or ():
+            importlib.import_module(module)
+        return home
+    starter = _Started(start_local_api)
+    for module in preload:
+        importlib.import_module(module)
+    from gauntlet.tracking import prepare_store, tracking_uri
+
+    prepare_store(tracking_uri())
+    try:
+        starter.result()
+    except Exception as e:
+        print(f"cannot start: the local Prefect API did not start: {type(e).__name__}: {e}", file=sys.stderr)
+        return None
     return home
+
+
+class _Started(threading.Thread):
+    """``fn()`` running in a thread from construction; ``result()`` waits and re-raises what it raised."""
+
+    def __init__(self, fn: Callable[[], None]):
+        super().__init__(name=f"gauntlet-{fn.__name__}", daemon=True)
+        self.fn = fn
+        self.error: BaseException | None = None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self.fn()
+        except BaseException as e:  # handed to the waiting thread
+            self.error = e
+
+    def result(self) -> None:
+        self.join()
+        if self.error is not None:
+            raise self.error
+
+
+def _migrated(folder: Path) -> bool:
+    import prefect
+
+    return (folder / f".gauntlet-migrated-{prefect.__version__}").exists() and (folder / "prefect.db").exists()
+
+
+def _stamp_migrated(folder: Path) -> None:
+    import prefect
+
+    from gauntlet.files import write_text
+
+    write_text(folder / f".gauntlet-migrated-{prefect.__version__}", "migrated\n")
 
 
 def prepare_prefect_database() -> None:
@@ -41,29 +100,41 @@ def prepare_prefect_database() -> None:
     Without a server (``PREFECT_API_URL`` unset) every command starts its own ephemeral API on the same
     sqlite file in ``$GAUNTLET_HOME/prefect``, and each would run the migrations at once; one process migrates
     here, the others wait and find it done (a stamp per Prefect version skips the lock afterwards)."""
-    import os
-
     if os.environ.get("PREFECT_API_URL"):
+        return
+    folder = Path(os.environ["PREFECT_HOME"])
+    if _migrated(folder):
         return
     import asyncio
 
-    import prefect
     from filelock import FileLock
 
-    folder = Path(os.environ["PREFECT_HOME"])
-    stamp = folder / f".gauntlet-migrated-{prefect.__version__}"
-    if stamp.exists() and (folder / "prefect.db").exists():
-        return
     folder.mkdir(parents=True, exist_ok=True)
     with FileLock(str(folder / ".setup.lock"), timeout=600):
-        if stamp.exists() and (folder / "prefect.db").exists():
+        if _migrated(folder):
             return
         from prefect.server.database import provide_database_interface
 
-        from gauntlet.files import write_text
-
         asyncio.run(provide_database_interface().create_db())
-        write_text(stamp, "migrated\n")
+        _stamp_migrated(folder)
+
+
+def start_local_api() -> None:
+    """Start the temporary Prefect API that Prefect itself would start at the first flow (the same instance:
+    Prefect's client finds it running). A database no command migrated yet is migrated by the API process as it
+    starts (its own start-up step), under the same lock and stamp as :func:`prepare_prefect_database`: the
+    migrations then run in that process, beside this one's work, not in it."""
+    from filelock import FileLock
+    from prefect.server.api.server import SubprocessASGIServer
+
+    folder = Path(os.environ["PREFECT_HOME"])
+    if _migrated(folder):
+        SubprocessASGIServer().start()
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder / ".setup.lock"), timeout=600):
+        SubprocessASGIServer().start()   # healthy only once its start-up (migrations included) finished
+        _stamp_migrated(folder)
 
 
 def registry_client():

@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
             return EXIT_FAILED
         print(f"{names[0]}: stopped (router and servers)" if state else f"{names[0]}: nothing deployed")
         return EXIT_OK
-    if start_environment() is None:
+    if start_environment(preload=("gauntlet.flows.deploy",)) is None:
         return EXIT_FAILED
     from gauntlet.flows.deploy import deploy
 

@@ -34,7 +34,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     model, spec = load_eval_request(args.model, args.suite, args.tasks, args.fixtures, args.overrides)
-    if start_environment() is None:
+    from gauntlet.eval.engine import engine_modules
+
+    if start_environment(preload=("gauntlet.flows.evaluate", *engine_modules(spec))) is None:
         return EXIT_FAILED
     from gauntlet.eval.report import report_markdown
     from gauntlet.flows.evaluate import evaluate_flow

@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     spec = load_leaderboard_spec(config, args.overrides)  # before any heavy import: bad input costs nothing
     if args.plan:
         return plan(spec, args)
-    if start_environment() is None:
+    if start_environment(preload=("gauntlet.flows.leaderboard",)) is None:
         return EXIT_FAILED
     from gauntlet.flows.leaderboard import leaderboard
     from gauntlet.leaderboard.publish import render_markdown

@@ -71,7 +71,9 @@ def run_config(config: Path, overrides: list[str]) -> int:
     """Validate (before any heavy import: bad input costs nothing), then hand the validated spec to the
     finetune flow: the config is parsed once, here."""
     spec = load_spec(config.resolve(), overrides)
-    home = start_environment()
+    from gauntlet.eval.engine import engine_modules
+
+    home = start_environment(preload=("gauntlet.flows.finetune", *engine_modules(spec.eval)))
     if home is None:
         return EXIT_FAILED
     from gauntlet.flows.finetune import finetune_spec

@@ -102,6 +102,13 @@ def engine_model_args(spec: EvalSpec, model_path: str, device: str) -> tuple[str
     return "hf", {"pretrained": model_path, "dtype": dtype_for(device)}
 
 
+def engine_modules(spec: EvalSpec) -> tuple[str, ...]:
+    """The modules evaluating with this config imports (a command imports them while its Prefect API starts).
+    The vllm backend's own module is left to the stage, which says clearly when vllm is missing."""
+    common = ("torch", "transformers", "lm_eval.evaluator", "lm_eval.api.registry", "lm_eval.tasks")
+    return common if spec.backend == "vllm" else (*common, "lm_eval.models.huggingface")
+
+
 def check_backend(spec: EvalSpec, device: str) -> None:
     """A clear error, before anything loads, when the backend cannot run here."""
     if spec.backend != "vllm":
