@@ -1,4 +1,5 @@
-"""Shared test set-up: a temporary $GAUNTLET_HOME, a real sqlite MLflow, one real Prefect test API.
+"""Shared test set-up: a state folder ($GAUNTLET_HOME) per test module, a real sqlite MLflow, one real
+Prefect test API, and the demo's tiny model built once.
 
 Environment variables are set at import time, before Prefect or MLflow are imported anywhere,
 because both read their settings on import.
@@ -10,6 +11,7 @@ import http.server
 import os
 import tempfile
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -56,7 +58,37 @@ def webhook():
 
 @pytest.fixture(scope="session")
 def session_home() -> Path:
+    """The session's folder: every module's state folder lies inside it, and the MLflow store next to them."""
     return _SESSION_HOME
+
+
+@pytest.fixture(scope="module", autouse=True)
+def module_home(request) -> Iterator[Path]:
+    """This test module's own state folder ($GAUNTLET_HOME): its stage folders, receipts and Prefect's task
+    results (the cache) never come from another module, so a module asserts a cache hit or a miss exactly. The
+    MLflow store stays the session's one sqlite file (each new store costs seconds of migrations; runs are told
+    apart by experiment and name). Tests that start `gauntlet` processes give them the folder they want."""
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+
+    home = _SESSION_HOME / "modules" / request.module.__name__.rsplit(".", 1)[-1]
+    results = home / "prefect" / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    saved = {k: os.environ[k] for k in ("GAUNTLET_HOME", "PREFECT_LOCAL_STORAGE_PATH")}
+    os.environ.update(GAUNTLET_HOME=str(home), PREFECT_LOCAL_STORAGE_PATH=str(results))
+    try:
+        with temporary_settings(updates={PREFECT_LOCAL_STORAGE_PATH: results}):  # Prefect read it at import
+            yield home
+    finally:
+        os.environ.update(saved)
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Path:
+    """The demo's tiny random Llama, built once for the session (outside every module's state folder). Shared:
+    a test that changes its files works on a copy."""
+    from gauntlet.demo.model import build_demo_model
+
+    return build_demo_model("tiny-llama", out=_SESSION_HOME / "shared" / "tiny-llama")
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ finetune flow on a real DVC repo and must fail with the message, leaving the reg
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -36,16 +37,14 @@ def jsonl(rows: list[dict]) -> bytes:
     return "".join(json.dumps(r) + "\n" for r in rows).encode()
 
 
-def runtime_overrides(name: str, repo: Path, tmp_path: Path) -> list[str]:
+def runtime_overrides(name: str, repo: Path, tmp_path: Path, tiny_model: Path) -> list[str]:
     splits = demo_data.build(48, 7)
     if name == "not_a_model_dir":
         (tmp_path / "empty-model").mkdir()
         (tmp_path / "empty-model" / "notes.txt").write_text("no weights")
         return [f"model.source={tmp_path / 'empty-model'}"]
     if name == "truncated_safetensors":
-        from gauntlet.demo.model import build_demo_model
-
-        model = build_demo_model("tiny-llama", out=tmp_path / "model")
+        model = Path(shutil.copytree(tiny_model, tmp_path / "model"))   # the shared model stays whole
         weights = model / "model.safetensors"
         weights.write_bytes(weights.read_bytes()[:-1000])
         return [f"model.source={model}"]
@@ -83,11 +82,11 @@ def registry_versions() -> int:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", [n for n, c in CASES.items() if c["kind"] == "runtime"])
-def test_runtime_case(name: str, prefect_api, dvc_repo: Path, tmp_path: Path) -> None:
+def test_runtime_case(name: str, prefect_api, dvc_repo: Path, tmp_path: Path, tiny_model: Path) -> None:
     from gauntlet.flows.finetune import finetune
 
     before = registry_versions()
-    overrides = [f"data.repo={dvc_repo}", *runtime_overrides(name, dvc_repo, tmp_path)]
+    overrides = [f"data.repo={dvc_repo}", *runtime_overrides(name, dvc_repo, tmp_path, tiny_model)]
     state = finetune(config=str(DEMO), overrides=overrides, return_state=True)
     assert state.is_failed()
     assert CASES[name]["expect"] in state.message, state.message

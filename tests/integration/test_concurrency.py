@@ -173,12 +173,10 @@ def test_an_unreadable_receipt_is_a_logged_cache_miss(prefect_api, caplog) -> No
     assert "is unreadable" in caplog.text and "a cache miss, computing it again" in caplog.text
 
 
-def test_eight_evaluations_at_once_on_one_state_folder(tmp_path: Path) -> None:
+def test_eight_evaluations_at_once_on_one_state_folder(tmp_path: Path, tiny_model: Path) -> None:
     """Eight `gauntlet eval` processes of one model on a fresh state folder: every one succeeds (MLflow's and
     Prefect's stores set up once, the one stage key computed once and reused) and all report the same score."""
-    from gauntlet.demo.model import build_demo_model
-
-    model = build_demo_model("tiny-llama", out=tmp_path / "tiny-llama")
+    model = tiny_model
     home = tmp_path / "home"
     outputs = [tmp_path / f"report-{i}.json" for i in range(8)]
     procs = [gauntlet("eval", str(model), "--task", "arc_challenge", "--fixtures", "--set", "limit=4",

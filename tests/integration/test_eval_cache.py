@@ -21,10 +21,8 @@ PROBE = SpeedProbeSpec(prompts=2, max_new_tokens=4, large_batch=4)
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    from gauntlet.demo.model import build_demo_model
-
-    return build_demo_model("tiny-llama", out=tmp_path_factory.mktemp("cache-models") / "tiny-llama")
+def model_dir(tiny_model: Path) -> Path:
+    return tiny_model
 
 
 def spec_with(*tasks: str | dict, **kw) -> EvalSpec:

@@ -33,13 +33,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    from gauntlet.demo.model import build_demo_model
-
-    return build_demo_model("tiny-llama", out=tmp_path_factory.mktemp("models") / "tiny-llama")
-
-
-@pytest.fixture(scope="module")
 def demo_eval_data(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data") / "eval.jsonl"
     demo_data.write_jsonl(path, demo_data.build(48, 7)["eval"])

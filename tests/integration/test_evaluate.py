@@ -19,13 +19,11 @@ from tests.helpers import evaluate_in_flow
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
-def test_evaluate_tiny_model_end_to_end(prefect_api, tmp_path: Path) -> None:
-    from gauntlet.demo.model import build_demo_model
-
+def test_evaluate_tiny_model_end_to_end(prefect_api, tmp_path: Path, tiny_model: Path) -> None:
     splits = demo_data.build(48, 7)
     data = tmp_path / "data" / "eval.jsonl"
     demo_data.write_jsonl(data, splits["eval"])
-    path = build_demo_model("tiny-llama", out=tmp_path / "tiny-llama")
+    path = tiny_model
     spec = EvalSpec(tasks=["demo_facts"], limit=16, batch_size=16,
                     speed_probe=SpeedProbeSpec(prompts=2, max_new_tokens=8))
 

@@ -78,16 +78,14 @@ def test_a_training_past_its_time_limit_is_stopped_and_the_run_fails_naming_the_
         assert db.execute("SELECT COUNT(*) FROM model_versions").fetchone()[0] == 0
 
 
-def test_an_evaluation_past_its_time_limit_is_stopped_naming_the_stage(tmp_path: Path) -> None:
+def test_an_evaluation_past_its_time_limit_is_stopped_naming_the_stage(tmp_path: Path, tiny_model: Path) -> None:
     """eval.timeout_minutes: the scoring stops at the first model batch past the limit; `gauntlet eval` exits
     failed naming the stage and the setting, the score stage's MLflow run is FAILED. The same evaluation
     with a limit it fits in passes (the limit changes nothing else: no part of the key)."""
     import json
     import sqlite3
 
-    from gauntlet.demo.model import build_demo_model
-
-    model = build_demo_model("tiny-llama", out=tmp_path / "tiny-llama")
+    model = tiny_model
     home = tmp_path / "home"
 
     def evaluate(minutes: float) -> subprocess.CompletedProcess:

@@ -23,12 +23,11 @@ TASK = "demo_facts"
 
 
 @pytest.fixture(scope="module")
-def champion(prefect_api, tmp_path_factory) -> EvalReport:
-    from gauntlet.demo.model import build_demo_model
+def champion(prefect_api, tmp_path_factory, tiny_model) -> EvalReport:
     from tests.helpers import evaluate_in_flow
 
     root = tmp_path_factory.mktemp("significance")
-    path = build_demo_model("tiny-llama", out=root / "tiny-llama")
+    path = tiny_model
     eval_path = root / "eval.jsonl"
     demo_data.write_jsonl(eval_path, demo_data.build(48, 7)["eval"])
     return evaluate_in_flow(path, EvalSpec(tasks=[TASK], speed_probe=SpeedProbeSpec(enabled=False)),

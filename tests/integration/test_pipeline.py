@@ -76,9 +76,8 @@ def test_first_run_trains_evaluates_and_promotes(first_run, dvc_repo) -> None:
     summary, flow_run_id, elapsed = first_run
     print(f"\nfirst run: {elapsed:.1f}s")
     states = task_states(flow_run_id)
-    # other test modules may have fetched the same demo model already (same session state folder)
-    assert states["train"] == states["evaluate-finetuned"] == "Completed", states
-    assert all(states[name] in ("Completed", "Cached") for name in HEAVY), states
+    # this module's own state folder: nothing comes from another module's cache
+    assert all(states[name] == "Completed" for name in HEAVY), states
 
     c = mlflow_client()
     parent = c.get_run(summary.mlflow_run_id)

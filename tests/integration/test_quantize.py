@@ -27,12 +27,10 @@ CALIBRATION = CalibrationSpec(samples=8, max_seq_len=48, seed=3)  # small: AWQ's
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> tuple[ModelRef, DatasetRef]:
+def tiny(tmp_path_factory, tiny_model: Path) -> tuple[ModelRef, DatasetRef]:
     """The demo's tiny model and data files (the DatasetRef a pull would return for them)."""
-    from gauntlet.demo.model import build_demo_model
-
     root = tmp_path_factory.mktemp("quant")
-    path = build_demo_model("tiny-llama", out=root / "tiny-llama")
+    path = tiny_model
     splits = demo_data.build(48, 7)
     files = {}
     for split in ("train", "validation", "eval"):

@@ -120,16 +120,15 @@ def test_gate_task_logs_decision_to_mlflow_and_prefect(prefect_api) -> None:
     assert any("| required[reasoning] | — | — | **FAIL** |" in (a.data or "") for a in artifacts)
 
 
-def test_registered_version_has_lineage_card_and_loads_with_mlflow_and_transformers(tmp_path) -> None:
+def test_registered_version_has_lineage_card_and_loads_with_mlflow_and_transformers(tmp_path, tiny_model) -> None:
     from mlflow.artifacts import download_artifacts
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from gauntlet.demo.model import build_demo_model
     from gauntlet.registry.candidates import register_candidate
 
     c = mlflow_client()
     registry = RegistrySpec(model_name=unique("lineage"))
-    folder = build_demo_model("tiny-llama", out=tmp_path / "tiny")
+    folder = tiny_model
     lineage = lineage_for(folder)
     report = make_report({"facts": 0.71, "reasoning": 0.33},
                          {"backend": "hf", "device": "cpu", "tokens_per_s": 50.0, "first_token_latency_ms": 12.0,

@@ -31,10 +31,8 @@ CONVERSATION = [
 
 
 @pytest.fixture(scope="module")
-def demo_model_dir() -> Path:
-    from gauntlet.demo.model import build_demo_model
-
-    return build_demo_model("tiny-llama")
+def demo_model_dir(tiny_model: Path) -> Path:
+    return tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -23,10 +23,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
 @pytest.fixture(scope="module")
-def demo_model() -> ModelRef:
-    from gauntlet.demo.model import build_demo_model
-
-    path = build_demo_model("tiny-llama")
+def demo_model(tiny_model: Path) -> ModelRef:
+    path = tiny_model
     return ModelRef(name="tiny-llama", path=str(path), source="demo://tiny-llama", sha=sha256_dir(path))
 
 

@@ -148,11 +148,11 @@ def test_plan_exit_code_says_whether_the_configured_profile_fits(capsys) -> None
     assert cli([*args, "--gpus", "1", "--gpu-memory", "80"]) == 0
 
 
-def test_hf_source_reads_only_its_config_json(session_home: Path, capsys) -> None:
+def test_hf_source_reads_only_its_config_json(module_home: Path, capsys) -> None:
     """hf:// plans go through huggingface_hub's hf_hub_download for config.json alone (here served from
     its cache at a pinned commit, as no hub is reachable)."""
     revision = "0123456789abcdef0123456789abcdef01234567"
-    repo = session_home / "models" / "hf" / "models--acme--llama-7b"
+    repo = module_home / "models" / "hf" / "models--acme--llama-7b"
     (repo / "snapshots" / revision).mkdir(parents=True)
     (repo / "refs").mkdir()
     (repo / "snapshots" / revision / "config.json").write_text(
@@ -164,7 +164,7 @@ def test_hf_source_reads_only_its_config_json(session_home: Path, capsys) -> Non
     assert [p.name for p in (repo / "snapshots" / revision).iterdir()] == ["config.json"]
 
 
-def test_registry_source_reads_only_its_config_json(session_home: Path, tmp_path: Path, capsys) -> None:
+def test_registry_source_reads_only_its_config_json(module_home: Path, tmp_path: Path, capsys) -> None:
     """models:/NAME@alias plans download the registered version's config.json alone, not its weights."""
     import shutil
 
@@ -181,9 +181,9 @@ def test_registry_source_reads_only_its_config_json(session_home: Path, tmp_path
     assert cli(["plan", config, "--set", "model.source=models:/plan-7b@champion", "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert plan["model"]["total_params"] == 6_738_415_616
-    downloaded = session_home / "models" / "configs" / "registry" / "plan-7b" / version
+    downloaded = module_home / "models" / "configs" / "registry" / "plan-7b" / version
     assert [p.name for p in downloaded.iterdir()] == ["config.json"]
-    assert not (session_home / "models" / "registry" / "plan-7b").exists()
+    assert not (module_home / "models" / "registry" / "plan-7b").exists()
     # an alias nobody set: invalid input (exit 2), named with the registry and the fix
     assert cli(["plan", config, "--set", "model.source=models:/plan-7b@nope"]) == 2
     assert "has no alias @nope" in capsys.readouterr().err
