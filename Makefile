@@ -37,8 +37,12 @@ check: setup
 	$(BIN)/ruff check gauntlet tasks flows tests benchmarks
 	$(BIN)/mypy gauntlet
 
+# Two test processes (pytest-xdist), one file each at a time: much of the suite waits on servers, trainers and
+# heartbeats, and the other process uses that time. A file stays on one process, so its module fixtures (the
+# team stack, a pipeline run) are made once. TEST_WORKERS=0 runs it in this process alone.
+TEST_WORKERS ?= 2
 test: check
-	$(BIN)/python -m pytest -q --durations=25 tests/unit tests/integration
+	$(BIN)/python -m pytest -q --durations=25 -n $(TEST_WORKERS) --dist loadfile tests/unit tests/integration
 
 test-fast: setup
 	$(BIN)/python -m pytest -q tests/unit
