@@ -14,6 +14,7 @@ nothing here computes a preference loss. What Gauntlet adds around TRL's loop, f
 - checkpoints where the stage looks for them: TRL's (the Trainer's: adapter, optimizer, scheduler, RNG states,
   data position) renamed whole into ``checkpoints/step-NNNNNNNN`` once written, resumed from the newest, so a
   retry after a kill trains no step twice;
+- the validation loss (TRL's, with its reward metrics as ``val_rewards/...``) every ``eval_steps`` and at the end;
 - the held-out preference accuracy, per pair (does the model give ``chosen`` a higher log-likelihood than
   ``rejected`` on the validation pairs it never trained on), measured before training (the base) and after, into
   ``result.json`` for the training stage's paired test;
@@ -234,7 +235,7 @@ def build(args: TrainerArgs) -> tuple[Any, Any, list[dict], GauntletCallback]:
     callback = GauntletCallback(spec, out, sink, steplog, accelerator.print)
     kwargs: dict = {"ref_model": reference} if spec.objective in ("dpo", "ipo", "kto") else {}
     trainer = trainer_cls(model=model, args=config, train_dataset=Dataset.from_list(train_rows),
-                          eval_dataset=Dataset.from_list(val_rows) if spec.eval_steps else None,
+                          eval_dataset=Dataset.from_list(val_rows),
                           processing_class=tokenizer, callbacks=[callback],
                           peft_config=None if spec.method == "full" else lora_config(spec), **kwargs)
     trainer.remove_callback(PrinterCallback)   # disable_tqdm's raw dict per step: the callback prints the window
@@ -256,6 +257,7 @@ def train(args: TrainerArgs) -> dict:
         f"trainable={trainable:,} settings={objective_settings(spec)} device={trainer.accelerator.device}")
     output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     callback.steplog.close()
+    trainer.evaluate()   # the validation loss (and TRL's reward metrics) at the end, as the SFT program does
     after = held_out_accuracy(trainer, tokenizer, val_rows, spec, base=False)
     return save_outputs(args, trainer, tokenizer, callback, output, before, after, time.time() - started, resume)
 

@@ -1,0 +1,204 @@
+"""Preference tuning through the train stage, for real: DPO (QLoRA, TRL's DPOTrainer) on the demo's tiny model and
+preference pairs made from its facts, under `accelerate launch`, in a Prefect flow with a sqlite MLflow. One training
+serves the module (SIGKILLed after its first checkpoint, resumed by the task's retry): TRL's metrics per step in the
+stage's MLflow run, no step trained twice, the held-out preference accuracy with its paired test; the stage's key
+follows beta and the data; pairs with chosen == rejected are refused before anything trains."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from gauntlet.config.train import TrainSpec
+from gauntlet.hashing import sha256_dir
+from gauntlet.refs import DatasetRef, ModelRef
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+SPEC = TrainSpec(objective="dpo", preference={"beta": 0.02}, method="qlora", learning_rate=0.003, max_steps=8,
+                 batch_size=8, max_seq_len=64, logging_steps=2, checkpoint_steps=4,
+                 lora={"r": 8, "alpha": 16, "dropout": 0.0})
+METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "train_loss",
+           "learning_rate", "grad_norm")
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> ModelRef:
+    from gauntlet.demo.model import build_demo_model
+
+    path = build_demo_model("tiny-llama", tmp_path_factory.mktemp("model") / "tiny-llama")
+    return ModelRef(name="tiny-llama", path=str(path), source="demo://tiny-llama", sha=sha256_dir(path))
+
+
+def write_pairs(folder: Path, mutate=None) -> DatasetRef:
+    """The demo's preference pairs (what the DVC stage prepare-demo-dpo writes), optionally edited."""
+    from gauntlet.demo.data import build_preference, write_jsonl
+
+    splits = build_preference(48, 7)
+    splits["validation"] = splits["validation"][:24]   # the held-out pairs: fewer, for the test's time
+    if mutate:
+        mutate(splits)
+    folder.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "validation"):
+        write_jsonl(folder / f"{split}.jsonl", splits[split])
+    return DatasetRef(repo=str(folder), train_path=str(folder / "train.jsonl"),
+                      validation_path=str(folder / "validation.jsonl"), md5=f"test-{folder.name}", file_md5={},
+                      rows={k: len(v) for k, v in splits.items()})
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory) -> DatasetRef:
+    return write_pairs(tmp_path_factory.mktemp("pairs"))
+
+
+class KillAtCheckpoint(threading.Thread):
+    """SIGKILLs the training's process group (named by the stage's pid file) once a checkpoint is complete."""
+
+    def __init__(self, out: Path):
+        super().__init__(daemon=True)
+        self.out, self.killed_at = out, None
+
+    def run(self) -> None:
+        from gauntlet.programs.train_kit import latest_checkpoint
+
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            checkpoint, pid_file = latest_checkpoint(self.out), self.out / "trainer.pid"
+            if checkpoint and pid_file.exists():
+                os.killpg(int(pid_file.read_text()), signal.SIGKILL)
+                self.killed_at = int(checkpoint.name.removeprefix("step-"))
+                return
+            time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def dpo_run(prefect_api, tiny_model, pairs):
+    """One DPO training through the stage, killed after its first checkpoint and resumed by the retry."""
+    from prefect import flow
+    from prefect.runtime import flow_run
+
+    from gauntlet.tasks.train import train
+    from gauntlet.tracking import parent_run, tracking_uri
+
+    out = train.output_dir(spec=SPEC, model=tiny_model, data=pairs)
+
+    @flow(name="dpo-with-retries")
+    def dpo_flow():
+        with parent_run(tracking_uri(), "dpo", "dpo", {"prefect.flow_run_id": str(flow_run.id)}, {}) as run:
+            return train.with_options(retry_delay_seconds=1)(spec=SPEC, model=tiny_model, data=pairs, run=run), run
+
+    killer = KillAtCheckpoint(out)
+    killer.start()
+    started = time.time()
+    state = dpo_flow(return_state=True)
+    print(f"DPO through the stage, killed and resumed: {time.time() - started:.1f}s")
+    assert state.is_completed(), state.message
+    trained, run = state.result()
+    return trained, run, out, killer.killed_at
+
+
+def test_dpo_metrics_reach_the_stage_s_mlflow_run_under_trl_s_names(dpo_run) -> None:
+    from mlflow.tracking import MlflowClient
+
+    trained, run, out, _ = dpo_run
+    c = MlflowClient()
+    (train_run,) = c.search_runs([run.experiment_id], f"tags.mlflow.parentRunId = '{run.parent_run_id}' "
+                                 "and tags.`gauntlet.stage` = 'train'")
+    assert train_run.info.status == "FINISHED" and train_run.data.tags["gauntlet.objective"] == "dpo"
+    assert train_run.data.params["train.objective"] == "dpo" and train_run.data.params["train.preference.beta"] == "0.02"
+    for name in METRICS:
+        steps = sorted({m.step for m in c.get_metric_history(train_run.info.run_id, name)})
+        assert steps == [2, 4, 6, 8], (name, steps)   # every logging_steps, the retry's after the kill's
+    assert c.get_metric_history(train_run.info.run_id, "val_loss")[-1].step == SPEC.max_steps   # always at the end
+    assert c.get_metric_history(train_run.info.run_id, "val_rewards/accuracies")
+    margins = c.get_metric_history(train_run.info.run_id, "rewards/margins")
+    assert any(m.value != 0 for m in margins)           # TRL's implicit rewards, not a placeholder
+    assert 0 <= trained.metrics["preference_accuracy"] <= 1 and trained.metrics["preference_pairs"] == 24
+    assert (trained.metrics["preference_accuracy_gain_lo"] <= trained.metrics["preference_accuracy_gain"]
+            <= trained.metrics["preference_accuracy_gain_hi"])
+    logged = c.get_run(train_run.info.run_id).data.metrics
+    assert logged["preference_accuracy_base"] == trained.metrics["preference_accuracy_base"]
+    card = (Path(trained.merged.path) / "README.md").read_text()
+    assert "objective **dpo**" in card and "reference: base" in card
+
+
+def test_a_second_run_takes_the_cached_result(dpo_run, tiny_model, pairs) -> None:
+    """The receipt's JSON reads back as the same TrainedModel (every metric a finite number)."""
+    from prefect import flow
+
+    from gauntlet.tasks.train import train
+    from gauntlet.tracking import parent_run, tracking_uri
+
+    trained = dpo_run[0]
+    assert all(isinstance(v, float) and v == v for v in trained.metrics.values()), trained.metrics
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    @flow(name="dpo-again")
+    def again():
+        with parent_run(tracking_uri(), "dpo", "again", {}, {}) as run:
+            return train(spec=SPEC, model=tiny_model, data=pairs, run=run)
+
+    state = again(return_state=True)
+    assert state.is_completed(), state.message
+    with get_client(sync_client=True) as client:
+        (task_run,) = client.read_task_runs(flow_run_filter=FlowRunFilter(
+            id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+    assert task_run.state.name == "Cached"
+    assert state.result().merged == trained.merged and state.result().metrics == trained.metrics
+
+
+def test_resume_after_sigkill_trains_no_step_twice(dpo_run) -> None:
+    trained, _, out, checkpoint = dpo_run
+    assert checkpoint == 4, "the watcher should have killed the first attempt after its first checkpoint"
+    steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
+    attempts = list(dict.fromkeys(s["pid"] for s in steps))
+    assert len(attempts) == 2
+    first = [s["step"] for s in steps if s["pid"] == attempts[0]]
+    second = [s for s in steps if s["pid"] == attempts[1]]
+    assert first[:checkpoint] == list(range(1, checkpoint + 1)) and len(first) < SPEC.max_steps
+    assert [s["step"] for s in second] == list(range(checkpoint + 1, SPEC.max_steps + 1))
+    assert {s["resumed_from"] for s in second} == {checkpoint}
+    assert sorted(s["step"] for s in steps if s["step"] <= checkpoint) == list(range(1, checkpoint + 1))
+    # the resumed schedule carries on where it stopped: one linear-decay step per optimizer step
+    assert [s["lr"] for s in second] == pytest.approx([0.003 * (1 - (k - 1) / 8) for k in range(5, 9)], rel=1e-6)
+    assert trained.steps == SPEC.max_steps
+    assert json.loads((out / "result.json").read_text())["resumed_from_step"] == checkpoint
+    assert not (out / "checkpoints").exists() and Path(trained.adapter_path, "adapter_model.safetensors").exists()
+
+
+def test_the_stage_key_changes_with_beta_the_objective_and_the_data(tiny_model, pairs, tmp_path) -> None:
+    from gauntlet.tasks.train import train
+
+    key = train.output_dir(spec=SPEC, model=tiny_model, data=pairs)
+    assert train.output_dir(spec=SPEC.model_copy(), model=tiny_model, data=pairs) == key
+    other_beta = SPEC.model_copy(update={"preference": SPEC.preference.model_copy(update={"beta": 0.1})})
+    assert train.output_dir(spec=other_beta, model=tiny_model, data=pairs) != key
+    assert train.output_dir(spec=SPEC.model_copy(update={"objective": "ipo", "preference": None}),
+                            model=tiny_model, data=pairs) != key
+    other_pairs = pairs.model_copy(update={"md5": "another-version-of-the-pairs"})
+    assert train.output_dir(spec=SPEC, model=tiny_model, data=other_pairs) != key
+
+
+def test_pairs_with_chosen_equal_to_rejected_are_refused_before_training(tiny_model, tmp_path) -> None:
+    from gauntlet.training import TrainingConfigError, train_model
+
+    def break_one(splits):
+        splits["train"][3]["rejected"] = splits["train"][3]["chosen"]
+
+    broken = write_pairs(tmp_path / "broken", break_one)
+    with pytest.raises(TrainingConfigError, match=r"train.jsonl:4: chosen == rejected: the pair prefers nothing"):
+        train_model(SPEC, tiny_model, broken, tmp_path / "out")
+    assert not (tmp_path / "out" / "train_args.json").exists()   # refused before the launch
+
+    sft = write_pairs(tmp_path / "sft", lambda s: s.update(train=[{"instruction": "q", "input": "", "output": "a"}]))
+    with pytest.raises(TrainingConfigError, match=r"has alpaca rows \{instruction, input, output\}, but "
+                                                  r"train.objective dpo trains on rows \{prompt, chosen, rejected\}"):
+        train_model(SPEC, tiny_model, sft, tmp_path / "out")
