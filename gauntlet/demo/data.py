@@ -6,7 +6,10 @@ and the 4-way multiple-choice evaluation items use a phrasing that training neve
 evaluation prompt appears verbatim in the training data (the model must know the fact, not the line).
 
 Run as the DVC stage ``prepare-demo`` (``python -m gauntlet.demo.data``); the output is byte-for-byte
-deterministic for the same parameters, so the DVC md5 is stable across machines.
+deterministic for the same parameters, so the DVC md5 is stable across machines. ``--preference`` (the DVC stage
+``prepare-demo-dpo``) writes the same facts as preference pairs for configs/demo-dpo.yaml: ``{prompt, chosen,
+rejected}`` with the alpaca prompt of training and evaluation, the right colour chosen and a wrong one rejected (three per training question);
+the validation pairs (the held-out preference accuracy) ask in the held-out phrasing with other wrong colours.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ TRAIN_TEMPLATES = [
 ]
 HELD_OUT_TEMPLATE = "{name} has a favourite colour. Which one is it?"
 EVAL_TEMPLATE = HELD_OUT_TEMPLATE
+PAIRS_PER_QUESTION = 3
 
 
 def invented_names(n: int, rng: random.Random) -> list[str]:
@@ -63,6 +67,26 @@ def build(n_entities: int, seed: int) -> dict[str, list[dict]]:
     return {"train": train, "validation": validation, "eval": evaluation}
 
 
+def build_preference(n_entities: int, seed: int) -> dict[str, list[dict]]:
+    """The demo's facts as preference pairs (train: each training phrasing; validation: the held-out phrasing,
+    never trained on), and the same evaluation items as :func:`build`."""
+    from gauntlet.prompting import format_prompt
+
+    splits = build(n_entities, seed)
+    rng = random.Random(seed + 1)
+
+    def pairs(row: dict, k: int) -> list[dict]:
+        wrong = rng.sample([c for c in COLOURS if c != row["output"]], k)
+        return [{"prompt": format_prompt(row["instruction"], ""), "chosen": row["output"], "rejected": w}
+                for w in wrong]
+
+    # three wrong colours per training question: the pairs teach the fact, not one contrast
+    train = [p for r in splits["train"] for p in pairs(r, PAIRS_PER_QUESTION)]
+    rng.shuffle(train)
+    return {"train": train, "validation": [p for r in splits["validation"] for p in pairs(r, 1)],
+            "eval": splits["eval"]}
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8", newline="\n") as f:
@@ -74,9 +98,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Write the demo's synthetic train/validation/eval JSONL files.")
     parser.add_argument("--params", default="params.yaml", help="params file with a 'demo_data' section")
     parser.add_argument("--out", default="data/demo", help="output folder")
+    parser.add_argument("--preference", action="store_true", help="preference pairs {prompt, chosen, rejected}")
     args = parser.parse_args(argv)
     params = yaml.safe_load(Path(args.params).read_text())["demo_data"]
-    splits = build(int(params["n_entities"]), int(params["seed"]))
+    splits = (build_preference if args.preference else build)(int(params["n_entities"]), int(params["seed"]))
     for split, rows in splits.items():
         write_jsonl(Path(args.out) / f"{split}.jsonl", rows)
         print(f"wrote {len(rows)} rows to {Path(args.out) / f'{split}.jsonl'}")
