@@ -149,3 +149,4 @@ def team_stack():
     stack.stop()
     if netns_problem is None:
         remove_bridge()
+    shutil.rmtree(root, ignore_errors=True)   # the servers' databases and objects: hundreds of MB per session
