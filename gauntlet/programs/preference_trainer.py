@@ -36,7 +36,7 @@ import torch
 from accelerate.utils import set_seed
 from transformers import PrinterCallback, TrainerCallback
 
-from gauntlet.config.train import TrainSpec
+from gauntlet.config.train import REFERENCE_FREE, TrainSpec
 from gauntlet.data.preference import OBJECTIVE_LAYOUT
 from gauntlet.data.sft import read_jsonl
 from gauntlet.programs.train_kit import CHECKPOINTS, MetricsSink, StepLog, TrainerArgs, latest_checkpoint, read_args
@@ -253,8 +253,11 @@ def train(args: TrainerArgs) -> dict:
         callback.sink.history = json.loads((resume / "gauntlet_history.json").read_text())
         say(f"[trainer] resumed from checkpoint {resume.name}")
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    reference = ("none" if spec.objective in REFERENCE_FREE else args.reference_model
+                 or ("base, adapter disabled" if spec.method != "full" else "base, a frozen copy"))
     say(f"[trainer] objective={spec.objective} method={spec.method} trl={type(trainer).__name__} "
-        f"trainable={trainable:,} settings={objective_settings(spec)} device={trainer.accelerator.device}")
+        f"trainable={trainable:,} settings={objective_settings(spec)} reference={reference} "
+        f"device={trainer.accelerator.device}")
     output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     callback.steplog.close()
     trainer.evaluate()   # the validation loss (and TRL's reward metrics) at the end, as the SFT program does
@@ -270,7 +273,8 @@ def save_outputs(args: TrainerArgs, trainer, tokenizer, callback: GauntletCallba
     target = out / ("merged" if spec.method == "full" else "adapter")
     trainer.save_model(str(target))   # every process: gathers sharded weights; writes on the main one
     result: dict = {"steps": int(output.global_step), "duration_s": duration_s, "data_format": spec.objective,
-                    "resumed_from_step": int(resume.name.removeprefix("step-")) if resume else 0}
+                    "resumed_from_step": int(resume.name.removeprefix("step-")) if resume else 0,
+                    "train_runtime_s": float(output.metrics.get("train_runtime", math.nan))}   # TRL's loop alone
     if before is not None:
         result["preference_accuracy"] = {"base": before, "trained": after}
     acc.wait_for_everyone()

@@ -29,7 +29,7 @@ METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rew
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> ModelRef:
+def dpo_base(tmp_path_factory) -> ModelRef:
     from gauntlet.demo.model import build_demo_model
 
     path = build_demo_model("tiny-llama", tmp_path_factory.mktemp("model") / "tiny-llama")
@@ -78,7 +78,7 @@ class KillAtCheckpoint(threading.Thread):
 
 
 @pytest.fixture(scope="module")
-def dpo_run(prefect_api, tiny_model, pairs):
+def dpo_run(prefect_api, dpo_base, pairs):
     """One DPO training through the stage, killed after its first checkpoint and resumed by the retry."""
     from prefect import flow
     from prefect.runtime import flow_run
@@ -86,12 +86,12 @@ def dpo_run(prefect_api, tiny_model, pairs):
     from gauntlet.tasks.train import train
     from gauntlet.tracking import parent_run, tracking_uri
 
-    out = train.output_dir(spec=SPEC, model=tiny_model, data=pairs)
+    out = train.output_dir(spec=SPEC, model=dpo_base, data=pairs)
 
     @flow(name="dpo-with-retries")
     def dpo_flow():
         with parent_run(tracking_uri(), "dpo", "dpo", {"prefect.flow_run_id": str(flow_run.id)}, {}) as run:
-            return train.with_options(retry_delay_seconds=1)(spec=SPEC, model=tiny_model, data=pairs, run=run), run
+            return train.with_options(retry_delay_seconds=1)(spec=SPEC, model=dpo_base, data=pairs, run=run), run
 
     killer = KillAtCheckpoint(out)
     killer.start()
@@ -128,7 +128,7 @@ def test_dpo_metrics_reach_the_stage_s_mlflow_run_under_trl_s_names(dpo_run) -> 
     assert "objective **dpo**" in card and "reference: base" in card
 
 
-def test_a_second_run_takes_the_cached_result(dpo_run, tiny_model, pairs) -> None:
+def test_a_second_run_takes_the_cached_result(dpo_run, dpo_base, pairs) -> None:
     """The receipt's JSON reads back as the same TrainedModel (every metric a finite number)."""
     from prefect import flow
 
@@ -144,7 +144,7 @@ def test_a_second_run_takes_the_cached_result(dpo_run, tiny_model, pairs) -> Non
     @flow(name="dpo-again")
     def again():
         with parent_run(tracking_uri(), "dpo", "again", {}, {}) as run:
-            return train(spec=SPEC, model=tiny_model, data=pairs, run=run)
+            return train(spec=SPEC, model=dpo_base, data=pairs, run=run)
 
     state = again(return_state=True)
     assert state.is_completed(), state.message
@@ -174,20 +174,20 @@ def test_resume_after_sigkill_trains_no_step_twice(dpo_run) -> None:
     assert not (out / "checkpoints").exists() and Path(trained.adapter_path, "adapter_model.safetensors").exists()
 
 
-def test_the_stage_key_changes_with_beta_the_objective_and_the_data(tiny_model, pairs, tmp_path) -> None:
+def test_the_stage_key_changes_with_beta_the_objective_and_the_data(dpo_base, pairs, tmp_path) -> None:
     from gauntlet.tasks.train import train
 
-    key = train.output_dir(spec=SPEC, model=tiny_model, data=pairs)
-    assert train.output_dir(spec=SPEC.model_copy(), model=tiny_model, data=pairs) == key
+    key = train.output_dir(spec=SPEC, model=dpo_base, data=pairs)
+    assert train.output_dir(spec=SPEC.model_copy(), model=dpo_base, data=pairs) == key
     other_beta = SPEC.model_copy(update={"preference": SPEC.preference.model_copy(update={"beta": 0.1})})
-    assert train.output_dir(spec=other_beta, model=tiny_model, data=pairs) != key
+    assert train.output_dir(spec=other_beta, model=dpo_base, data=pairs) != key
     assert train.output_dir(spec=SPEC.model_copy(update={"objective": "ipo", "preference": None}),
-                            model=tiny_model, data=pairs) != key
+                            model=dpo_base, data=pairs) != key
     other_pairs = pairs.model_copy(update={"md5": "another-version-of-the-pairs"})
-    assert train.output_dir(spec=SPEC, model=tiny_model, data=other_pairs) != key
+    assert train.output_dir(spec=SPEC, model=dpo_base, data=other_pairs) != key
 
 
-def test_pairs_with_chosen_equal_to_rejected_are_refused_before_training(tiny_model, tmp_path) -> None:
+def test_pairs_with_chosen_equal_to_rejected_are_refused_before_training(dpo_base, tmp_path) -> None:
     from gauntlet.training import TrainingConfigError, train_model
 
     def break_one(splits):
@@ -195,10 +195,10 @@ def test_pairs_with_chosen_equal_to_rejected_are_refused_before_training(tiny_mo
 
     broken = write_pairs(tmp_path / "broken", break_one)
     with pytest.raises(TrainingConfigError, match=r"train.jsonl:4: chosen == rejected: the pair prefers nothing"):
-        train_model(SPEC, tiny_model, broken, tmp_path / "out")
+        train_model(SPEC, dpo_base, broken, tmp_path / "out")
     assert not (tmp_path / "out" / "train_args.json").exists()   # refused before the launch
 
     sft = write_pairs(tmp_path / "sft", lambda s: s.update(train=[{"instruction": "q", "input": "", "output": "a"}]))
     with pytest.raises(TrainingConfigError, match=r"has alpaca rows \{instruction, input, output\}, but "
                                                   r"train.objective dpo trains on rows \{prompt, chosen, rejected\}"):
-        train_model(SPEC, tiny_model, sft, tmp_path / "out")
+        train_model(SPEC, dpo_base, sft, tmp_path / "out")
