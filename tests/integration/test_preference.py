@@ -67,7 +67,7 @@ class KillAtCheckpoint(threading.Thread):
     def run(self) -> None:
         from gauntlet.programs.train_kit import latest_checkpoint
 
-        deadline = time.time() + 300
+        deadline = time.time() + 900   # a loaded CI machine is slow to its first checkpoint
         while time.time() < deadline:
             checkpoint, pid_file = latest_checkpoint(self.out), self.out / "trainer.pid"
             if checkpoint and pid_file.exists():
@@ -202,3 +202,28 @@ def test_pairs_with_chosen_equal_to_rejected_are_refused_before_training(dpo_bas
     with pytest.raises(TrainingConfigError, match=r"has alpaca rows \{instruction, input, output\}, but "
                                                   r"train.objective dpo trains on rows \{prompt, chosen, rejected\}"):
         train_model(SPEC, dpo_base, sft, tmp_path / "out")
+
+
+def test_the_data_checks_measure_pairs_and_find_eval_items_in_their_prompts(dpo_base, tmp_path) -> None:
+    """check_data on preference pairs: lengths from the prompt and the longer completion, contamination from the
+    prompt's instruction (the alpaca wrapper taken off), chosen == rejected a failed check."""
+    from gauntlet.config.data import DataChecksSpec
+    from gauntlet.data.checks import check_data
+    from gauntlet.demo.data import build, write_jsonl
+
+    evaluation = build(48, 7)["eval"]
+
+    def leak(splits):   # an evaluation question asked verbatim in a training pair
+        splits["train"][0]["prompt"] = f"### Instruction:\n{evaluation[0]['instruction']}\n\n### Response:\n"
+        splits["train"][1]["rejected"] = splits["train"][1]["chosen"].upper()
+
+    data = write_pairs(tmp_path / "leaky", leak)
+    write_jsonl(tmp_path / "leaky" / "eval.jsonl", evaluation)
+    data = data.model_copy(update={"eval_path": str(tmp_path / "leaky" / "eval.jsonl")})
+    report = check_data(DataChecksSpec(), 16, data, dpo_base)
+    assert report.contamination_rate == pytest.approx(1 / 48) and report.contaminated_examples == [
+        evaluation[0]["instruction"]]
+    assert report.truncated_rate == 1.0 and report.prompt_tokens["p50"] > 16   # prompt + completion over 16
+    assert not report.passed
+    assert any("pair(s) with chosen == rejected (rows [2])" in p for p in report.problems), report.problems
+    assert any("appear in the training data" in p for p in report.problems)

@@ -168,3 +168,11 @@ def test_sft_with_preference_rows_is_refused_at_validation_naming_the_fields(tmp
 
 def test_the_dpo_demo_config_validates(capsys) -> None:
     assert gauntlet(["validate", str(DPO_DEMO)]) == 0, capsys.readouterr()
+
+
+def test_drift_reads_a_pair_s_prompt_and_chosen_completion() -> None:
+    from gauntlet.data.drift import lengths
+
+    chat = {"prompt": [{"role": "user", "content": "Which colour?"}],
+            "chosen": [{"role": "assistant", "content": "red!"}], "rejected": [{"role": "assistant", "content": "b"}]}
+    assert lengths([PAIR, chat]) == {"prompt_chars": [13, 13], "response_chars": [3, 4]}
