@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from gauntlet.config.base import Strict
 from gauntlet.config.data import DataSpec
@@ -61,6 +61,10 @@ APPLIES_TO: dict[str, tuple[str, ...]] = {
     "desirable_weight": ("kto",),
     "undesirable_weight": ("kto",),
 }
+
+
+# train: settings of the SFT program that a preference objective has no use for (with their defaults)
+SFT_ONLY: dict[str, object] = {"packing": False, "data_format": "auto"}
 
 
 class PreferenceSpec(Strict):
@@ -153,6 +157,17 @@ class TrainSpec(Strict):
             if problems:
                 raise ValueError("; ".join(problems))
         return v
+
+    @model_validator(mode="after")
+    def _sft_settings_under_sft(self) -> TrainSpec:
+        """SFT's own row settings mean nothing to TRL's preference trainers: refused, not silently ignored."""
+        if self.is_preference:
+            given = [k for k, default in SFT_ONLY.items() if getattr(self, k) != default]
+            if given:
+                raise ValueError(f"train.{', train.'.join(given)} apply to objective sft only (TRL's {self.objective} "
+                                 "trainer reads the rows itself, unpacked). Fix: remove "
+                                 + ("them" if len(given) > 1 else "it"))
+        return self
 
     @property
     def is_preference(self) -> bool:

@@ -55,6 +55,9 @@ def test_a_setting_that_does_not_apply_to_the_objective_is_refused_naming_it() -
     assert "train.preference.max_completion_length does not apply to objective kto" in errors(
         objective="kto", preference={"max_completion_length": 32})
     assert "train.preference is set, but train.objective is sft" in errors(preference={"beta": 0.1})
+    assert "train.packing apply to objective sft only" in errors(objective="dpo", packing=True)
+    assert "train.packing, train.data_format apply to objective sft only" in errors(objective="kto", packing=True,
+                                                                                   data_format="chat")
 
 
 def test_loss_types_are_the_objective_s_own_and_settings_are_bounded() -> None:
