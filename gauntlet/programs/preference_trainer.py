@@ -163,33 +163,46 @@ class GauntletCallback(TrainerCallback):
 # ---------------------------------------------------------------------------------------------
 
 
-def completion_logp(model, tokenizer, prompt: Any, completion: Any, max_len: int) -> float:
-    """Sum of the log-probabilities of ``completion``'s tokens after ``prompt`` (text, or chat turns rendered with
-    the chat template), the completion ending with EOS as TRL trains it."""
+def scored_ids(tokenizer, prompt: Any, completion: Any, max_len: int) -> tuple[list[int], int]:
+    """The token ids of ``prompt`` + ``completion`` (chat turns rendered with the chat template; the completion
+    ending with EOS, as TRL trains it), and where the completion starts."""
     if isinstance(prompt, list):
         prompt = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
         completion = "".join(t["content"] for t in completion)
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     answer_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    ids = (prompt_ids + answer_ids)[:max_len]
-    if len(ids) <= max(len(prompt_ids), 1):   # the completion lies beyond max_seq_len: nothing to score
-        return 0.0
+    return (prompt_ids + answer_ids)[:max_len], len(prompt_ids)
+
+
+def completion_logps(model, sequences: list[tuple[list[int], int]], pad_id: int, batch_size: int) -> list[float]:
+    """Sum of the log-probabilities of each sequence's completion tokens, a padded batch at a time (one row at a
+    time is bitsandbytes' slowest 4-bit path on the CPU)."""
     device = next(model.parameters()).device
-    logits = model(input_ids=torch.tensor([ids], device=device)).logits[0, :-1].float()
-    # logits[t] predicts ids[t + 1]: the completion's tokens are predicted from position len(prompt) - 1 on
-    logp = torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(ids[1:], device=device)[:, None])[:, 0]
-    return float(logp[max(len(prompt_ids) - 1, 0):].sum())
+    sums: list[float] = []
+    for i in range(0, len(sequences), batch_size):
+        chunk = sequences[i:i + batch_size]
+        width = max(len(ids) for ids, _ in chunk)
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        scored = torch.zeros((len(chunk), width - 1), dtype=torch.bool)   # predicted tokens of the completion
+        for row, (seq, start) in enumerate(chunk):
+            ids[row, :len(seq)], mask[row, :len(seq)] = torch.tensor(seq), 1
+            scored[row, max(start, 1) - 1:len(seq) - 1] = True   # logits[t] predicts ids[t + 1]
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, :-1].float()
+        logp = torch.log_softmax(logits, dim=-1).gather(2, ids[:, 1:].to(device)[..., None])[..., 0]
+        sums += (logp * scored.to(device)).sum(dim=1).tolist()   # a completion cut off entirely scores 0
+    return sums
 
 
 @torch.no_grad()
-def preference_accuracy(model, tokenizer, rows: list[dict], max_len: int) -> list[float]:
+def preference_accuracy(model, tokenizer, rows: list[dict], max_len: int, batch_size: int = 16) -> list[float]:
     """1.0 for each pair whose chosen completion the model finds likelier than its rejected one, else 0.0."""
     was_training = model.training
     model.eval()
-    scores = [float(completion_logp(model, tokenizer, r["prompt"], r["chosen"], max_len)
-                    > completion_logp(model, tokenizer, r["prompt"], r["rejected"], max_len)) for r in rows]
+    sequences = [scored_ids(tokenizer, r["prompt"], r[side], max_len) for r in rows for side in ("chosen", "rejected")]
+    logps = completion_logps(model, sequences, tokenizer.pad_token_id, batch_size)
     model.train(was_training)
-    return scores
+    return [float(chosen > rejected) for chosen, rejected in zip(logps[::2], logps[1::2], strict=True)]
 
 
 def held_out_accuracy(trainer, tokenizer, rows: list[dict], spec: TrainSpec, base: bool) -> list[float] | None:
@@ -200,8 +213,8 @@ def held_out_accuracy(trainer, tokenizer, rows: list[dict], spec: TrainSpec, bas
     model = trainer.accelerator.unwrap_model(trainer.model)
     if base and hasattr(model, "disable_adapter"):
         with model.disable_adapter():
-            return preference_accuracy(model, tokenizer, rows, spec.max_seq_len)
-    return preference_accuracy(model, tokenizer, rows, spec.max_seq_len)
+            return preference_accuracy(model, tokenizer, rows, spec.max_seq_len, spec.batch_size)
+    return preference_accuracy(model, tokenizer, rows, spec.max_seq_len, spec.batch_size)
 
 
 # ---------------------------------------------------------------------------------------------
