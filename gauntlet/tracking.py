@@ -166,7 +166,16 @@ def experiment_id(c, name: str) -> str:
     # A local sqlite store would put artifacts in ./mlruns of whatever the cwd is: keep them in the home.
     local = c.tracking_uri.startswith("sqlite:")
     location = (gauntlet_home() / "mlartifacts").as_uri() if local else None
-    return c.create_experiment(name, artifact_location=location)
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return c.create_experiment(name, artifact_location=location)
+    except MlflowException:
+        # two runs starting at once on a new store: the other created it between our read and our create
+        exp = c.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
 
 
 @contextmanager
