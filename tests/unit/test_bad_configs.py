@@ -54,6 +54,8 @@ CONFIG_MUTATIONS = {
     "tracking_store_scheme": lambda r, t: r["tracking"].__setitem__("tracking_uri", "s3://bucket/mlruns"),
     "gate_metric_ambiguous": lambda r, t: (r["eval"]["tasks"].append("arith_chat"),
                                            r["gate"].__setitem__("metric", "exact_match")),
+    "preference_setting_not_applicable": lambda r, t: r["train"].update(objective="ipo",
+                                                                        preference={"loss_type": "sigmoid"}),
 }
 
 
