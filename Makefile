@@ -37,10 +37,11 @@ check: setup
 	$(BIN)/ruff check gauntlet tasks flows tests benchmarks
 	$(BIN)/mypy gauntlet
 
-# Two test processes (pytest-xdist), one file each at a time: much of the suite waits on servers, trainers and
-# heartbeats, and the other process uses that time. A file stays on one process, so its module fixtures (the
-# team stack, a pipeline run) are made once. TEST_WORKERS=0 runs it in this process alone.
-TEST_WORKERS ?= 2
+# TEST_WORKERS=N runs the suite in N processes (pytest-xdist, a file per process at a time, so a module's
+# fixtures such as the team stack are made once). Default 0, one process: on the 2-core CI machine two processes
+# took longer than one (each test's trainers and servers already use both cores, and the pool module is a long
+# tail on one process); see benchmarks/RESULTS.md. On a machine with many cores, try TEST_WORKERS=4.
+TEST_WORKERS ?= 0
 test: check
 	$(BIN)/python -m pytest -q --durations=25 -n $(TEST_WORKERS) --dist loadfile tests/unit tests/integration
 

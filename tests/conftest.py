@@ -91,6 +91,15 @@ def tiny_model() -> Path:
     return build_demo_model("tiny-llama", out=_SESSION_HOME / "shared" / "tiny-llama")
 
 
+@pytest.fixture(scope="session")
+def tiny_model_ref(tiny_model: Path):
+    """The tiny model as the fetch stage hands it on (a ModelRef with its content hash)."""
+    from gauntlet.hashing import sha256_dir
+    from gauntlet.refs import ModelRef
+
+    return ModelRef(name="tiny-llama", path=str(tiny_model), source="demo://tiny-llama", sha=sha256_dir(tiny_model))
+
+
 @pytest.fixture(scope="module")
 def dvc_repo(tmp_path_factory) -> Path:
     return make_demo_dvc_repo(tmp_path_factory.mktemp("dvc-repo"))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from gauntlet.refs import EvalReport, PerfProbe, TaskScore
+from gauntlet.refs import DatasetRef, EvalReport, PerfProbe, TaskScore
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -93,3 +93,18 @@ def evaluate_in_flow(model: str | Path, spec, eval_file: str | Path | None = Non
 
     return evaluate_flow(model=ModelSpec(source=str(model)), spec=spec, variant=variant,
                          experiment="gauntlet-eval-tests", eval_file=None if eval_file is None else str(eval_file))
+
+
+def write_train_files(folder: Path, splits: dict[str, list[dict]], mutate=None) -> DatasetRef:
+    """Training rows as the data stage leaves them (train.jsonl, validation.jsonl in a folder), after
+    ``mutate(splits)`` edits them if given, and the DatasetRef a pull would return for them."""
+    from gauntlet.demo.data import write_jsonl
+
+    if mutate:
+        mutate(splits)
+    folder.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "validation"):
+        write_jsonl(folder / f"{split}.jsonl", splits[split])
+    return DatasetRef(repo=str(folder), train_path=str(folder / "train.jsonl"),
+                      validation_path=str(folder / "validation.jsonl"), md5=f"test-{folder.name}", file_md5={},
+                      rows={k: len(v) for k, v in splits.items()})

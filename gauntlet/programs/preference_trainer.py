@@ -23,10 +23,8 @@ nothing here computes a preference loss. What Gauntlet adds around TRL's loop, f
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import os
 import shutil
 import time
 from pathlib import Path
@@ -39,9 +37,9 @@ from transformers import PrinterCallback, TrainerCallback
 from gauntlet.config.train import REFERENCE_FREE, TrainSpec
 from gauntlet.data.preference import OBJECTIVE_LAYOUT
 from gauntlet.data.sft import read_jsonl
-from gauntlet.programs.train_kit import CHECKPOINTS, MetricsSink, StepLog, TrainerArgs, latest_checkpoint, read_args
+from gauntlet.programs.train_kit import CHECKPOINTS, MetricsSink, StepLog, TrainerArgs, latest_checkpoint
 from gauntlet.programs.train_setup import compute_dtype, load_base, lora_config, make_accelerator, write_outputs
-from gauntlet.programs.trainer import die_with_launcher, load_tokenizer
+from gauntlet.programs.trainer import load_tokenizer, run_program
 
 HF_CHECKPOINTS = "trl-checkpoints"   # where the Trainer writes checkpoint-N before it is renamed into checkpoints/
 
@@ -301,13 +299,7 @@ def save_outputs(args: TrainerArgs, trainer, tokenizer, callback: GauntletCallba
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Preference-tune a causal LM on TRL from a Gauntlet args file.")
-    parser.add_argument("--args", required=True, help="JSON file written by gauntlet/training.py")
-    ns = parser.parse_args(argv)
-    die_with_launcher()
-    args = read_args(Path(ns.args))   # before anything loads: a bad file costs nothing
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    train(args)
+    run_program("Preference-tune a causal LM on TRL from a Gauntlet args file.", train, argv)
 
 
 if __name__ == "__main__":

@@ -367,14 +367,20 @@ def die_with_launcher() -> None:
         os._exit(1)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Fine-tune a causal LM (QLoRA/LoRA/full) from a Gauntlet args file.")
+def run_program(description: str, train_fn: Callable[[TrainerArgs], Any], argv: list[str] | None = None) -> None:
+    """A training program's command line (this one's and the preference program's): ``--args FILE``, read before
+    anything loads (a bad file costs nothing), then ``train_fn``; the program dies with its launcher."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--args", required=True, help="JSON file written by gauntlet/training.py")
     ns = parser.parse_args(argv)
     die_with_launcher()
-    args = read_args(Path(ns.args))   # before anything loads: a bad file costs nothing
+    args = read_args(Path(ns.args))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    train(args)
+    train_fn(args)
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_program("Fine-tune a causal LM (QLoRA/LoRA/full) from a Gauntlet args file.", train, argv)
 
 
 if __name__ == "__main__":

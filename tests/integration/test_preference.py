@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from gauntlet.config.train import TrainSpec
-from gauntlet.hashing import sha256_dir
-from gauntlet.refs import DatasetRef, ModelRef
+from gauntlet.refs import DatasetRef
+from tests.helpers import write_train_files
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -28,28 +28,13 @@ METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rew
            "learning_rate", "grad_norm")
 
 
-@pytest.fixture(scope="module")
-def dpo_base(tmp_path_factory) -> ModelRef:
-    from gauntlet.demo.model import build_demo_model
-
-    path = build_demo_model("tiny-llama", tmp_path_factory.mktemp("model") / "tiny-llama")
-    return ModelRef(name="tiny-llama", path=str(path), source="demo://tiny-llama", sha=sha256_dir(path))
-
-
 def write_pairs(folder: Path, mutate=None) -> DatasetRef:
     """The demo's preference pairs (what the DVC stage prepare-demo-dpo writes), optionally edited."""
-    from gauntlet.demo.data import build_preference, write_jsonl
+    from gauntlet.demo.data import build_preference
 
     splits = build_preference(48, 7)
     splits["validation"] = splits["validation"][:24]   # the held-out pairs: fewer, for the test's time
-    if mutate:
-        mutate(splits)
-    folder.mkdir(parents=True, exist_ok=True)
-    for split in ("train", "validation"):
-        write_jsonl(folder / f"{split}.jsonl", splits[split])
-    return DatasetRef(repo=str(folder), train_path=str(folder / "train.jsonl"),
-                      validation_path=str(folder / "validation.jsonl"), md5=f"test-{folder.name}", file_md5={},
-                      rows={k: len(v) for k, v in splits.items()})
+    return write_train_files(folder, splits, mutate)
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +63,7 @@ class KillAtCheckpoint(threading.Thread):
 
 
 @pytest.fixture(scope="module")
-def dpo_run(prefect_api, dpo_base, pairs):
+def dpo_run(prefect_api, tiny_model_ref, pairs):
     """One DPO training through the stage, killed after its first checkpoint and resumed by the retry."""
     from prefect import flow
     from prefect.runtime import flow_run
@@ -86,12 +71,12 @@ def dpo_run(prefect_api, dpo_base, pairs):
     from gauntlet.tasks.train import train
     from gauntlet.tracking import parent_run, tracking_uri
 
-    out = train.output_dir(spec=SPEC, model=dpo_base, data=pairs)
+    out = train.output_dir(spec=SPEC, model=tiny_model_ref, data=pairs)
 
     @flow(name="dpo-with-retries")
     def dpo_flow():
         with parent_run(tracking_uri(), "dpo", "dpo", {"prefect.flow_run_id": str(flow_run.id)}, {}) as run:
-            return train.with_options(retry_delay_seconds=1)(spec=SPEC, model=dpo_base, data=pairs, run=run), run
+            return train.with_options(retry_delay_seconds=1)(spec=SPEC, model=tiny_model_ref, data=pairs, run=run), run
 
     killer = KillAtCheckpoint(out)
     killer.start()
@@ -128,7 +113,7 @@ def test_dpo_metrics_reach_the_stage_s_mlflow_run_under_trl_s_names(dpo_run) -> 
     assert "objective **dpo**" in card and "reference: base" in card
 
 
-def test_a_second_run_takes_the_cached_result(dpo_run, dpo_base, pairs) -> None:
+def test_a_second_run_takes_the_cached_result(dpo_run, tiny_model_ref, pairs) -> None:
     """The receipt's JSON reads back as the same TrainedModel (every metric a finite number)."""
     from prefect import flow
 
@@ -144,7 +129,7 @@ def test_a_second_run_takes_the_cached_result(dpo_run, dpo_base, pairs) -> None:
     @flow(name="dpo-again")
     def again():
         with parent_run(tracking_uri(), "dpo", "again", {}, {}) as run:
-            return train(spec=SPEC, model=dpo_base, data=pairs, run=run)
+            return train(spec=SPEC, model=tiny_model_ref, data=pairs, run=run)
 
     state = again(return_state=True)
     assert state.is_completed(), state.message
@@ -174,20 +159,20 @@ def test_resume_after_sigkill_trains_no_step_twice(dpo_run) -> None:
     assert not (out / "checkpoints").exists() and Path(trained.adapter_path, "adapter_model.safetensors").exists()
 
 
-def test_the_stage_key_changes_with_beta_the_objective_and_the_data(dpo_base, pairs, tmp_path) -> None:
+def test_the_stage_key_changes_with_beta_the_objective_and_the_data(tiny_model_ref, pairs, tmp_path) -> None:
     from gauntlet.tasks.train import train
 
-    key = train.output_dir(spec=SPEC, model=dpo_base, data=pairs)
-    assert train.output_dir(spec=SPEC.model_copy(), model=dpo_base, data=pairs) == key
+    key = train.output_dir(spec=SPEC, model=tiny_model_ref, data=pairs)
+    assert train.output_dir(spec=SPEC.model_copy(), model=tiny_model_ref, data=pairs) == key
     other_beta = SPEC.model_copy(update={"preference": SPEC.preference.model_copy(update={"beta": 0.1})})
-    assert train.output_dir(spec=other_beta, model=dpo_base, data=pairs) != key
+    assert train.output_dir(spec=other_beta, model=tiny_model_ref, data=pairs) != key
     assert train.output_dir(spec=SPEC.model_copy(update={"objective": "ipo", "preference": None}),
-                            model=dpo_base, data=pairs) != key
+                            model=tiny_model_ref, data=pairs) != key
     other_pairs = pairs.model_copy(update={"md5": "another-version-of-the-pairs"})
-    assert train.output_dir(spec=SPEC, model=dpo_base, data=other_pairs) != key
+    assert train.output_dir(spec=SPEC, model=tiny_model_ref, data=other_pairs) != key
 
 
-def test_pairs_with_chosen_equal_to_rejected_are_refused_before_training(dpo_base, tmp_path) -> None:
+def test_pairs_with_chosen_equal_to_rejected_are_refused_before_training(tiny_model_ref, tmp_path) -> None:
     from gauntlet.training import TrainingConfigError, train_model
 
     def break_one(splits):
@@ -195,16 +180,16 @@ def test_pairs_with_chosen_equal_to_rejected_are_refused_before_training(dpo_bas
 
     broken = write_pairs(tmp_path / "broken", break_one)
     with pytest.raises(TrainingConfigError, match=r"train.jsonl:4: chosen == rejected: the pair prefers nothing"):
-        train_model(SPEC, dpo_base, broken, tmp_path / "out")
+        train_model(SPEC, tiny_model_ref, broken, tmp_path / "out")
     assert not (tmp_path / "out" / "train_args.json").exists()   # refused before the launch
 
     sft = write_pairs(tmp_path / "sft", lambda s: s.update(train=[{"instruction": "q", "input": "", "output": "a"}]))
     with pytest.raises(TrainingConfigError, match=r"has alpaca rows \{instruction, input, output\}, but "
                                                   r"train.objective dpo trains on rows \{prompt, chosen, rejected\}"):
-        train_model(SPEC, dpo_base, sft, tmp_path / "out")
+        train_model(SPEC, tiny_model_ref, sft, tmp_path / "out")
 
 
-def test_the_data_checks_measure_pairs_and_find_eval_items_in_their_prompts(dpo_base, tmp_path) -> None:
+def test_the_data_checks_measure_pairs_and_find_eval_items_in_their_prompts(tiny_model_ref, tmp_path) -> None:
     """check_data on preference pairs: lengths from the prompt and the longer completion, contamination from the
     prompt's instruction (the alpaca wrapper taken off), chosen == rejected a failed check."""
     from gauntlet.config.data import DataChecksSpec
@@ -220,7 +205,7 @@ def test_the_data_checks_measure_pairs_and_find_eval_items_in_their_prompts(dpo_
     data = write_pairs(tmp_path / "leaky", leak)
     write_jsonl(tmp_path / "leaky" / "eval.jsonl", evaluation)
     data = data.model_copy(update={"eval_path": str(tmp_path / "leaky" / "eval.jsonl")})
-    report = check_data(DataChecksSpec(), 16, data, dpo_base)
+    report = check_data(DataChecksSpec(), 16, data, tiny_model_ref)
     assert report.contamination_rate == pytest.approx(1 / 48) and report.contaminated_examples == [
         evaluation[0]["instruction"]]
     assert report.truncated_rate == 1.0 and report.prompt_tokens["p50"] > 16   # prompt + completion over 16

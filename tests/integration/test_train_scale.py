@@ -15,31 +15,18 @@ from pathlib import Path
 import pytest
 
 from gauntlet.config.train import TrainSpec
-from gauntlet.hashing import sha256_dir
-from gauntlet.refs import DatasetRef, ModelRef
+from gauntlet.refs import DatasetRef
 from gauntlet.state import gauntlet_home
+from tests.helpers import write_train_files
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
-@pytest.fixture(scope="module")
-def demo_model(tiny_model: Path) -> ModelRef:
-    path = tiny_model
-    return ModelRef(name="tiny-llama", path=str(path), source="demo://tiny-llama", sha=sha256_dir(path))
-
-
 def write_data(folder: Path, mutate=None) -> DatasetRef:
     """The demo's facts as train/validation JSONL (what the DVC stage produces), optionally edited."""
-    from gauntlet.demo.data import build, write_jsonl
+    from gauntlet.demo.data import build
 
-    splits = build(48, 7)
-    if mutate:
-        mutate(splits)
-    for split in ("train", "validation"):
-        write_jsonl(folder / f"{split}.jsonl", splits[split])
-    return DatasetRef(repo=str(folder), train_path=str(folder / "train.jsonl"),
-                      validation_path=str(folder / "validation.jsonl"), md5=f"test-{folder.name}", file_md5={},
-                      rows={k: len(v) for k, v in splits.items()})
+    return write_train_files(folder, build(48, 7), mutate)
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +43,7 @@ SMALL = dict(method="qlora", learning_rate=0.003, batch_size=16, max_seq_len=64,
 # ---------------------------------------------------------------------------------------------
 
 
-def test_bad_target_module_missing_response_and_long_sequences_fail_before_training(demo_model, tmp_path) -> None:
+def test_bad_target_module_missing_response_and_long_sequences_fail_before_training(tiny_model_ref, tmp_path) -> None:
     from gauntlet.training import TrainingConfigError, train_model
 
     def drop_a_response(splits):
@@ -67,7 +54,7 @@ def test_bad_target_module_missing_response_and_long_sequences_fail_before_train
     out = tmp_path / "out"
     started = time.time()
     with pytest.raises(TrainingConfigError) as err:
-        train_model(spec, demo_model, data, out)
+        train_model(spec, tiny_model_ref, data, out)
     message = str(err.value)
     print(message)
     assert "train.lora.target_modules: ['wq'] match no module" in message and "'q_proj'" in message
@@ -77,25 +64,25 @@ def test_bad_target_module_missing_response_and_long_sequences_fail_before_train
     assert time.time() - started < 60
 
 
-def test_a_run_that_cannot_fit_is_refused_with_the_plan(demo_model, demo_data, tmp_path) -> None:
+def test_a_run_that_cannot_fit_is_refused_with_the_plan(tiny_model_ref, demo_data, tmp_path) -> None:
     from gauntlet.plan.memory import GIB, Devices
     from gauntlet.training import TrainingConfigError, preflight
 
     tiny_gpu = Devices("cuda", 1, 0.5 * GIB, "1 x test GPU (0.5 GiB)")
     with pytest.raises(TrainingConfigError) as err:
-        preflight(TrainSpec(**SMALL), demo_model, demo_data, devices=tiny_gpu)
+        preflight(TrainSpec(**SMALL), tiny_model_ref, demo_data, devices=tiny_gpu)
     assert "does not fit" in str(err.value) and "needs 1.1 GiB per GPU, has 0.5 GiB" in str(err.value)
     assert "runtime overhead 1.00" in str(err.value) and "Fix:" in str(err.value)
-    warned = preflight(TrainSpec(**SMALL, memory_check="warn"), demo_model, demo_data, devices=tiny_gpu)
+    warned = preflight(TrainSpec(**SMALL, memory_check="warn"), tiny_model_ref, demo_data, devices=tiny_gpu)
     assert warned.startswith("WARNING")
 
 
-def test_a_bad_arguments_file_fails_in_the_trainer_naming_the_field(demo_model, demo_data, tmp_path) -> None:
+def test_a_bad_arguments_file_fails_in_the_trainer_naming_the_field(tiny_model_ref, demo_data, tmp_path) -> None:
     """The training program validates its arguments file into TrainSpec before anything loads."""
     import subprocess
     import sys
 
-    args = {"base_model": demo_model.path, "train_path": demo_data.train_path,
+    args = {"base_model": tiny_model_ref.path, "train_path": demo_data.train_path,
             "validation_path": demo_data.validation_path, "output_dir": str(tmp_path / "out"),
             "train": {**SMALL, "learning_rate": -1, "max_grad_norm": "inf"}}
     (tmp_path / "args.json").write_text(json.dumps(args))
@@ -113,14 +100,14 @@ def steps_of(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
 
 
-def test_max_grad_norm_is_the_norm_the_optimizer_steps_with(demo_model, demo_data, tmp_path) -> None:
+def test_max_grad_norm_is_the_norm_the_optimizer_steps_with(tiny_model_ref, demo_data, tmp_path) -> None:
     """train.max_grad_norm reaches the optimizer: the gradients its step sees (measured in a hook at the start of
     the optimizer's own step) have the configured norm, though they were far larger before clipping; with null
     nothing is clipped."""
     from gauntlet.training import train_model
 
     spec = TrainSpec(**{**SMALL, "max_steps": 3, "logging_steps": 1, "checkpoint_steps": None, "max_grad_norm": 1e-3})
-    clipped = train_model(spec, demo_model, demo_data, tmp_path / "clipped", echo=print)
+    clipped = train_model(spec, tiny_model_ref, demo_data, tmp_path / "clipped", echo=print)
     steps = steps_of(tmp_path / "clipped")
     assert [s["step"] for s in steps] == [1, 2, 3]
     for s in steps:
@@ -129,7 +116,7 @@ def test_max_grad_norm_is_the_norm_the_optimizer_steps_with(demo_model, demo_dat
     assert "max_grad_norm: 0.001" in (Path(clipped.merged.path) / "README.md").read_text()   # the card's config
 
     unclipped = spec.model_copy(update={"max_grad_norm": None, "max_steps": 2})
-    train_model(unclipped, demo_model, demo_data, tmp_path / "unclipped")
+    train_model(unclipped, tiny_model_ref, demo_data, tmp_path / "unclipped")
     for s in steps_of(tmp_path / "unclipped"):
         assert s["applied_grad_norm"] == pytest.approx(s["grad_norm"], rel=1e-4) and s["grad_norm"] > 0.01, s
 
@@ -164,7 +151,7 @@ class KillAfterFirstCheckpoint(threading.Thread):
 
 
 @pytest.mark.slow
-def test_deepspeed_zero2_profile_trains_and_resumes_on_the_cpu(demo_model, demo_data, tmp_path) -> None:
+def test_deepspeed_zero2_profile_trains_and_resumes_on_the_cpu(tiny_model_ref, demo_data, tmp_path) -> None:
     """Two processes under the ZeRO-2 profile: killed after a checkpoint, relaunched, resumed from
     DeepSpeed's checkpoint; the adapter it saves loads and generates."""
     import deepspeed  # noqa: F401  (the dev extra installs it; DS_BUILD_OPS=0, its CPU op compiles on first use)
@@ -181,10 +168,10 @@ def test_deepspeed_zero2_profile_trains_and_resumes_on_the_cpu(demo_model, demo_
     killer = KillAfterFirstCheckpoint(out)
     killer.start()
     with pytest.raises(TrainingError, match="killed by SIGKILL"):
-        train_model(spec, demo_model, demo_data, out)
+        train_model(spec, tiny_model_ref, demo_data, out)
     assert killer.killed_at == 5
     lines: list[str] = []
-    result = train_model(spec, demo_model, demo_data, out, echo=lines.append)
+    result = train_model(spec, tiny_model_ref, demo_data, out, echo=lines.append)
     log = "\n".join(lines)
     print(log)
     assert "deepspeed_zero2.yaml --num_processes 2" in log and "--cpu" not in log
@@ -209,7 +196,7 @@ def test_deepspeed_zero2_profile_trains_and_resumes_on_the_cpu(demo_model, demo_
 
     adapter = Path(result.adapter_path)
     assert "deepspeed_zero2" in (adapter / "README.md").read_text()
-    base = AutoModelForCausalLM.from_pretrained(demo_model.path)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_ref.path)
     model = PeftModel.from_pretrained(base, str(adapter)).eval()
     lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
     assert lora_b and all(p.abs().sum() > 0 for p in lora_b)  # trained (LoRA B starts at zero)
@@ -227,7 +214,7 @@ def test_deepspeed_zero2_profile_trains_and_resumes_on_the_cpu(demo_model, demo_
 
 
 @pytest.mark.slow
-def test_killed_training_is_retried_and_resumes_from_its_checkpoint(prefect_api, demo_model, demo_data) -> None:
+def test_killed_training_is_retried_and_resumes_from_its_checkpoint(prefect_api, tiny_model_ref, demo_data) -> None:
     from mlflow.tracking import MlflowClient
     from prefect import flow
     from prefect.client.orchestration import get_client
@@ -238,14 +225,14 @@ def test_killed_training_is_retried_and_resumes_from_its_checkpoint(prefect_api,
     from gauntlet.tracking import parent_run, tracking_uri
 
     spec = TrainSpec(**{**SMALL, "max_steps": 20, "checkpoint_steps": 10})
-    out = train.output_dir(spec=spec, model=demo_model, data=demo_data)
+    out = train.output_dir(spec=spec, model=tiny_model_ref, data=demo_data)
     assert out.is_relative_to(gauntlet_home())                 # durable storage, not a temp dir
 
     @flow(name="train-with-retries")
     def train_flow():
         with parent_run(tracking_uri(), "train-resume", "resume", {"prefect.flow_run_id": str(flow_run.id)},
                         {}) as run:
-            return train.with_options(retry_delay_seconds=1)(spec=spec, model=demo_model, data=demo_data,
+            return train.with_options(retry_delay_seconds=1)(spec=spec, model=tiny_model_ref, data=demo_data,
                                                              run=run), run
 
     killer = KillAfterFirstCheckpoint(out)
