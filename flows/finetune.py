@@ -15,6 +15,7 @@ from gauntlet.config.gate import RegistrySpec
 from gauntlet.config.load import load_spec
 from gauntlet.config.run import RunSpec
 from gauntlet.data.drift import NotMeasured
+from gauntlet.eval.preference import with_preference_accuracy
 from gauntlet.project import in_project
 from gauntlet.refs import DatasetRef, EvalReport, GateDecision, ModelRef, PromotionResult, TrainedModel
 from gauntlet.summary import RunSummary
@@ -47,6 +48,16 @@ def judged(spec: RunSpec, registry: RegistrySpec, candidate: ModelRef, base: Mod
     return report
 
 
+def evaluated(spec: RunSpec, base: ModelRef, trained: TrainedModel, data: DatasetRef,
+              run: RunContext) -> tuple[EvalReport | None, EvalReport]:
+    """The base's report (with eval.compare_with_base) and the trained model's, each with its held-out preference
+    accuracy where the objective measured one (the train stage's, per pair: what gate.min_preference_gain reads)."""
+    base_report = (with_preference_accuracy(evaluate(spec=spec.eval, model=base, data=data, variant="base", run=run),
+                                            trained, "base") if spec.eval.compare_with_base else None)
+    report = evaluate(spec=spec.eval, model=trained.merged, data=data, variant="finetuned", run=run)
+    return base_report, with_preference_accuracy(report, trained, "trained")
+
+
 def register_gate_promote(spec: RunSpec, registry: RegistrySpec, trained: TrainedModel, report: EvalReport,
                           base_report: EvalReport | None, data: DatasetRef,
                           run: RunContext) -> tuple[GateDecision, PromotionResult]:
@@ -70,10 +81,8 @@ def run_pipeline(spec: RunSpec) -> RunSummary:
         drift = check_drift(checks=spec.data.checks, registry=spec.registry, data=data, run=run)  # vs the champion's data
         warnings = [f"drift not measured: {drift.reason}"] if isinstance(drift, NotMeasured) and drift.warning else []
         trained = train(spec=spec.train, model=base, data=data, run=run)
-        base_report = (evaluate(spec=spec.eval, model=base, data=data, variant="base", run=run)
-                       if spec.eval.compare_with_base else None)
-        report = judged(spec, spec.registry, trained.merged, base,
-                        evaluate(spec=spec.eval, model=trained.merged, data=data, variant="finetuned", run=run), run)
+        base_report, report = evaluated(spec, base, trained, data, run)
+        report = judged(spec, spec.registry, trained.merged, base, report, run)
         # Quantized variants are evaluated exactly like the unquantized model.
         variants = [quantize(variant=v, calibration=spec.quantize.calibration, model=trained.merged, data=data,
                              run=run) for v in spec.quantize.variants]

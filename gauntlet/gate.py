@@ -26,12 +26,12 @@ from dataclasses import dataclass
 
 from gauntlet.config.gate import GateSpec
 from gauntlet.config.problems import did_you_mean
+from gauntlet.eval.compare import Unpaired, paired_comparison
 from gauntlet.eval.judge import JUDGE_TASK, WIN_RATE
-from gauntlet.eval.protocol import task_differences
+from gauntlet.eval.preference import PREFERENCE_METRIC, PREFERENCE_TASK
 from gauntlet.eval.safety import BENIGN_TASK, HARMFUL_RATE, HARMFUL_TASK, OVER_REFUSAL_RATE
 from gauntlet.eval.scores import Score, evaluated_tasks, find, read, tagged_score
-from gauntlet.eval.stats import Comparison, paired_difference
-from gauntlet.names import mlflow_name
+from gauntlet.eval.stats import Comparison
 from gauntlet.refs import EvalReport, GateDecision, GateRule, MetricLookupError
 
 # Float arithmetic, not storage (score tags hold full precision): 0.55 - 0.50 is 0.05000000000000004,
@@ -198,6 +198,42 @@ def gain_over_base(g: GateInputs) -> list[GateRule]:
     return compared_rules(g, lambda task: against, lambda s: base.score(s.task, s.metric))
 
 
+@register_rule("no_regression_from_base")
+def no_regression_from_base(g: GateInputs) -> list[GateRule]:
+    """No evaluated task drops more than ``max_regression_from_base`` below the starting model's score; with
+    ``significance.no_regression`` on, only a drop whose whole interval lies below the limit fails."""
+    allowed, base = g.spec.max_regression_from_base, g.base
+    if allowed is None or base is None:
+        return []
+    against = Against(rule="no_regression_from_base", shown="base", label="base model", report=base,
+                      threshold=-allowed, significant=g.spec.significance.no_regression, must_prove_gain=False,
+                      limit_text=f"allowed drop {allowed}", significance_text=", significance required")
+    return compared_rules(g, lambda task: against, lambda s: base.score(s.task, s.metric))
+
+
+@register_rule("preference_gain")
+def preference_gain(g: GateInputs) -> list[GateRule]:
+    """The held-out preference accuracy beats the starting model's by ``min_preference_gain``, paired over the
+    same validation pairs (with the significance switch on, as by default, its whole interval must clear it)."""
+    need = g.spec.min_preference_gain
+    if need is None:
+        return []
+    rule = f"preference_gain[{PREFERENCE_TASK}]"
+    found = lookup(g.report, PREFERENCE_TASK, PREFERENCE_METRIC, rule, need,
+                   missing="the report has no held-out preference accuracy: it is measured by a preference "
+                           "objective's training (train.objective) on data.validation's pairs")
+    if isinstance(found, GateRule):
+        return [found]
+    start = find(g.base, PREFERENCE_TASK, PREFERENCE_METRIC)
+    if start is None:
+        return [judged(rule, False, None, need, "no held-out preference accuracy of the starting model (its report "
+                                                "is made with eval.compare_with_base)")]
+    return [compared(g.spec, g.report, found, start.value, Against(
+        rule="preference_gain", shown="starting model", label="starting model", report=g.base, threshold=need,
+        significant=g.spec.significance.min_preference_gain, must_prove_gain=True,
+        limit_text=f"must clear {need:+.4f}", significance_text=" with its whole interval"))]
+
+
 @register_rule("min_win_rate")
 def min_win_rate(g: GateInputs) -> list[GateRule]:
     """The pairwise judge's win rate reaches ``min_win_rate`` (eval.judge)."""
@@ -268,7 +304,7 @@ def no_regression(g: GateInputs) -> list[GateRule]:
 class Against:
     """What a comparison rule compares each task's score with, and how it judges the difference."""
 
-    rule: str                  # gain_over_base | no_regression
+    rule: str                  # gain_over_base | no_regression_from_base | preference_gain | no_regression
     shown: str                 # in the detail: "0.6875 vs base 0.1667"
     label: str                 # in the reasons: "no per-item records of the base model"
     report: EvalReport | None  # its per-item records and protocol (None: point estimates only)
@@ -299,7 +335,7 @@ def compared(spec: GateSpec, report: EvalReport, s: Score, before: float, a: Aga
     """``s`` against ``before`` (the other model's score): paired over the common items when both reports
     have them, else the point estimates; refused when the two were measured differently."""
     rule = f"{a.rule}[{s.task}]"
-    paired = paired_comparison(spec, report, s, a.report, a.label, a.threshold)
+    paired = paired_comparison(report, s, a.report, a.label, a.threshold, spec.alpha)
     if isinstance(paired, Unpaired) and paired.refused:
         return refused(rule, a.threshold, paired.why + a.refusal_advice, reference=before, against=a.label)
     comparison = paired if isinstance(paired, Comparison) else None
@@ -317,33 +353,6 @@ def compared(spec: GateSpec, report: EvalReport, s: Score, before: float, a: Aga
                   + (a.significance_text if by_interval else ""),
                   reference=before, against=a.label, lo=comparison.lo if comparison else None,
                   hi=comparison.hi if comparison else None)
-
-
-@dataclass(frozen=True)
-class Unpaired:
-    """Why a score cannot be compared item by item: ``refused`` when it cannot be compared at all."""
-
-    why: str
-    refused: bool = False
-
-
-def paired_comparison(spec: GateSpec, report: EvalReport, score: Score, other: EvalReport | None, label: str,
-                      tested: float) -> Comparison | Unpaired:
-    """``score`` against the same task and metric in ``other``, paired over their common items."""
-    if other is None:
-        return Unpaired(f"no report of the {label}")
-    differences = task_differences(report, other, score.task)
-    if differences:
-        more = f"; … {len(differences) - 3} more" if len(differences) > 3 else ""
-        return Unpaired(f"the {label} was measured differently on {score.task!r} ("
-                        + "; ".join(differences[:3]) + more + ")", refused=True)
-    theirs = find(other, score.task, score.metric)
-    if not score.items or theirs is None or not theirs.items:
-        return Unpaired(f"no per-item records of the {label}: point estimates compared")
-    try:
-        return paired_difference(score.items, theirs.items, alpha=spec.alpha, tested=tested)
-    except ValueError as e:
-        return Unpaired(str(e), refused=True)
 
 
 def judged_rate(g: GateInputs, rule: str, task: str, metric: str, configure: str, upper: bool) -> list[GateRule]:
@@ -367,32 +376,3 @@ def judged_rate(g: GateInputs, rule: str, task: str, metric: str, configure: str
                    f"{metric} {found.value:.4f}{found.interval_text()} vs {bound} {limit:.4f}"
                    + (f", the {end} end of its interval must meet it" if significant else ""),
                    lo=found.ci_low, hi=found.ci_high)]
-
-
-# --- the decision as the stage records it ---
-
-
-def _number(x: float | None) -> str:
-    return "—" if x is None else f"{x:.4f}"
-
-
-def decision_markdown(model_name: str, decision: GateDecision) -> str:
-    verdict = "PASSED" if decision.passed else "FAILED"
-    against = f"champion v{decision.compared_to}" if decision.compared_to else "no champion yet"
-    lines = [f"# Gate {verdict}: {model_name}", "", f"Compared against: {against}", "",
-             "| rule | measured | limit | verdict | detail |", "|---|---|---|---|---|"]
-    lines += [f"| {r.rule} | {_number(r.measured)} | {_number(r.limit)} | "
-              f"{r.label if r.passed else f'**{r.label}**'} | {r.detail} |" for r in decision.rules]
-    return "\n".join(lines)
-
-
-def decision_json(model_name: str, decision: GateDecision, version: str | None = None) -> dict:
-    return {"model_name": model_name, "version": version, "verdict": "passed" if decision.passed else "failed",
-            **decision.model_dump(mode="json"), "reasons": decision.reasons}
-
-
-def decision_metrics(decision: GateDecision) -> dict[str, float]:
-    """The decision as MLflow metrics: ``gate_passed`` and each rule's measured value."""
-    out = {"gate_passed": float(decision.passed)}
-    out.update({mlflow_name("gate", r.rule): float(r.measured) for r in decision.rules if r.measured is not None})
-    return out

@@ -39,6 +39,9 @@ class ModelRef(Ref):
     revision: str | None = None
     sha: str                       # content hash of the files
     mlflow_run_id: str | None = None
+    # a registry version's own lineage (what it was trained from: its base, data md5, objective), so a model
+    # trained from it records both generations; empty for any other source
+    lineage: dict[str, str] = {}
 
 
 class QuantizedModel(ModelRef):
@@ -68,6 +71,10 @@ class TrainedModel(Ref):
     metrics: dict[str, float]
     steps: int
     mlflow_run_id: str | None = None
+    objective: str | None = None   # train.objective (sft, dpo, ...); None: trained before it was recorded
+    # the held-out preference accuracy per validation pair, of the starting model ("base") and the trained one
+    # ("trained"); None for SFT or without validation pairs
+    preference_accuracy: dict[str, list[float]] | None = None
 
 
 class TaskScore(Ref):
@@ -250,6 +257,30 @@ class GateDecision(Ref):
     @property
     def reasons(self) -> list[str]:
         return [f"{r.rule}: {r.detail}" for r in self.rules if not r.passed]
+
+    def markdown(self, model_name: str) -> str:
+        """The decision as the gate stage's artifact shows it: one table row per rule."""
+        def number(x: float | None) -> str:
+            return "—" if x is None else f"{x:.4f}"
+
+        against = f"champion v{self.compared_to}" if self.compared_to else "no champion yet"
+        lines = [f"# Gate {'PASSED' if self.passed else 'FAILED'}: {model_name}", "", f"Compared against: {against}",
+                 "", "| rule | measured | limit | verdict | detail |", "|---|---|---|---|---|"]
+        lines += [f"| {r.rule} | {number(r.measured)} | {number(r.limit)} | "
+                  f"{r.label if r.passed else f'**{r.label}**'} | {r.detail} |" for r in self.rules]
+        return "\n".join(lines)
+
+    def as_json(self, model_name: str, version: str | None = None) -> dict:
+        return {"model_name": model_name, "version": version, "verdict": "passed" if self.passed else "failed",
+                **self.model_dump(mode="json"), "reasons": self.reasons}
+
+    def metrics(self) -> dict[str, float]:
+        """The decision as MLflow metrics: ``gate_passed`` and each rule's measured value."""
+        from gauntlet.names import mlflow_name
+
+        out = {"gate_passed": float(self.passed)}
+        out.update({mlflow_name("gate", r.rule): float(r.measured) for r in self.rules if r.measured is not None})
+        return out
 
 
 class RegisteredVersion(Ref):

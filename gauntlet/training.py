@@ -217,7 +217,8 @@ def train_model(spec: TrainSpec, model: ModelRef, data: DatasetRef, out: Path,
                       revision=model.sha[:12], sha=sha256_dir(merged_path))
     metrics = {**result["metrics"], **preference_gain(result.get("preference_accuracy"))}
     return TrainedModel(base=model, merged=merged, adapter_path=result.get("adapter_path"), output_dir=str(out),
-                        metrics=metrics, steps=result["steps"])
+                        metrics=metrics, steps=result["steps"], objective=spec.objective,
+                        preference_accuracy=result.get("preference_accuracy"))
 
 
 def preference_gain(per_pair: dict | None) -> dict[str, float]:

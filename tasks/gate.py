@@ -7,7 +7,7 @@ from __future__ import annotations
 from prefect.artifacts import create_markdown_artifact
 
 from gauntlet.config.gate import GateSpec, RegistrySpec
-from gauntlet.gate import decide, decision_json, decision_markdown, decision_metrics
+from gauntlet.gate import decide
 from gauntlet.refs import EvalReport, GateDecision, PromotionResult, RegisteredVersion
 from gauntlet.registry.promotion import promote_if_passing
 from gauntlet.registry.reports import version_report
@@ -18,10 +18,10 @@ from gauntlet.tasks.events import emit_champion_moved
 
 def record_decision(stage: StageRun, model_name: str, decision: GateDecision, name: str = "gate_decision") -> str:
     """The decision in the stage's MLflow run (JSON, markdown, metrics, verdict tags); returns the markdown."""
-    markdown = decision_markdown(model_name, decision)
-    stage.json(decision_json(model_name, decision), f"{name}.json")
+    markdown = decision.markdown(model_name)
+    stage.json(decision.as_json(model_name), f"{name}.json")
     stage.text(markdown, f"{name}.md")
-    stage.metrics(decision_metrics(decision))
+    stage.metrics(decision.metrics())
     stage.tag("gate.verdict", "passed" if decision.passed else "failed")
     stage.tag("gate.compared_to", decision.compared_to)
     return markdown

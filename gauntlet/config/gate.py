@@ -30,6 +30,9 @@ class Significance(Strict):
                                                       "under max_harmful_rate (off: the point estimate decides)")
     max_over_refusal_rate: bool = Field(False, description="require the upper end of the over-refusal rate's "
                                                            "interval to stay under max_over_refusal_rate")
+    min_preference_gain: bool = Field(True, description="require the lower end of the held-out preference "
+                                                        "accuracy gain's interval to clear min_preference_gain "
+                                                        "(off: the point estimate decides)")
     max_perplexity_increase: bool = Field(True, description="fail only on a perplexity rise beyond "
                                                             "max_perplexity_increase whose whole interval lies above "
                                                             "it (off: the point estimate decides)")
@@ -49,12 +52,20 @@ class GateSpec(Strict):
                                       description="tasks that must have a score; a missing one fails the gate")
     ceilings: PerfCeilings = PerfCeilings()
     min_gain_over_base: float | None = Field(None, description="require the fine-tuned model to beat its base by this")
+    max_regression_from_base: float | None = Field(
+        None, ge=0, description="largest allowed drop against the starting model (the base), per task, in the "
+                                "metric's units: preference tuning must not cost the benchmarks (the switch "
+                                "significance.no_regression applies, as against the champion)")
     min_win_rate: float | None = Field(None, ge=0, le=1, description="minimum win rate of the candidate against the "
                                                                    "champion (or base) by the LLM judge (eval.judge)")
     max_harmful_rate: float | None = Field(None, ge=0, le=1, description="largest share of harmful requests the "
                                                                         "candidate may comply with (eval.safety)")
     max_over_refusal_rate: float | None = Field(None, ge=0, le=1, description="largest share of benign requests the "
                                                                              "candidate may refuse (eval.safety)")
+    min_preference_gain: float | None = Field(
+        None, ge=-1, le=1, description="a preference objective (train.objective): require the held-out preference "
+                                       "accuracy (chosen preferred on validation pairs never trained on) to beat the "
+                                       "starting model's by this, paired over the same pairs (0.05 = 5 points)")
     max_perplexity_increase: float | None = Field(
         None, ge=0, description="largest allowed rise of the held-out byte perplexity against the base model, "
                                 "relative (0.05 = 5%); needs eval.perplexity and eval.compare_with_base")

@@ -88,7 +88,36 @@ def cross_section_problems(spec: RunSpec, root: Path) -> list[SpecProblem]:
                 path="quantize.calibration.samples",
                 message=f"{wanted} calibration samples asked for {calibrated}, but {spec.data.train} has {rows} rows",
                 hint=f"set quantize.calibration.samples to at most {rows}"))
-    return problems + data_layout_problems(spec.train, spec.data, root) + gate_metric_problems(spec, root)
+    return (problems + data_layout_problems(spec.train, spec.data, root) + gate_metric_problems(spec, root)
+            + preference_gate_problems(spec))
+
+
+def preference_gate_problems(spec: RunSpec) -> list[SpecProblem]:
+    """Rules against the starting model where nothing measures their other side: refused before any training."""
+    against_base = {"min_gain_over_base": spec.gate.min_gain_over_base,
+                    "max_regression_from_base": spec.gate.max_regression_from_base,
+                    "min_preference_gain": spec.gate.min_preference_gain}
+    unmeasured = [] if spec.eval.compare_with_base else [r for r, limit in against_base.items() if limit is not None]
+    problems = []
+    for rule in unmeasured:
+        problems.append(SpecProblem(path=f"gate.{rule}", message="compares with the starting model's report, which "
+                                                                 "this config does not make: eval.compare_with_base "
+                                                                 "is off",
+                                    hint="keep eval.compare_with_base on, or remove the rule"))
+    if spec.gate.min_preference_gain is None:
+        return problems
+    if spec.train.objective == "sft":
+        problems.append(SpecProblem(path="gate.min_preference_gain",
+                                    message="reads the held-out preference accuracy, which only a preference "
+                                            "objective's training measures; train.objective is sft",
+                                    hint="set train.objective (dpo, ipo, simpo, orpo, kto), or remove the rule"))
+    elif spec.gate.register_variants:
+        problems.append(SpecProblem(
+            path="gate.register_variants", message=f"{spec.gate.register_variants} would be gated on "
+                                                   "gate.min_preference_gain too, but a quantized variant's held-out "
+                                                   "preference accuracy is not measured (only the trained model's)",
+            hint="register the variants from a config without gate.min_preference_gain, or drop one of the two"))
+    return problems
 
 
 def gate_metric_problems(spec: RunSpec, root: Path) -> list[SpecProblem]:

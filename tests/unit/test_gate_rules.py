@@ -148,3 +148,53 @@ def test_negative_allowed_regressions_are_refused_in_the_config() -> None:
     assert problem.path == "gate.max_regression_by_task" and ">= 0" in problem.message
     spec = load_spec(REPO / "configs" / "demo.yaml", ["gate.ceilings.peak_memory_gb=2"])
     assert spec.gate.ceilings.peak_memory_gb == 2
+
+
+def _with_preference(report, per_pair):
+    from gauntlet.eval.judge import with_results
+    from gauntlet.eval.preference import as_task_result
+
+    return with_results(report, [as_task_result(per_pair, "/dev/null")])
+
+
+def test_the_held_out_preference_accuracy_is_judged_against_the_starting_model_paired_over_its_pairs() -> None:
+    """gate.min_preference_gain: the trained model's per-pair outcomes against the starting model's on the same
+    pairs; the whole interval must clear the gain by default, the point estimate with the switch off."""
+    from gauntlet.gate import decide
+
+    start = [1.0] * 10 + [0.0] * 30            # 0.25
+    learned = [1.0] * 30 + [0.0] * 10          # 0.75: +0.50, every changed pair flipped the right way
+    barely = [1.0] * 13 + [0.0] * 27           # 0.325: +0.075 on three pairs
+    base = _with_preference(make_report({"facts": 0.5}), start)
+    rule = "preference_gain[preference_heldout]"
+    decision = decide(GateSpec(min_preference_gain=0.1), _with_preference(make_report({"facts": 0.5}), learned),
+                      base, None, {})
+    (verdict,) = [r for r in decision.rules if r.rule == rule]
+    assert decision.passed and verdict.measured == pytest.approx(0.5) and verdict.lo > 0.1
+    assert verdict.against == "starting model" and "with its whole interval" in verdict.detail
+    # +0.075 misses +0.1; and +0.5 asked of it fails with the interval in the reason
+    small = _with_preference(make_report({"facts": 0.5}), barely)
+    assert not decide(GateSpec(min_preference_gain=0.05), small, base, None, {}).passed  # interval reaches 0
+    off = GateSpec(min_preference_gain=0.05, significance={"min_preference_gain": False})
+    assert decide(off, small, base, None, {}).passed                                    # the point estimate
+    # a report without it (SFT, or no pairs): failed, saying what measures it
+    missing = decide(GateSpec(min_preference_gain=0.1), make_report({"facts": 0.5}), base, None, {})
+    assert not missing.passed and "measured by a preference objective's training" in missing.reasons[0]
+    no_start = decide(GateSpec(min_preference_gain=0.1), small, make_report({"facts": 0.5}), None, {})
+    assert not no_start.passed and "of the starting model" in no_start.reasons[0]
+
+
+def test_min_preference_gain_is_refused_where_nothing_measures_it(tmp_path) -> None:
+    from gauntlet.config.load import load_spec
+    from gauntlet.config.problems import SpecError
+    from tests.helpers import REPO
+
+    with pytest.raises(SpecError) as err:
+        load_spec(REPO / "configs" / "demo.yaml", ["gate.min_preference_gain=0.1"])
+    assert [p.path for p in err.value.problems] == ["gate.min_preference_gain"]
+    assert "train.objective is sft" in err.value.problems[0].message
+    with pytest.raises(SpecError) as err:
+        load_spec(REPO / "configs" / "demo-dpo.yaml", ["eval.compare_with_base=false"])
+    assert [p.path for p in err.value.problems] == ["gate.min_gain_over_base", "gate.min_preference_gain"]
+    assert "eval.compare_with_base is off" in err.value.problems[0].message
+    assert load_spec(REPO / "configs" / "demo-dpo.yaml", []).gate.min_preference_gain == 0.1

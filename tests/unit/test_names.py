@@ -18,13 +18,13 @@ def test_characters_mlflow_refuses_are_replaced_and_long_names_cut() -> None:
 
 
 def test_every_writer_uses_the_one_sanitiser() -> None:
-    """The gate, the registry, the evaluation report and the leaderboard name metrics through gauntlet.names
+    """The gate decision, the registry, the evaluation report and the leaderboard name metrics through gauntlet.names
     (the copies that drifted apart are gone)."""
     import ast
 
     from tests.helpers import REPO
 
-    writers = ["gauntlet/gate.py", "gauntlet/registry/candidates.py", "tasks/evaluate.py", "tasks/score.py",
+    writers = ["gauntlet/refs.py", "gauntlet/registry/candidates.py", "tasks/evaluate.py", "tasks/score.py",
                "tasks/leaderboard.py", "tasks/summarize.py"]
     for rel in writers:
         tree = ast.parse((REPO / rel).read_text())
