@@ -137,9 +137,10 @@ def champion_source(registry: RegistrySpec, stage: StageRun) -> tuple[str, str] 
 
 def judge_candidate(spec: JudgeSpec, registry: RegistrySpec | None, candidate: ModelRef, base: ModelRef,
                     report: EvalReport, run: RunContext) -> EvalReport:
-    """``report`` with the candidate's win rate against the champion (or ``base`` when there is none, or no
-    registry) added as the task ``judge_win_rate``."""
-    found = champion_source(registry=registry, run=run) if registry is not None else None
+    """``report`` with the candidate's win rate against the champion (or ``base`` when there is none, no
+    registry, or ``spec.opponent`` is base) added as the task ``judge_win_rate``."""
+    by_champion = registry is not None and spec.opponent == "champion"
+    found = champion_source(registry=registry, run=run) if by_champion else None
     if found is None:
         opponent, role = base, "base"
     else:

@@ -8,6 +8,7 @@ both by name: the key itself never appears in a config, a log or a cache key.
 
 from __future__ import annotations
 
+from typing import Literal
 from urllib.parse import urlparse
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
@@ -24,6 +25,10 @@ class JudgeSpec(Strict):
     endpoint_model: str | None = Field(None, description="the model name the endpoint serves (base_url only)")
     api_key_env: str | None = Field(None, description="environment variable holding the endpoint's API key")
     api_key_secret: str | None = Field(None, description="Prefect Secret block holding the endpoint's API key")
+    opponent: Literal["champion", "base"] = Field(
+        "champion", description="whom the candidate's answers are judged against: the registry's champion (the "
+                                "base while there is none), or always the model this run trained from (base: for "
+                                "preference tuning from an SFT model, that SFT model)")
     prompt: str = Field("evals/judge/pairwise.md", description="the judge prompt (its sha256 is in the protocol)")
     instructions: str = Field("evals/judge/instructions.jsonl",
                               description="the instruction set (JSONL rows with `instruction`; a DVC-tracked file of yours, or the shipped one)")

@@ -120,3 +120,35 @@ def test_judge_config_names_the_field_and_the_fix() -> None:
         JudgeSpec()
     with pytest.raises(ValidationError, match="credentials in base_url"):
         JudgeSpec(base_url="http://user:secret@host/v1")
+
+
+def test_opponent_base_judges_against_the_starting_model_even_with_a_champion(
+        prefect_api, smollm2, tiny_model_ref, tmp_path) -> None:  # noqa: F811
+    """eval.judge.opponent: base (preference tuning from an SFT model: the win rate over that model) never asks
+    the registry, though the registered model has a champion."""
+    from prefect import flow
+
+    from gauntlet.config.gate import RegistrySpec
+    from gauntlet.tasks.judge import judge_candidate
+    from gauntlet.tracking import client, parent_run, tracking_uri
+    from tests.integration.test_registry import gate_and_promote, register, unique
+
+    c = client(tracking_uri())
+    registry = RegistrySpec(model_name=unique("judge-opponent"))
+    candidate, report = register(c, registry, tmp_path, {"facts": 0.5})
+    _, promotion = gate_and_promote(c, registry, GateSpec(), candidate, report)
+    assert promotion.registered   # the registered model has a champion (fake files: never fetched here)
+    spec = JudgeSpec(model=smollm2.path, limit=2, max_new_tokens=8, opponent="base")
+
+    @flow(name="judge-against-base")
+    def against_base():
+        with parent_run(tracking_uri(), "judge", "opponent", {}, {}) as run:
+            return judge_candidate(spec=spec, registry=registry, candidate=tiny_model_ref, base=smollm2,
+                                   report=make_report({"facts": 0.5}), run=run)
+
+    state = against_base(return_state=True)
+    assert state.is_completed(), state.message
+    result = state.result().result(JUDGE_TASK)
+    assert result.effective[JUDGE_TASK]["opponent"] == "base" and result.n_samples[JUDGE_TASK] == 2
+    with pytest.raises(Exception, match="validation error"):
+        JudgeSpec(model=smollm2.path, opponent="sft")   # champion | base only
