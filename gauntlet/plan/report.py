@@ -14,6 +14,7 @@ from gauntlet.plan.memory import (
     GIB,
     Devices,
     Estimate,
+    Passes,
     estimate,
     largest_batch,
     launch_profiles,
@@ -49,7 +50,8 @@ class Plan:
         return {"model": {"source": s.source, "architecture": s.architecture, "total_params": s.total_params,
                           "linear_params": s.linear_params, "num_layers": s.num_layers, "hidden_size": s.hidden_size,
                           "vocab_size": s.vocab_size, "max_positions": s.max_positions},
-                "method": self.train.method, "devices": self.devices.description,
+                "method": self.train.method, "objective": self.train.objective,
+                "passes": self.configured.passes.as_dict(), "devices": self.devices.description,
                 "configured": {**self.configured.as_dict(), "fits": self.configured_fits, "why": self.configured_why},
                 "profiles": {k: {**e.as_dict(), "fits": self.verdicts[k][0], "why": self.verdicts[k][1]}
                              for k, e in self.by_profile.items()},
@@ -99,11 +101,12 @@ def render(plan: Plan) -> str:
         f"vocab {s.vocab_size}, max positions {s.max_positions}",
         f"training  {t.method}{lora}; micro-batch {t.batch_size} x {t.max_seq_len} tokens; bf16 compute; "
         f"gradient checkpointing {'on' if plan.configured.gradient_checkpointing else 'off'}",
+        describe_passes(plan.configured.passes, t.method),
         f"devices   {plan.devices.description}",
         "",
     ]
-    short = {"weights": "weights", "LoRA adapters": "LoRA", "gradients": "grads", "optimizer state": "optim",
-             "activations": "activ", "logits": "logits", "runtime overhead": "runtime",
+    short = {"weights": "weights", "reference model": "ref", "LoRA adapters": "LoRA", "gradients": "grads",
+             "optimizer state": "optim", "activations": "activ", "logits": "logits", "runtime overhead": "runtime",
              "allocator slack (10%)": "slack"}
     names = list(plan.by_profile)
     first = max(len("GiB per GPU"), *(len(n) for n in names)) + 2
@@ -141,6 +144,26 @@ def render(plan: Plan) -> str:
     lines.append(f"pool class: {plan.gpu_class} (the smallest GPU class of a team's pool it fits: `gauntlet run "
                  "--pool` queues it there)" if plan.gpu_class else f"pool class: none: {plan.gpu_class_why}")
     return "\n".join(lines)
+
+
+def describe_passes(run: Passes, method: str) -> str:
+    """The objective's line: the sequences of a micro-batch's row, the reference pass, how the log-probs are taken."""
+    if run.sequences == 2:
+        rows = "2 sequences per pair (chosen+rejected in one pass)"
+    else:
+        rows = "1 sequence per row" + (", plus a mismatched KL batch (no_grad, through the policy and the reference)"
+                                       if run.kl_pass else "")
+    reference = {
+        "none": "no reference" if run.objective == "sft" else "no reference (reference-free)",
+        "adapter": "reference = base with the adapter disabled (no_grad pass, no second copy)",
+        "copy": f"reference = TRL's frozen copy of the base (method {method}; its weights counted; no_grad pass)",
+        "model": f"reference = {run.reference_source}, a second model (its weights counted, at the base's precision "
+                 "and assumed of the base's shape; no_grad pass)",
+    }[run.reference]
+    loss = {"chunked": "the loss's logits in chunks (whole under ZeRO-3/FSDP)",
+            "fused": "log-probs through TRL's fused LM head, tile by tile",
+            "full": "every logit materialised (TRL's selective_log_softmax)"}[run.loss]
+    return f"objective {run.objective}: {rows}, {reference}; {loss}"
 
 
 def plan_for_spec(model: ModelSpec, train: TrainSpec, devices: Devices | None = None,

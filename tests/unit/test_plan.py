@@ -110,6 +110,134 @@ def test_lora_targets_and_sequence_limit_are_checked(small: ModelShape) -> None:
     assert "train.max_seq_len" in problems[1] and "128" in problems[1]
 
 
+# Preference objectives, as TRL 1.16's trainers run them (the small Llama: hidden 64, MLP 128, KV 32, 2 layers,
+# vocab 100; one layer keeps 6h + 2kv + 4i = 960 values per token; 86,848 parameters).
+PER_TOKEN = 960
+PAIRED_TOKENS = 2 * 2 * 16   # batch 2 x 16 tokens, chosen and rejected
+
+
+def preference_train(objective: str, method: str = "qlora", checkpointing: bool = True, **preference) -> TrainSpec:
+    return TrainSpec(objective=objective, method=method, batch_size=2, max_seq_len=16,
+                     gradient_checkpointing=checkpointing, preference=preference or None,
+                     lora={"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"})
+
+
+def test_dpo_holds_chosen_and_rejected_and_runs_its_reference_through_the_adapterless_base(small: ModelShape) -> None:
+    """DPO's one concatenated pass holds 2 x batch_size sequences; its reference under QLoRA is the base with the
+    adapter disabled (no weights added); TRL scores the log-probs through its fused LM head, tile by tile."""
+    single = profile_named("single_gpu")
+    for checkpointing in (True, False):
+        sft = estimate(small, preference_train("sft", checkpointing=checkpointing), single, 1, "cuda")
+        dpo = estimate(small, preference_train("dpo", checkpointing=checkpointing), single, 1, "cuda")
+        assert dpo.activations_checkpointed == 2 * sft.activations_checkpointed == 2 * 64 * 64 * 4 + 64 * 960 * 4
+        # without checkpointing the reference's no_grad pass adds one layer's values on top of the kept ones
+        assert dpo.activations_full == 2 * sft.activations_full + PAIRED_TOKENS * PER_TOKEN * 4
+        assert dpo.terms["activations"] == pytest.approx(
+            2 * sft.terms["activations"] + (0 if checkpointing else PAIRED_TOKENS * PER_TOKEN * 4))
+        assert "reference model" not in dpo.terms and dpo.terms["weights"] == sft.terms["weights"]
+        # TRL's tile buffer, [min(tokens, 4096) x 32768] at bf16 whatever the vocabulary; the bf16 copy of QLoRA's
+        # fp32 head, a slice at a time; the final hidden states (fp32 under QLoRA), the kernel's copy, and (the
+        # larger) the reference's two or their fp32 gradient
+        assert dpo.terms["logits"] == 64 * 32768 * 2 + 100 * 64 * 2 + 64 * 64 * (4 + 4 + 8)
+    ipo = estimate(small, preference_train("ipo"), single, 1, "cuda")
+    assert ipo.terms == estimate(small, preference_train("dpo"), single, 1, "cuda").terms
+    # the CPU: no Triton, so torch folds each tile with fp32 temporaries of its size
+    cpu = estimate(small, preference_train("dpo"), single, 1, "cpu")
+    assert cpu.terms["logits"] == 64 * 32768 * 4 + 8 * 64 * 100 * 4 + 64 * 64 * (4 + 4 + 8)
+
+
+def test_simpo_and_orpo_are_reference_free_and_hold_the_full_logits(small: ModelShape) -> None:
+    single = profile_named("single_gpu")
+    sft = estimate(small, preference_train("sft", method="full"), single, 1, "cuda")
+    for objective in ("simpo", "orpo"):
+        for method in ("qlora", "full"):   # not even under full: no reference at all
+            est = estimate(small, preference_train(objective, method=method), single, 1, "cuda")
+            assert "reference model" not in est.terms
+            a = 4 if method == "qlora" else 2
+            assert est.activations_checkpointed == 2 * 64 * 64 * a + 64 * 960 * a
+            assert est.activations_full == 2 * 64 * 960 * a     # no no_grad pass after the policy's
+            # every logit of both sequences, 3 (simpo) or 3.5 (orpo) times over at the loss's peak, in bf16, + the
+            # final hidden states the head reads
+            assert est.terms["logits"] == 64 * 100 * {"simpo": 3, "orpo": 3.5}[objective] * 2 + 64 * 64 * a
+        assert est.terms["weights"] == sft.terms["weights"]
+
+
+def test_a_reference_of_its_own_adds_its_weights(small: ModelShape) -> None:
+    """train.preference.reference naming another model loads a second one at the base's precision (the planner
+    assumes the base's shape); under full the reference 'base' is TRL's frozen copy: the same again."""
+    single = profile_named("single_gpu")
+    other = "models:/sft-bot@champion"
+    lora = estimate(small, preference_train("dpo", method="lora", reference=other), single, 1, "cuda")
+    assert lora.terms["reference model"] == small.total_params * 2 == 86848 * 2
+    assert list(lora.terms)[:2] == ["weights", "reference model"]
+    cpu = estimate(small, preference_train("dpo", method="lora", reference=other), single, 1, "cpu")
+    assert cpu.terms["reference model"] == small.total_params * 4
+    qlora = estimate(small, preference_train("dpo", reference=other), single, 1, "cuda")
+    assert qlora.terms["reference model"] == qlora.terms["weights"] == 73728 * 0.515869140625 + 13120 * 4
+    copy = estimate(small, preference_train("dpo", method="full"), single, 1, "cuda")
+    assert copy.terms["reference model"] == small.total_params * 2
+    # sharded like the policy: FSDP and ZeRO-3 shard TRL's prepared reference too, ZeRO-3's offload moves it
+    fsdp = estimate(small, preference_train("dpo", method="lora", reference=other), profile_named("fsdp"), 4, "cuda")
+    assert fsdp.terms["reference model"] == small.total_params * 2 / 4
+    z3 = profile_named("deepspeed_zero3_offload")
+    with_ref = estimate(small, preference_train("dpo", method="lora", reference=other), z3, 4, "cuda")
+    without = estimate(small, preference_train("dpo", method="lora"), z3, 4, "cuda")
+    assert with_ref.host_offload == pytest.approx(without.host_offload + small.total_params * 2 / 4)
+    assert "reference model" not in without.terms
+
+
+def test_kto_keeps_one_sequence_per_row_and_runs_its_kl_batch_without_gradients(small: ModelShape) -> None:
+    """TRL's KTOTrainer: the rows' pass keeps batch_size sequences; with loss kto the mismatched KL batch goes
+    through the policy before it (no_grad) and through the reference after it, with the rows' reference pass."""
+    from gauntlet.plan.memory import passes
+
+    single = profile_named("single_gpu")
+    for checkpointing in (True, False):
+        sft = estimate(small, preference_train("sft", method="lora", checkpointing=checkpointing), single, 1, "cuda")
+        kto = estimate(small, preference_train("kto", method="lora", checkpointing=checkpointing), single, 1, "cuda")
+        assert kto.activations_checkpointed == sft.activations_checkpointed
+        assert kto.activations_full == sft.activations_full + 32 * PER_TOKEN * 2
+        assert "reference model" not in kto.terms
+        # bf16 hidden states under LoRA: their fp32 gradient is cast back (4 + 2 bytes)
+        assert kto.terms["logits"] == 32 * 32768 * 2 + 32 * 64 * (2 + 2 + 4 + 2)
+    run = passes(preference_train("kto", method="lora"))
+    assert (run.sequences, run.kl_pass, run.reference, run.loss) == (1, True, "adapter", "fused")
+    assert not passes(preference_train("kto", method="lora", loss_type="apo_zero_unpaired")).kl_pass
+    full = estimate(small, preference_train("kto", method="full"), single, 1, "cuda")
+    assert full.terms["reference model"] == small.total_params * 2
+    assert passes(preference_train("sft")) == passes(TrainSpec())
+
+
+def test_plan_says_the_objective_its_sequences_and_its_reference(capsys) -> None:
+    config = str(REPO / "configs" / "llama-7b-qlora.yaml")
+    args = ["plan", config, "--set", f"model.source={FIXTURES / 'llama-2-7b'}", "--set", "train.packing=false",
+            "--gpus", "8", "--gpu-memory", "80"]
+    assert cli([*args, "--set", "train.objective=dpo"]) == 0
+    text = capsys.readouterr().out
+    assert ("objective dpo: 2 sequences per pair (chosen+rejected in one pass), reference = base with the adapter "
+            "disabled (no_grad pass, no second copy)") in text
+    assert cli([*args, "--set", "train.objective=dpo", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["objective"] == "dpo" and plan["passes"]["sequences_per_row"] == 2
+    assert plan["passes"]["reference"] == "adapter" and "reference model" not in plan["configured"]["terms_gib"]
+
+    assert cli([*args, "--set", "train.objective=dpo", "--set", "train.method=lora", "--set",
+                "train.preference.reference=models:/sft-bot@champion"]) in (0, 1)
+    text = capsys.readouterr().out
+    assert "reference = models:/sft-bot@champion, a second model (its weights counted" in text
+    header = next(line for line in text.splitlines() if line.startswith("GiB per GPU"))
+    assert header.split()[3:] == ["procs", "weights", "ref", *TERMS[1:], "fits"]
+    for profile in PROFILES:
+        row = next(line for line in text.splitlines() if line.startswith(profile + " "))
+        assert len(row.split()) == 1 + 1 + len(TERMS) + 1 + 1, row
+
+    assert cli([*args, "--set", "train.objective=kto"]) == 0
+    assert ("objective kto: 1 sequence per row, plus a mismatched KL batch (no_grad, through the policy and the "
+            "reference)") in capsys.readouterr().out
+    assert cli(args) == 0
+    assert "objective sft: 1 sequence per row, no reference" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("size", ["7b", "70b"])
 def test_plan_prints_every_term_under_every_profile(size: str, capsys) -> None:
     config = str(REPO / "configs" / f"llama-{size}-qlora.yaml")
