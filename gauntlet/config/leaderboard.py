@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, get_args
 
 from pydantic import Field, ValidationInfo, field_validator
 
@@ -11,7 +12,9 @@ from gauntlet.config.data import DataSpec
 from gauntlet.config.eval import EvalSpec, task_names
 from gauntlet.config.model import REGISTRY_SCHEME, check_source_scheme, refuse_remote_code
 from gauntlet.config.notify import TrackingSpec
+from gauntlet.config.problems import did_you_mean
 from gauntlet.config.quantize import CalibrationSpec, QuantizeVariant
+from gauntlet.config.train import Objective
 from gauntlet.eval.suites import filters_a_name_fits
 
 # A leaderboard variant name -> how the candidate is turned into it (None: evaluated as stored, unquantized).
@@ -50,6 +53,8 @@ class LeaderboardCandidate(Strict):
     revision: str | None = Field(None, description="hub revision; '@rev' in source also works")
     trust_remote_code: bool = False
     variants: list[str] | None = Field(None, description="variants of this candidate (default: the top-level list)")
+    objective: Objective | None = Field(None, description="how it was trained, for the board's objective column "
+                                                          "(a registry version's train.objective tag wins)")
 
     @field_validator("source")
     @classmethod
@@ -66,6 +71,14 @@ class LeaderboardCandidate(Strict):
     @classmethod
     def _variants_known(cls, v: list[str] | None) -> list[str] | None:
         return _known_variants(v)
+
+    @field_validator("objective", mode="before")
+    @classmethod
+    def _objective_known(cls, v: Any) -> Any:
+        if isinstance(v, str) and v not in get_args(Objective):
+            raise ValueError(f"unknown training objective {v!r}. Fix: "
+                             + did_you_mean(v, get_args(Objective), "objectives") + " (or leave it out: unknown)")
+        return v
 
     @property
     def display_name(self) -> str:

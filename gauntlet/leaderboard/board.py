@@ -93,6 +93,7 @@ class BoardRow(BaseModel):
     status: Literal["ranked", "unranked", "failed", "skipped"]
     reason: str | None = None            # why unranked / failed / skipped, or what is missing
     note: str | None = None              # how the source was resolved
+    objective: str | None = None         # training objective (sft, dpo, ...); None: unknown (and on older boards)
     rank: int | None = None
     tie: bool = False                            # indistinguishable from a neighbour: a rank range, not a rank
     rank_low: int | None = None                  # the rank range (leaderboard/uncertainty.py): 2..3
@@ -339,7 +340,7 @@ def build_leaderboard(spec: LeaderboardSpec, outcomes: list[CandidateOutcome], h
     reports: dict[str, EvalReport] = {}
     for o in outcomes:
         row = BoardRow(candidate=o.candidate, variant=o.variant, source=o.source, note=o.note,
-                       model_sha=o.model_sha, status="failed" if o.status == "failed" else
+                       objective=o.objective, model_sha=o.model_sha, status="failed" if o.status == "failed" else
                        "skipped" if o.status == "skipped" else "ranked", reason=o.reason)
         if o.report is not None:
             _score_columns(row, o.report, spec)

@@ -2,7 +2,8 @@
 
 A candidate is resolved like every model source (registry aliases each night, unpinned sources
 re-hashed); one that cannot be resolved fails its own row only. A variant the night cannot produce (a
-calibrated one without calibration data) is a skipped row with its reason, never a made-up score.
+calibrated one without calibration data) is a skipped row with its reason, never a made-up score. Each row
+names the candidate's training objective where it is known (:func:`objective_of`), never guessed.
 """
 
 from __future__ import annotations
@@ -53,9 +54,26 @@ class CandidateOutcome(Ref):
     status: Literal["ok", "failed", "skipped"]
     reason: str | None = None
     note: str | None = None
+    objective: str | None = None          # how the model was trained (sft, dpo, ...); None: unknown
     model_sha: str | None = None
     report: EvalReport | None = None
     job: JobRecord | None = None
+
+
+# The registry version tag naming the objective a version was trained with (lineage_of in
+# gauntlet/registry/candidates.py writes it; versions registered before it lack it).
+OBJECTIVE_TAG = "train.objective"
+
+
+def objective_of(candidate: LeaderboardCandidate, resolved: ResolvedModel) -> tuple[str | None, str | None]:
+    """The row's training objective and its note: a registry version's train.objective tag, else the config's
+    ``objective:``, else None (unknown: never guessed). A declared objective the tag contradicts loses, and the
+    note says so."""
+    tagged, declared = resolved.lineage.get(OBJECTIVE_TAG) or None, candidate.objective
+    if tagged is None or declared is None or tagged == declared:
+        return tagged or declared, resolved.note
+    clash = f"the config declares objective {declared}, the version's {OBJECTIVE_TAG} tag says {tagged}: {tagged} shown"
+    return tagged, f"{resolved.note}; {clash}" if resolved.note else clash
 
 
 def variants_of(candidate: LeaderboardCandidate, spec: LeaderboardSpec) -> list[str]:
@@ -64,19 +82,21 @@ def variants_of(candidate: LeaderboardCandidate, spec: LeaderboardSpec) -> list[
 
 def ok_outcome(candidate: LeaderboardCandidate, variant: str, prepared: PreparedCandidate,
                report: EvalReport, job: JobRecord | None = None) -> CandidateOutcome:
+    objective, note = objective_of(candidate, prepared.resolved)
     return CandidateOutcome(candidate=candidate.display_name, variant=variant, source=candidate.source, status="ok",
-                            note=prepared.resolved.note, model_sha=report.model_sha, report=report, job=job)
+                            note=note, objective=objective, model_sha=report.model_sha, report=report, job=job)
 
 
+# A failed or skipped row shows the objective its config declares: its version's tag is read when it is scored.
 def failed_outcome(candidate: LeaderboardCandidate, variant: str, reason: str,
                    job: JobRecord | None = None) -> CandidateOutcome:
     return CandidateOutcome(candidate=candidate.display_name, variant=variant, source=candidate.source,
-                            status="failed", reason=reason, job=job)
+                            status="failed", reason=reason, objective=candidate.objective, job=job)
 
 
 def skipped_outcome(candidate: LeaderboardCandidate, variant: str, reason: str) -> CandidateOutcome:
     return CandidateOutcome(candidate=candidate.display_name, variant=variant, source=candidate.source,
-                            status="skipped", reason=reason)
+                            status="skipped", reason=reason, objective=candidate.objective)
 
 
 def candidate_model(candidate: LeaderboardCandidate) -> ModelSpec:

@@ -105,6 +105,13 @@ def _text(s: str, title: str | None = None) -> str:
     return f'<td class="text" data-v="{escape(s)}"{tip}>{escape(s)}</td>'
 
 
+def _objective_cell(r: BoardRow) -> str:
+    """The training objective (sft, dpo, ...), or a grey — where it is unknown (sorting last)."""
+    if r.objective is None:
+        return '<td class="text missing" data-v="">—</td>'
+    return _text(r.objective)
+
+
 def _delta_cell(r: BoardRow) -> str:
     if r.delta_average is None:
         return f'<td class="missing" data-v="">{escape(r.delta_note or "—")}</td>'
@@ -133,7 +140,7 @@ def _sparkline(r: BoardRow, width: int = 90, height: int = 22) -> str:
 
 def ranking_table(board: Leaderboard) -> str:
     suites = list(board.suites)
-    heads = ([("Rank", "num"), ("Model", "text"), ("Variant", "text"), ("Average", "num")]
+    heads = ([("Rank", "num"), ("Model", "text"), ("Objective", "text"), ("Variant", "text"), ("Average", "num")]
              + [(f"Suite {s}", "num") for s in suites]
              + [(f"{t} ({board.task_metrics[t]})", "num") for t in board.tasks]
              + [(MEASURES[m][0], "num") for m in board.measures]
@@ -147,7 +154,7 @@ def ranking_table(board: Leaderboard) -> str:
                      f'{escape(r.rank_text)}</td>' if r.tie else f'<td data-v="{rank}">{rank or "—"}</td>')
         average = (r.ci_low, r.ci_high) if r.ci_low is not None and r.ci_high is not None else None  # set together
         cells = ([rank_cell, _text(r.candidate, title=f"{r.source}" + (f" ({r.note})" if r.note else "")),
-                  _text(r.variant), _cell_ci(r.average, average)]
+                  _objective_cell(r), _text(r.variant), _cell_ci(r.average, average)]
                  + [_cell(r.suites.get(s)) for s in suites]
                  + [_cell_ci(r.normalized.get(t), r.intervals.get(t)) for t in board.tasks]
                  + [_measure_cell(r.measures.get(m), MEASURES[m][1]) for m in board.measures]
@@ -274,10 +281,11 @@ def others_table(board: Leaderboard) -> str:
     if not rows:
         return '<p class="note">Every candidate was ranked.</p>'
     body = "".join(
-        f'<tr class="{r.status}">{_text(r.candidate)}{_text(r.variant)}{_text(r.status)}'
+        f'<tr class="{r.status}">{_text(r.candidate)}{_objective_cell(r)}{_text(r.variant)}{_text(r.status)}'
         f'<td class="reason">{escape(r.reason or "")}</td></tr>' for r in rows)
     return ('<table id="not-ranked" class="sortable"><thead><tr><th class="text" data-type="text">Model</th>'
-            '<th class="text" data-type="text">Variant</th><th class="text" data-type="text">Status</th>'
+            '<th class="text" data-type="text">Objective</th><th class="text" data-type="text">Variant</th>'
+            '<th class="text" data-type="text">Status</th>'
             f'<th class="text" data-type="text">Reason</th></tr></thead><tbody>{body}</tbody></table>')
 
 

@@ -39,7 +39,7 @@ RANK_NOTE = ("Scores in brackets: 95% intervals (paired bootstrap over the items
 
 def render_markdown(board: Leaderboard) -> str:
     suites = list(board.suites)
-    head = (["rank", "model", "variant", "average"] + [f"suite {s}" for s in suites] + board.tasks
+    head = (["rank", "model", "objective", "variant", "average"] + [f"suite {s}" for s in suites] + board.tasks
             + [MEASURES[m][0] for m in board.measures] + ["Δ avg", "tokens/s", "TTFT ms", "peak GB", "size GB"])
     lines = [f"# {board.title}", "",
              f"- night: {short_night(board.night)} UTC"
@@ -53,7 +53,8 @@ def render_markdown(board: Leaderboard) -> str:
             continue
         delta = _fmt(r.delta_average, signed=True) if r.delta_average is not None else (r.delta_note or "—")
         average = _fmt(r.average) + ("" if r.ci_low is None else f" ({r.ci_low:.1f}–{r.ci_high:.1f})")
-        cells = ([r.rank_text, r.candidate, r.variant, average] + [_fmt(r.suites.get(s)) for s in suites]
+        cells = ([r.rank_text, r.candidate, r.objective or "—", r.variant, average]
+                 + [_fmt(r.suites.get(s)) for s in suites]
                  + [_fmt(r.normalized.get(t)) + ("" if not (iv := r.intervals.get(t)) else
                                                  f" ({iv[0]:.0f}–{iv[1]:.0f})")
                     for t in board.tasks]
@@ -66,8 +67,10 @@ def render_markdown(board: Leaderboard) -> str:
     lines += [f"- {r.candidate} / {r.variant}: {one_line(r.reason)}" for r in unscored]
     others = [r for r in board.rows if r.status != "ranked"]
     if others:
-        lines += ["", "## Not ranked", "", "| model | variant | status | reason |", "|---|---|---|---|"]
-        lines += [f"| {r.candidate} | {r.variant} | {r.status} | {one_line(r.reason)} |" for r in others]
+        lines += ["", "## Not ranked", "", "| model | objective | variant | status | reason |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {r.candidate} | {r.objective or '—'} | {r.variant} | {r.status} | {one_line(r.reason)} |"
+                  for r in others]
     lines += ["", "## Random baselines", ""]
     lines += [f"- {t} ({board.task_metrics[t]}): {b['value']:.4f} — {b['source']}" for t, b in board.baselines.items()]
     return "\n".join(lines + where_jobs_ran(board)) + "\n"
@@ -108,7 +111,7 @@ def table_rows(board: Leaderboard) -> list[dict[str, Any]]:
     out = []
     for r in board.rows:
         row: dict[str, Any] = {"rank": r.rank if r.rank is not None else "", "model": r.candidate,
-                               "variant": r.variant, "status": r.status,
+                               "objective": r.objective or "—", "variant": r.variant, "status": r.status,
                                "average": None if r.average is None else round(r.average, 2)}
         row.update({t: None if (v := r.normalized.get(t)) is None else round(v, 2) for t in board.tasks})
         row.update({m: None if m not in r.measures else round(r.measures[m].value, 4) for m in board.measures})

@@ -210,3 +210,65 @@ def test_perplexity_and_safety_rates_get_columns_with_their_intervals(tmp_path: 
     assert "held-out ppl ↓" in html and 'title="95% interval 2.5 to 10.0"' in html
     assert {r["model"]: r[HARMFUL_RATE] for r in table_rows(board)} == {"safe": 0.05, "unsafe": 0.4, "plain": None}
     assert "measures" in board.model_dump(mode="json")["rows"][0]
+
+
+def test_a_candidate_may_declare_its_objective_and_a_wrong_one_names_the_field_and_the_fix(tmp_path: Path) -> None:
+    raw = {"name": "objectives", "eval": {"tasks": ["demo_facts"]},
+           "candidates": [{"source": "demo://tiny-llama", "name": "a", "objective": "dpo"},
+                          {"source": "demo://tiny-llama", "name": "b"}]}
+    path = tmp_path / "lb.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    spec = load_leaderboard_spec(path)
+    assert [c.objective for c in spec.candidates] == ["dpo", None]
+    raw["candidates"][1]["objective"] = "dop"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(SpecError) as err:
+        load_leaderboard_spec(path)
+    assert "candidates.1.objective: unknown training objective 'dop'" in str(err.value)
+    assert "hint: did you mean 'dpo'? objectives: sft, dpo, ipo, simpo, orpo, kto" in str(err.value)
+
+
+def test_the_objective_column_shows_the_registry_tag_else_the_declared_objective_else_a_dash(tmp_path: Path) -> None:
+    """The registry version's train.objective tag wins over a declared objective (the note says so); a local folder
+    shows what its config declares; nothing known is a dash, never a guess. An older board without the column
+    reads back with the objective unknown."""
+    from gauntlet.config.leaderboard import LeaderboardCandidate
+    from gauntlet.config.model import ModelSpec
+    from gauntlet.leaderboard.board import Leaderboard
+    from gauntlet.leaderboard.candidates import OBJECTIVE_TAG, PreparedCandidate, ok_outcome
+    from gauntlet.leaderboard.html import render_html
+    from gauntlet.leaderboard.publish import render_markdown, table_rows
+    from gauntlet.models import ResolvedModel
+    from gauntlet.refs import ModelRef
+
+    def scored(name: str, source: str, lineage: dict[str, str], declared: str | None = None) -> CandidateOutcome:
+        note = f"{source} → version 3" if lineage else None
+        resolved = ResolvedModel(source=source, model=ModelSpec(source="demo://tiny-llama"), note=note,
+                                 lineage=lineage, stable=True)
+        prepared = PreparedCandidate(resolved=resolved, model=ModelRef(name=name, path="/m", source=source, sha="s"))
+        candidate = LeaderboardCandidate(source=source, name=name, objective=declared)
+        return ok_outcome(candidate, "bf16", prepared, report(0.5))
+
+    board = build_leaderboard(spec_for(tmp_path), [
+        scored("tagged", "models:/bot@champion", {OBJECTIVE_TAG: "dpo"}, declared="sft"),
+        scored("agrees", "models:/bot/2", {OBJECTIVE_TAG: "kto"}, declared="kto"),
+        scored("old-version", "models:/bot/1", {"data.md5": "m"}),
+        scored("declared", "/models/declared", {}, declared="orpo"),
+        scored("local", "/models/local", {})], [])
+    rows = {r.candidate: r for r in board.rows}
+    assert {n: r.objective for n, r in rows.items()} == {"tagged": "dpo", "agrees": "kto", "old-version": None,
+                                                         "declared": "orpo", "local": None}
+    assert rows["tagged"].note == ("models:/bot@champion → version 3; the config declares objective sft, the "
+                                   "version's train.objective tag says dpo: dpo shown")
+    assert rows["agrees"].note == "models:/bot/2 → version 3" and rows["local"].note is None
+    md = render_markdown(board)
+    assert "| rank | model | objective | variant | average |" in md
+    assert "| tagged | dpo | bf16 |" in md and "| local | — | bf16 |" in md and "| old-version | — | bf16 |" in md
+    html = render_html(board)
+    assert '<th data-type="text" class="text">Objective</th>' in html
+    assert '<td class="text" data-v="dpo">dpo</td>' in html and '<td class="text missing" data-v="">—</td>' in html
+    assert {r["model"]: r["objective"] for r in table_rows(board)}["local"] == "—"
+    older = board.model_dump(mode="json")
+    for r in older["rows"]:
+        del r["objective"]
+    assert all(r.objective is None for r in Leaderboard.model_validate(older).rows)
