@@ -28,12 +28,16 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--variant", default="base", help="label of this model in the report (default: base)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="an eval setting by key, e.g. limit=20, backend=vllm, num_fewshot=0 (repeatable)")
+    p.add_argument("--opponent", metavar="SOURCE",
+                   help="with a judge (--set 'judge={model: …}'), the model the answers are judged against: its win "
+                        "rate (a folder, hf://…, models:/NAME@alias); the safety rates (--set 'safety={}') need none")
     p.add_argument("--output", metavar="FILE", help="also write the report JSON here")
     return p
 
 
 def run(args: argparse.Namespace) -> int:
-    model, spec = load_eval_request(args.model, args.suite, args.tasks, args.fixtures, args.overrides)
+    model, spec, opponent = load_eval_request(args.model, args.suite, args.tasks, args.fixtures, args.overrides,
+                                              args.opponent)
     from gauntlet.eval.engine import engine_modules
 
     if start_environment(preload=("gauntlet.flows.evaluate", *engine_modules(spec))) is None:
@@ -42,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     from gauntlet.flows.evaluate import evaluate_flow
 
     try:
-        report = evaluate_flow(model=model, spec=spec, variant=args.variant)
+        report = evaluate_flow(model=model, spec=spec, variant=args.variant, opponent=opponent)
     except Exception as e:
         print(f"\nevaluation FAILED: {type(e).__name__}: {e}", file=sys.stderr)
         return EXIT_FAILED

@@ -126,26 +126,38 @@ def config_kind(path: str | Path) -> Literal["run", "leaderboard"]:
     return "leaderboard" if "candidates" in raw and "model" not in raw else "run"
 
 
-def load_eval_request(model: str, suite: str | None, tasks: list[str], fixtures: bool,
-                      overrides: list[str]) -> tuple[ModelSpec, EvalSpec]:
-    """``gauntlet eval MODEL --suite S --task T --set k=v`` as validated sections; SpecError lists every problem.
-    A local folder is taken from the working directory; eval settings are given without the ``eval.`` prefix."""
+def load_eval_request(model: str, suite: str | None, tasks: list[str], fixtures: bool, overrides: list[str],
+                      opponent: str | None = None) -> tuple[ModelSpec, EvalSpec, ModelSpec | None]:
+    """``gauntlet eval MODEL --suite S --task T --set k=v [--opponent SOURCE]`` as validated sections; SpecError
+    lists every problem. Local folders are taken from the working directory; eval settings are given without the
+    ``eval.`` prefix. A judge (``judge=…``) needs the opponent its win rate is measured against."""
     raw: dict = {"tasks": list(tasks), "fixtures": bool(fixtures)}
     if suite:
         raw["suite"] = suite
     raw = apply_overrides(raw, [o.removeprefix("eval.") for o in overrides])
-    is_path = "://" not in model and not model.startswith(REGISTRY_SCHEME)
-    source = str(Path(model).resolve()) if is_path else model
+
+    def source_of(given: str) -> str:
+        return str(Path(given).resolve()) if "://" not in given and not given.startswith(REGISTRY_SCHEME) else given
+
+    sections: list[tuple[str, Any, dict]] = [("model", ModelSpec, {"source": source_of(model)}),
+                                             ("eval", EvalSpec, raw)]
+    if opponent is not None:
+        sections.append(("--opponent", ModelSpec, {"source": source_of(opponent)}))
     problems: list[SpecProblem] = []
     specs: list[Any] = []
-    for section, schema, data in (("model", ModelSpec, {"source": source}), ("eval", EvalSpec, raw)):
+    for section, schema, data in sections:
         try:
             specs.append(schema.model_validate(data, context={"root": Path.cwd()}))
         except ValidationError as e:
             problems += [p.model_copy(update={"path": f"{section}.{p.path}"}) for p in problems_from(e, schema)]
+    if not problems and specs[1].judge is not None and opponent is None:
+        problems.append(SpecProblem(path="--opponent", message="eval.judge is set, so the candidate's answers are "
+                                                               "judged against another model's, and none is named",
+                                    hint="add --opponent SOURCE (a folder, hf://org/name@revision, "
+                                         "models:/NAME@alias), or drop the judge"))
     if problems:
         raise SpecError("gauntlet eval", problems)
-    return specs[0], specs[1]
+    return specs[0], specs[1], specs[2] if opponent is not None else None
 
 
 def check_timezone(name: str, option: str = "--timezone") -> str:

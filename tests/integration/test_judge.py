@@ -152,3 +152,26 @@ def test_opponent_base_judges_against_the_starting_model_even_with_a_champion(
     assert result.effective[JUDGE_TASK]["opponent"] == "base" and result.n_samples[JUDGE_TASK] == 2
     with pytest.raises(Exception, match="validation error"):
         JudgeSpec(model=smollm2.path, opponent="sft")   # champion | base only
+
+
+def test_gauntlet_eval_adds_the_judge_and_the_safety_rates_as_the_flows_do(
+        prefect_api, smollm2, tiny_model) -> None:  # noqa: F811
+    """`gauntlet eval MODEL --set judge=… --set safety=… --opponent SOURCE`: the report carries the win rate
+    against the opponent and both safety rates, each with its interval, beside the task scores."""
+    from gauntlet.config.load import load_eval_request
+    from gauntlet.eval.safety import BENIGN_TASK, HARMFUL_TASK
+    from gauntlet.flows.evaluate import evaluate_flow
+
+    model, spec, opponent = load_eval_request(
+        str(tiny_model), None, ["fixture_arc_challenge"], True,
+        ["limit=4", "num_fewshot=0", "speed_probe.enabled=false",
+         f"judge={{model: '{smollm2.path}', limit: 2, max_new_tokens: 8}}", "safety={limit: 2, max_new_tokens: 8}"],
+        opponent=smollm2.path)
+    report = evaluate_flow(model=model, spec=spec, opponent=opponent)
+    assert report.score("fixture_arc_challenge", "acc") is not None
+    judged = report.result(JUDGE_TASK)
+    assert judged is not None and judged.n_samples[JUDGE_TASK] == 2 and judged.scores[0].ci_low is not None
+    assert judged.effective[JUDGE_TASK]["opponent"] == "base"
+    for task in (HARMFUL_TASK, BENIGN_TASK):
+        result = report.result(task)
+        assert result is not None and result.scores[0].ci_high is not None, task
