@@ -2,7 +2,8 @@
 
 The nights run the real flow on the session's Prefect test API with real sqlite MLflow (history and the
 registry), real lm-eval on tiny random-init Llamas built with different seeds, and one broken candidate
-(a model folder whose weights file is garbage). Night 2 changes nothing; night 3 adds a candidate.
+(a model folder whose weights file is garbage). The registered version carries a train.objective tag (dpo) that
+its candidate's config contradicts (sft): the tag is shown. Night 2 changes nothing; night 3 adds a candidate.
 The HTML is opened in a real headless Chromium (chromedriver through Selenium).
 """
 
@@ -31,14 +32,15 @@ SEEDS = {"alpha": 2, "beta": 5, "registered": 1, "gamma": 3}
 REGISTERED = "lb-test-model"
 
 
-def register_model(folder: Path, name: str) -> str:
+def register_model(folder: Path, name: str, tags: dict[str, str]) -> str:
     """Register ``folder`` as a new version of ``name`` @champion in the session's MLflow registry."""
     from mlflow.tracking import MlflowClient
 
     from gauntlet.tracking import tracking_uri
     from tests.helpers import register_as_champion
 
-    return register_as_champion(MlflowClient(tracking_uri()), "lb-test-registry", folder, name, {"test": "leaderboard"})
+    return register_as_champion(MlflowClient(tracking_uri()), "lb-test-registry", folder, name,
+                                {"test": "leaderboard", **tags})
 
 
 @pytest.fixture(scope="module")
@@ -66,10 +68,10 @@ def make_world(root: Path, build_demo_model) -> dict:
     save_file({"x": torch.zeros(1)}, str(broken / "model.safetensors"))
     config = json.loads((broken / "config.json").read_text())
     (broken / "config.json").write_text(json.dumps({**config, "hidden_size": 7}))  # 7 is no multiple of 4 heads
-    register_model(models["registered"], REGISTERED)
+    register_model(models["registered"], REGISTERED, {"train.objective": "dpo"})   # as lineage_of tags a version
     candidates = [{"source": str(models["alpha"]), "name": "alpha"},
-                  {"source": str(models["beta"]), "name": "beta"},
-                  {"source": f"models:/{REGISTERED}@champion", "name": "registered"},
+                  {"source": str(models["beta"]), "name": "beta", "objective": "orpo"},
+                  {"source": f"models:/{REGISTERED}@champion", "name": "registered", "objective": "sft"},
                   {"source": str(broken), "name": "broken"}]
     config = {"name": "test-nightly", "candidates": candidates, "variants": ["bf16", "gptq-int4"],
               "eval_file": str(eval_file),
@@ -141,6 +143,11 @@ def test_first_night_ranks_scored_models_and_keeps_the_broken_one_visible(night1
         assert r.ci_low <= r.average <= r.ci_high
     assert any(r.tie for r in order)  # random models score alike on the demo items: ranges, not ranks
     assert ranked["registered"].note.startswith(f"models:/{REGISTERED}@champion → version ")
+    # the objective: the version's train.objective tag over the config's contradicting one (the note says so),
+    # a local folder's declared one, and unknown for a local folder that declares none
+    assert ranked["registered"].objective == "dpo"
+    assert "the config declares objective sft, the version's train.objective tag says dpo" in ranked["registered"].note
+    assert ranked["beta"].objective == "orpo" and ranked["alpha"].objective is None
 
     broken = board.row("broken", "bf16")
     assert broken.status == "failed" and broken.average is None
@@ -161,11 +168,16 @@ def test_first_night_publishes_files_artifacts_and_an_mlflow_run(night1) -> None
     board, flow_run_id = night1
     files = {k: Path(v) for k, v in board.files.items()}
     assert set(files) == {"json", "md", "html"} and all(p.exists() for p in files.values())
-    assert Leaderboard.model_validate_json(files["json"].read_text()).night == board.night
+    written = Leaderboard.model_validate_json(files["json"].read_text())
+    assert written.night == board.night
     md = files["md"].read_text()
-    assert "| rank | model | variant | average |" in md and "## Not ranked" in md
-    assert all(f"| {name} | bf16 |" in md for name in ("alpha", "beta", "registered"))
+    assert "| rank | model | objective | variant | average |" in md and "## Not ranked" in md
+    assert all(f"| {name} | {objective} | bf16 |" in md
+               for name, objective in (("alpha", "—"), ("beta", "orpo"), ("registered", "dpo")))
     html = files["html"].read_text()
+    assert '<th data-type="text" class="text">Objective</th>' in html
+    assert '<td class="text" data-v="dpo">dpo</td>' in html and '<td class="text missing" data-v="">—</td>' in html
+    assert written.row("registered", "bf16").objective == "dpo"   # in the JSON too
     assert html.count('<tr data-key="') == 3 and '<svg id="scatter"' in html and "<script>" in html
     assert "src=" not in html and "<link" not in html  # self-contained: no external scripts or styles
 
@@ -184,7 +196,9 @@ def test_first_night_publishes_files_artifacts_and_an_mlflow_run(night1) -> None
     table = by_key["leaderboard-test-nightly"].data
     rows = json.loads(table) if isinstance(table, str) else table
     assert {r["model"] for r in rows} == {"alpha", "beta", "registered", "broken"}
-    assert "| alpha | bf16 |" in by_key["leaderboard-test-nightly-summary"].data
+    assert {r["model"]: r["objective"] for r in rows if r["variant"] == "bf16"} == {
+        "alpha": "—", "beta": "orpo", "registered": "dpo", "broken": "—"}
+    assert "| alpha | — | bf16 |" in by_key["leaderboard-test-nightly-summary"].data
 
 
 def test_gpu_evaluations_respect_the_tag_concurrency_limit(night1) -> None:
