@@ -19,6 +19,7 @@ from gauntlet.config.model import ModelSpec
 from gauntlet.config.problems import problems_from
 from gauntlet.config.quantize import QuantizeVariant
 from gauntlet.models import ResolvedModel
+from gauntlet.names import OBJECTIVE_TAG  # lineage_of writes it; versions registered before it lack it
 from gauntlet.project import project_root
 from gauntlet.refs import DatasetRef, EvalReport, ModelRef, Ref
 
@@ -58,11 +59,6 @@ class CandidateOutcome(Ref):
     model_sha: str | None = None
     report: EvalReport | None = None
     job: JobRecord | None = None
-
-
-# The registry version tag naming the objective a version was trained with (lineage_of in
-# gauntlet/registry/candidates.py writes it; versions registered before it lack it).
-OBJECTIVE_TAG = "train.objective"
 
 
 def objective_of(candidate: LeaderboardCandidate, resolved: ResolvedModel) -> tuple[str | None, str | None]:

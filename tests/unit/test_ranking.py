@@ -235,10 +235,11 @@ def test_the_objective_column_shows_the_registry_tag_else_the_declared_objective
     from gauntlet.config.leaderboard import LeaderboardCandidate
     from gauntlet.config.model import ModelSpec
     from gauntlet.leaderboard.board import Leaderboard
-    from gauntlet.leaderboard.candidates import OBJECTIVE_TAG, PreparedCandidate, ok_outcome
+    from gauntlet.leaderboard.candidates import PreparedCandidate, ok_outcome
     from gauntlet.leaderboard.html import render_html
     from gauntlet.leaderboard.publish import render_markdown, table_rows
     from gauntlet.models import ResolvedModel
+    from gauntlet.names import OBJECTIVE_TAG
     from gauntlet.refs import ModelRef
 
     def scored(name: str, source: str, lineage: dict[str, str], declared: str | None = None) -> CandidateOutcome:
