@@ -10,8 +10,8 @@ from pydantic import Field, ValidationInfo, field_validator
 from gauntlet.config.base import Strict, require_unique, resolve
 from gauntlet.config.data import DataSpec
 from gauntlet.config.eval import EvalSpec, task_names
-from gauntlet.config.model import REGISTRY_SCHEME, check_source_scheme, refuse_remote_code
-from gauntlet.config.notify import TrackingSpec
+from gauntlet.config.model import REGISTRY_SCHEME, SourcesSpec, check_source_scheme, refuse_remote_code
+from gauntlet.config.notify import NotifySpec, TrackingSpec
 from gauntlet.config.problems import did_you_mean
 from gauntlet.config.quantize import CalibrationSpec, QuantizeVariant
 from gauntlet.config.train import Objective
@@ -140,6 +140,10 @@ class LeaderboardSpec(Strict):
     publish: PublishSpec = PublishSpec()
     concurrency: ConcurrencySpec = ConcurrencySpec()
     tracking: TrackingSpec = TrackingSpec(experiment="leaderboard")
+    sources: SourcesSpec = Field(SourcesSpec(), description="the model sources `gauntlet submit` may queue (and "
+                                                           "the candidates may name); empty: every source")
+    notify: NotifySpec = Field(NotifySpec(), description="webhooks told when a submission fails or misses its "
+                                                         "24 h promise (the run_failed event)")
 
     @field_validator("variants")
     @classmethod
@@ -150,6 +154,14 @@ class LeaderboardSpec(Strict):
     @classmethod
     def _unique_names(cls, v: list[LeaderboardCandidate]) -> list[LeaderboardCandidate]:
         require_unique([c.display_name for c in v], "candidate", "give each a distinct `name:`")
+        return v
+
+    @field_validator("sources")
+    @classmethod
+    def _candidates_allowed(cls, v: SourcesSpec, info: ValidationInfo) -> SourcesSpec:
+        refused = [why for c in info.data.get("candidates") or [] if (why := v.refusal(c.source))]
+        if refused:
+            raise ValueError("; ".join(refused) + ". Fix: add a pattern to sources.allow, or drop the candidate")
         return v
 
     @field_validator("eval_file")
