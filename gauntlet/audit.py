@@ -29,7 +29,8 @@ from gauntlet.state import gauntlet_home
 log = logging.getLogger(__name__)
 AUDIT_FILE = "audit.jsonl"
 AUDIT_EXPERIMENT = "gauntlet-audit"
-ACTIONS = ("register", "promote", "manual-promote", "rollback", "deploy", "deploy-promote", "deploy-stop", "gc")
+ACTIONS = ("register", "promote", "manual-promote", "rollback", "deploy", "deploy-promote", "deploy-stop", "gc",
+           "submit")
 LOCK_TIMEOUT_S = 60.0
 
 
