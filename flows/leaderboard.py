@@ -12,7 +12,8 @@ Composition only. Two ways to spread the night:
   owns one GPU and runs one job at a time.
 
 A candidate that fails (its source is gone, its weights do not load, its job's host died too often, …) fails its
-own row on the board; the others go on.
+own row on the board; the others go on. The board's queued submissions (``gauntlet submit``) are taken first and run
+as candidates beside the config's; they are settled (ranked or failed, failures notified) once the board is ranked.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from prefect.runtime import flow_run
 from gauntlet.config.leaderboard import LeaderboardSpec
 from gauntlet.config.load import load_leaderboard_spec
 from gauntlet.hashing import sha256_json
+from gauntlet.leaderboard import submissions
 from gauntlet.leaderboard.board import Leaderboard
 from gauntlet.leaderboard.candidates import (
     CandidateOutcome,
@@ -49,8 +51,10 @@ from gauntlet.tasks.leaderboard import (
     publish,
     rank,
     score_variant,
+    settle_submissions,
+    take_submissions,
 )
-from gauntlet.tracking import RunContext, flatten_params, tracking_uri
+from gauntlet.tracking import RunContext, client, flatten_params, tracking_uri
 
 
 def night_data(spec: LeaderboardSpec, run: RunContext):
@@ -109,10 +113,17 @@ def run_leaderboard(spec: LeaderboardSpec, config: str, overrides: list[str]) ->
     with flow_parent_run(tracking_uri(spec.tracking.tracking_uri), spec.tracking.experiment,
                          f"{spec.name}-{flow_run.name}", tags, params) as run:
         started = time.monotonic()
-        outcomes = (night_on_pool(spec, config, overrides, run) if spec.concurrency.pool
-                    else night_here(spec, run))
-        board = rank(spec=spec, outcomes=outcomes, wall_s=time.monotonic() - started, run=run)
-        return publish(spec=spec, board=board, run=run)
+        taken = take_submissions(spec=spec, run=run)
+        night = submissions.with_submissions(spec, taken)
+        try:
+            outcomes = (night_on_pool(night, config, overrides, run) if spec.concurrency.pool
+                        else night_here(night, run))
+            board = rank(spec=night, outcomes=outcomes, wall_s=time.monotonic() - started, run=run)
+        except Exception as e:
+            settle_submissions(spec=spec, taken=taken, board=None, error=f"{type(e).__name__}: {e}", run=run)
+            raise
+        settle_submissions(spec=spec, taken=taken, board=board, error=None, run=run)
+        return publish(spec=night, board=board, run=run)
 
 
 @flow(name="leaderboard", log_prints=True)
@@ -135,7 +146,8 @@ def leaderboard_job(config: str, candidate: str, variant: str, overrides: list[s
     overrides: the night's dotted-key overrides.
     """
     spec = load_leaderboard_spec(in_project(config), overrides or [])
-    chosen = next(c for c in spec.candidates if c.display_name == candidate)
+    chosen = next((c for c in spec.candidates if c.display_name == candidate), None) or \
+        submissions.submitted_candidate(spec, candidate, client(tracking_uri(spec.tracking.tracking_uri)))
     with flow_parent_run(tracking_uri(spec.tracking.tracking_uri), spec.tracking.experiment,
                          f"{spec.name}-{candidate}-{variant}", {"gauntlet.leaderboard": spec.name,
                                                                 "gauntlet.leaderboard_job": f"{candidate}:{variant}"},

@@ -1,5 +1,6 @@
 """The leaderboard's stages: each candidate prepared (resolve → fetch), each variant scored (quantize →
-evaluate, tagged for the GPU concurrency limit), then the board ranked and published.
+evaluate, tagged for the GPU concurrency limit), then the board ranked and published; the board's queued
+submissions taken before (``gauntlet submit``) and settled after, their failures notified.
 
 None is cached itself: the fetch, quantize and evaluate stages they call are, so an unchanged model is
 not re-evaluated tonight. A candidate or variant that fails fails its own row; the night completes.
@@ -15,6 +16,7 @@ from pydantic import BaseModel
 
 from gauntlet.config.leaderboard import LeaderboardCandidate, LeaderboardSpec
 from gauntlet.device import placement
+from gauntlet.leaderboard import submissions
 from gauntlet.leaderboard.board import Leaderboard, build_leaderboard
 from gauntlet.leaderboard.candidates import (
     CandidateOutcome,
@@ -29,7 +31,9 @@ from gauntlet.leaderboard.candidates import (
 from gauntlet.leaderboard.history import load_history
 from gauntlet.leaderboard.night_plan import candidate_params
 from gauntlet.leaderboard.publish import publish_dir, render_markdown, table_rows, write_board
+from gauntlet.leaderboard.submissions import Submission
 from gauntlet.names import mlflow_name
+from gauntlet.notify import send
 from gauntlet.plan.placement import PlacementError, class_for_inference
 from gauntlet.project import in_project
 from gauntlet.refs import DatasetRef
@@ -37,6 +41,7 @@ from gauntlet.serve import ensure_tag_concurrency_limit
 from gauntlet.tasks._stage import StageRun, stage
 from gauntlet.tasks.evaluate import evaluate
 from gauntlet.tasks.models import fetch_model, resolve_model
+from gauntlet.tasks.notify import read_secret
 from gauntlet.tasks.quantize import quantize
 from gauntlet.tasks.safety import check_safety
 
@@ -200,3 +205,27 @@ def publish(spec: LeaderboardSpec, board: Leaderboard, stage: StageRun) -> Leade
                              description=f"{board.title}, {board.night}")
     stage.log.info(f"leaderboard published: {files['html']}")
     return board
+
+
+@stage("take_submissions", mlflow=False)
+def take_submissions(spec: LeaderboardSpec, stage: StageRun) -> list[Submission]:
+    """The board's queued submissions, marked evaluating: tonight's candidates beside the config's."""
+    taken = submissions.take(spec, stage.client, str(stage.flow.flow_run_id))
+    for s in taken:
+        stage.log.info(f"submission {s.name} by {s.submitter} ({s.source}): {s.state}"
+                       + (f", {s.reason}" if s.reason else ""))
+    return taken
+
+
+@stage("settle_submissions", mlflow=False)
+def settle_submissions(spec: LeaderboardSpec, taken: list[Submission], board: Leaderboard | None, error: str | None,
+                       stage: StageRun) -> list[Submission]:
+    """Tonight's submissions ranked or failed from their rows; each submitter whose submission failed or missed its
+    24-hour promise told through the board's notify webhooks (once)."""
+    settled = submissions.settle(taken, board, error, stage.client)
+    for s in settled:
+        stage.log.info(f"submission {s.name} by {s.submitter}: {s.state}, {s.reason}")
+    for s, told, notice in submissions.notices(submissions.status(spec.name, stage.client)):
+        if spec.notify.webhooks and send(spec.notify, notice, stage.log, read_secret):
+            submissions.mark_notified(stage.client, s, told)
+    return settled
