@@ -11,6 +11,7 @@ import sys
 
 from gauntlet.cli import (
     audit,
+    board,
     demo,
     deploy,
     eval,
@@ -23,6 +24,7 @@ from gauntlet.cli import (
     run,
     serve,
     stack,
+    submit,
     validate,
     worker,
 )
@@ -32,7 +34,7 @@ from gauntlet.project import ProjectError
 from gauntlet.state import StateError
 
 COMMANDS = (validate, run, demo, plan, eval, leaderboard, serve, stack, worker, promote, rollback, history, deploy, gc,
-            audit)
+            audit, submit, board)
 
 
 def parser() -> argparse.ArgumentParser:
