@@ -29,7 +29,7 @@ from gauntlet.state import configure_environment, default_tracking_uri
 
 PREFECT_FILE = "deployments/prefect.yaml"
 DEPLOYMENTS = ("leaderboard/nightly", "finetune/manual", "finetune/ci", "deploy/deploy", "finetune/pool",
-               "leaderboard-job/pool")
+               "leaderboard-job/pool", "submit/manual")
 
 
 class ServeError(RuntimeError):

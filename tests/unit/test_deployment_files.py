@@ -47,7 +47,7 @@ def test_every_deployment_entrypoint_imports_and_its_parameters_fit_the_flow(mon
         flow.validate_parameters(given)  # types, as the server enforces them (enforce_parameter_schema)
         assert (REPO / given["config"]).is_file()
     assert names == {"leaderboard/nightly", "finetune/manual", "finetune/ci", "deploy/deploy", "finetune/pool",
-                     "leaderboard-job/pool"}
+                     "leaderboard-job/pool", "submit/manual"}
 
 
 def test_nightly_schedule_pull_step_and_build_steps() -> None:

@@ -44,7 +44,8 @@ def test_deployments_name_flows_by_module_path() -> None:
     assert {d["entrypoint"] for d in spec["deployments"]} == {"gauntlet.flows.leaderboard:leaderboard",
                                                                "gauntlet.flows.finetune:finetune",
                                                                "gauntlet.flows.leaderboard:leaderboard_job",
-                                                               "gauntlet.flows.deploy:deploy"}
+                                                               "gauntlet.flows.deploy:deploy",
+                                                               "gauntlet.flows.submit:submit"}
 
 
 def test_no_module_is_long_without_saying_why() -> None:
