@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 # Query parameters whose values are credentials (matched case-insensitively, anywhere in the name).
@@ -94,3 +95,22 @@ def credentials_to_environment(environ: dict[str, str] | None = None) -> None:
     env.setdefault("MLFLOW_TRACKING_USERNAME", unquote(parts.username))
     env.setdefault("MLFLOW_TRACKING_PASSWORD", unquote(parts.password or ""))
     env["MLFLOW_TRACKING_URI"] = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
+def api_key(env: str | None, secret_block: str | None, where: str,
+            read_secret: Callable[[str], str] | None = None) -> str | None:
+    """An endpoint's API key from the environment variable or the Prefect Secret block a config names (both by name:
+    the key is never in a config, a log or a cache key); None when it names neither. ``where``: the config path of
+    the two fields (``eval.judge``), for the fix. ``read_secret`` reads a block (the stage's, where Prefect is).
+    LookupError when the variable is not set or no reader was handed in for the block."""
+    if env:
+        key = os.environ.get(env)
+        if not key:
+            raise LookupError(f"{where}.api_key_env names {env!r}, which is not set. Fix: export it where the flow runs")
+        return key
+    if secret_block:
+        if read_secret is None:
+            raise LookupError(f"{where}.api_key_secret names Prefect Secret block {secret_block!r}, which only a "
+                              "stage can read")
+        return read_secret(secret_block)
+    return None

@@ -14,7 +14,6 @@ the win rate added to the candidate's report as the task ``judge_win_rate``.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from gauntlet.config.gate import RegistrySpec
@@ -41,8 +40,10 @@ from gauntlet.files import write_json
 from gauntlet.project import in_project
 from gauntlet.refs import EvalReport, ModelRef
 from gauntlet.registry.store import champion_of
+from gauntlet.secrets import api_key
 from gauntlet.tasks._stage import StageRun, stage
 from gauntlet.tasks.models import fetch_model, resolve_model
+from gauntlet.tasks.notify import read_secret
 from gauntlet.tracking import RunContext, client
 
 
@@ -52,17 +53,10 @@ def _set_path(spec: JudgeSpec) -> Path:
 
 def read_api_key(spec: JudgeSpec) -> str | None:
     """The endpoint's key from the environment variable or Prefect Secret block the config names; never logged."""
-    if spec.api_key_env:
-        key = os.environ.get(spec.api_key_env)
-        if not key:
-            raise JudgeError(f"eval.judge.api_key_env names {spec.api_key_env!r}, which is not set. Fix: export it "
-                             "where the flow runs")
-        return key
-    if spec.api_key_secret:
-        from prefect.blocks.system import Secret
-
-        return str(Secret.load(spec.api_key_secret).get())
-    return None
+    try:
+        return api_key(spec.api_key_env, spec.api_key_secret, "eval.judge", read_secret)
+    except LookupError as e:
+        raise JudgeError(str(e)) from None
 
 
 @stage("answer", key=lambda spec, model: [model.sha, file_md5(_set_path(spec)), spec.max_new_tokens, spec.limit],

@@ -17,6 +17,18 @@ from gauntlet.config.base import Strict, resolve
 from gauntlet.config.model import check_source_scheme
 
 
+def check_base_url(v: str, key_field: str) -> str:
+    """An OpenAI-compatible endpoint's base URL (http or https, no credentials in it), without its trailing slash;
+    ValueError with the fix otherwise. ``key_field``: where the key goes instead (named in the fix)."""
+    url = urlparse(v)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise ValueError(f"{v!r} is not an http(s) URL. Fix: e.g. http://127.0.0.1:8000/v1")
+    if url.username or url.password:
+        raise ValueError("credentials in base_url would be logged. Fix: put the key in an environment "
+                         f"variable and name it in {key_field}")
+    return v.rstrip("/")
+
+
 class JudgeSpec(Strict):
     model: str | None = Field(None, description="the judge as a model source (folder, models:/NAME@alias, hf://…), "
                                                 "run with transformers; or set base_url")
@@ -50,15 +62,7 @@ class JudgeSpec(Strict):
     @field_validator("base_url")
     @classmethod
     def _url(cls, v: str | None) -> str | None:
-        if v is None:
-            return v
-        url = urlparse(v)
-        if url.scheme not in ("http", "https") or not url.hostname:
-            raise ValueError(f"{v!r} is not an http(s) URL. Fix: e.g. http://127.0.0.1:8000/v1")
-        if url.username or url.password:
-            raise ValueError("credentials in base_url would be logged. Fix: put the key in an environment "
-                             "variable and name it in eval.judge.api_key_env")
-        return v.rstrip("/")
+        return None if v is None else check_base_url(v, "eval.judge.api_key_env")
 
     @field_validator("prompt", "instructions")
     @classmethod

@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, get_args
 
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from gauntlet.config.base import Strict, require_unique, resolve
 from gauntlet.config.data import DataSpec
+from gauntlet.config.endpoint import EndpointSpec, endpoint_task_problems
 from gauntlet.config.eval import EvalSpec, task_names
 from gauntlet.config.model import REGISTRY_SCHEME, SourcesSpec, check_source_scheme, refuse_remote_code
 from gauntlet.config.notify import NotifySpec, TrackingSpec
@@ -43,12 +44,14 @@ def _known_variants(v: list[str] | None) -> list[str] | None:
 
 class LeaderboardCandidate(Strict):
     """One model on the leaderboard: ``hf://org/name@rev``, a local directory, ``demo://tiny-llama``,
-    ``s3://…`` or ``models:/NAME@alias`` / ``models:/NAME/VERSION`` (the MLflow Model Registry).
+    ``s3://…`` or ``models:/NAME@alias`` / ``models:/NAME/VERSION`` (the MLflow Model Registry); or, instead of a
+    source, an OpenAI-compatible ``endpoint`` (gauntlet/config/endpoint.py), evaluated as served (variant ``served``).
 
     Availability (a local folder that exists, a registry alias that is set) is checked when the
     leaderboard runs: a missing candidate fails on its own row and does not stop the others."""
 
-    source: str
+    source: str | None = None
+    endpoint: EndpointSpec | None = Field(None, description="an OpenAI-compatible endpoint instead of a source")
     name: str | None = Field(None, description="display name (default: derived from the source)")
     revision: str | None = Field(None, description="hub revision; '@rev' in source also works")
     trust_remote_code: bool = False
@@ -58,8 +61,9 @@ class LeaderboardCandidate(Strict):
 
     @field_validator("source")
     @classmethod
-    def _known_source(cls, v: str) -> str:
-        check_source_scheme(v)
+    def _known_source(cls, v: str | None) -> str | None:
+        if v is not None:
+            check_source_scheme(v)
         return v
 
     @field_validator("trust_remote_code")
@@ -80,16 +84,33 @@ class LeaderboardCandidate(Strict):
                              + did_you_mean(v, get_args(Objective), "objectives") + " (or leave it out: unknown)")
         return v
 
+    @model_validator(mode="after")
+    def _source_or_endpoint(self) -> LeaderboardCandidate:
+        if (self.source is None) == (self.endpoint is None):
+            raise ValueError("give a candidate exactly one of source (weights) or endpoint (an OpenAI-compatible API)")
+        if self.endpoint is not None and (self.revision or self.variants):
+            raise ValueError("revision and variants belong to weights: an endpoint is evaluated as it serves "
+                             "(variant served). Fix: remove them from this candidate")
+        return self
+
+    @property
+    def origin(self) -> str:
+        """Where the candidate comes from, as its row shows it: the source, or the endpoint's URL and model."""
+        return f"{self.endpoint.base_url} ({self.endpoint.model})" if self.endpoint else self.source or ""
+
     @property
     def display_name(self) -> str:
         if self.name:
             return self.name
-        if self.source.startswith(REGISTRY_SCHEME):
-            return self.source.removeprefix(REGISTRY_SCHEME)
-        if "://" in self.source:
-            rest = self.source.split("://", 1)[1]
+        if self.endpoint is not None:
+            return self.endpoint.model
+        source = self.source or ""
+        if source.startswith(REGISTRY_SCHEME):
+            return source.removeprefix(REGISTRY_SCHEME)
+        if "://" in source:
+            rest = source.split("://", 1)[1]
             return rest + (f"@{self.revision[:12]}" if self.revision else "")
-        return Path(self.source).name or self.source
+        return Path(source).name or source
 
 
 class RankingSpec(Strict):
@@ -181,6 +202,16 @@ class LeaderboardSpec(Strict):
         if v.perplexity is not None and v.perplexity.split == "validation" and info.data.get("data") is None:
             raise ValueError("eval.perplexity reads data.validation, and this leaderboard has no DVC data. Fix: set "
                              "data (with a validation file), or eval.perplexity.split: eval")
+        return v
+
+    @field_validator("eval")
+    @classmethod
+    def _endpoints_run_the_tasks(cls, v: EvalSpec, info: ValidationInfo) -> EvalSpec:
+        problems = [p for i, c in enumerate(info.data.get("candidates") or []) if c.endpoint is not None
+                    for p in endpoint_task_problems(c.endpoint, v, resolve(v.tasks_dir, info),
+                                                    f"candidates[{i}].endpoint ({c.display_name})")]
+        if problems:
+            raise ValueError("; ".join(problems))
         return v
 
     @field_validator("ranking")

@@ -54,9 +54,9 @@ class SourcesSpec(Strict):
     allow: list[str] = Field(default_factory=list, description="patterns of model.source, e.g. 'hf://my-org/*', "
                                                                 "'models:/*'; empty: every source")
 
-    def refusal(self, source: str) -> str | None:
-        """Why ``source`` may not be fetched, or None."""
-        if not self.allow or any(fnmatch.fnmatchcase(source, p) for p in self.allow):
+    def refusal(self, source: str | None) -> str | None:
+        """Why ``source`` may not be fetched, or None (None too for no source: an endpoint candidate)."""
+        if source is None or not self.allow or any(fnmatch.fnmatchcase(source, p) for p in self.allow):
             return None
         return f"model source {source!r} is not in sources.allow {self.allow}"
 
