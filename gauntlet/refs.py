@@ -92,8 +92,8 @@ class PerfProbe(Ref):
     device: str
     tokens_per_s: float                    # output tokens/s at batch 1
     first_token_latency_ms: float          # mean time to first token
-    peak_memory_gb: float
-    size_on_disk_gb: float
+    peak_memory_gb: float | None           # None: an endpoint (its server's memory is not seen from here)
+    size_on_disk_gb: float | None          # None: an endpoint
     tokens_per_s_large_batch: float | None = None   # output tokens/s at batch ``large_batch``
     large_batch: int | None = None
     ttft_p50_ms: float | None = None
@@ -101,6 +101,23 @@ class PerfProbe(Ref):
     prompts: int | None = None             # prompts timed at batch 1 (and for TTFT)
     max_new_tokens: int | None = None
     device_name: str | None = None         # e.g. "NVIDIA H100 80GB HBM3", or the CPU
+    note: str | None = None                # how it was measured where that differs (an endpoint: streamed)
+
+
+class TokenUsage(Ref):
+    """Tokens an endpoint's evaluation sent and received: counted from what the endpoint reported (``usage`` in each
+    response), or estimated with a tokenizer where it reported none (``how`` says which)."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    requests: int = 0
+    how: str = "reported by the endpoint"
+
+    def __add__(self, other: TokenUsage) -> TokenUsage:
+        how = self.how if self.how == other.how or not other.requests else \
+            other.how if not self.requests else f"{self.how}; {other.how}"
+        return TokenUsage(input_tokens=self.input_tokens + other.input_tokens, requests=self.requests + other.requests,
+                          output_tokens=self.output_tokens + other.output_tokens, how=how)
 
 
 class TaskResult(Ref):
@@ -129,6 +146,7 @@ class TaskResult(Ref):
     results_path: str                      # lm-eval's results (JSON) and per-item samples (JSONL)
     samples_path: str
     mlflow_run_id: str | None = None
+    usage: TokenUsage | None = None        # an endpoint's tokens for this task (None: local weights, or not known)
 
 
 class PerplexityResult(Ref):
@@ -163,6 +181,7 @@ class EvalReport(Ref):
     task_results: list[TaskResult] = []
     normalized: dict[str, float] = {}      # task -> normalized score (0-100), for tasks with a score
     average_normalized: float | None = None
+    usage: TokenUsage | None = None        # an endpoint's tokens over its tasks (None: local weights, or not known)
 
     def result(self, task: str) -> TaskResult | None:
         """The task's result (its reported metric, baseline and per-item records); None for a subtask."""

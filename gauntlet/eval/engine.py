@@ -21,6 +21,7 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
+from gauntlet.config.endpoint import EndpointEvalSpec
 from gauntlet.config.eval import EvalSpec
 from gauntlet.eval.taskconfig import EvalError
 from gauntlet.hashing import sha256_json
@@ -86,7 +87,12 @@ def offline(enabled: bool = True) -> Iterator[None]:
 
 
 def engine_model_args(spec: EvalSpec, model_path: str, device: str) -> tuple[str, dict[str, Any]]:
-    """(lm-eval model type, its model_args) for the configured backend: what the engine is handed."""
+    """(lm-eval model type, its model_args) for the configured backend: what the engine is handed. An endpoint
+    (:class:`EndpointEvalSpec`): lm-eval's API backend for it (gauntlet/eval/endpoint.py)."""
+    if isinstance(spec, EndpointEvalSpec):
+        from gauntlet.eval.endpoint import endpoint_model_args
+
+        return spec.endpoint.api, endpoint_model_args(spec.endpoint)
     if spec.backend == "vllm":
         args: dict[str, Any] = {
             "pretrained": model_path,
@@ -111,7 +117,7 @@ def engine_modules(spec: EvalSpec) -> tuple[str, ...]:
 
 def check_backend(spec: EvalSpec, device: str) -> None:
     """A clear error, before anything loads, when the backend cannot run here."""
-    if spec.backend != "vllm":
+    if spec.backend != "vllm" or isinstance(spec, EndpointEvalSpec):
         return
     if find_spec("vllm") is None:
         raise EvalError(f"eval.backend is 'vllm' but the vllm package is not installed; {GPU_EXTRA_HINT}")
@@ -135,6 +141,11 @@ class Engine:
         self.loads = 0
 
     @property
+    def served(self) -> bool:
+        """The model is an endpoint's: requests, not weights loaded here."""
+        return isinstance(self.spec, EndpointEvalSpec)
+
+    @property
     def loaded(self) -> bool:
         return self._lm is not None
 
@@ -142,6 +153,12 @@ class Engine:
     def lm(self):
         if self._lm is None:
             check_backend(self.spec, self.device)
+            if isinstance(self.spec, EndpointEvalSpec):
+                from gauntlet.eval.endpoint import api_model
+
+                self._lm = api_model(self.spec)
+                self.loads += 1
+                return self._lm
             if not Path(self.model.path).exists():
                 raise EvalError(f"model {self.model.name}: path {self.model.path} does not exist")
             from lm_eval.api.registry import get_model

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from gauntlet.config.endpoint import LOGLIKELIHOOD_TYPES, EndpointEvalSpec
 from gauntlet.config.eval import EvalSpec
 from gauntlet.eval.engine import (
     BOOTSTRAP_ITERS,
@@ -21,7 +22,8 @@ from gauntlet.eval.engine import (
     dtype_for,
     pkg_version,
 )
-from gauntlet.eval.suites import EvalTaskPlan, SuiteError, plan_tasks
+from gauntlet.eval.suites import EvalTaskPlan, SuiteError, plan_tasks, tasks_dir_of
+from gauntlet.eval.task_types import output_types
 from gauntlet.refs import EvalReport
 
 
@@ -43,7 +45,7 @@ def task_protocol(plan: EvalTaskPlan) -> dict[str, Any]:
 def engine_protocol(spec: EvalSpec, device: str | None = None) -> dict[str, Any]:
     """The settings every task of an evaluation shares."""
     device = device or device_kind()
-    protocol = {
+    protocol: dict[str, Any] = {
         "engine": "lm-eval",
         "engine_version": pkg_version("lm_eval"),
         "backend": spec.backend,
@@ -60,6 +62,14 @@ def engine_protocol(spec: EvalSpec, device: str | None = None) -> dict[str, Any]
     }
     if spec.backend == "vllm":
         protocol["max_model_len"] = spec.max_model_len
+    if isinstance(spec, EndpointEvalSpec):   # served: how its server runs the weights is not known here
+        ep = spec.endpoint
+        generation_only = spec.perplexity is None and not any(
+            set(output_types(p, tasks_dir_of(spec))) & set(LOGLIKELIHOOD_TYPES) for p in plans_of(spec))
+        protocol.update(backend=ep.api, device="endpoint", dtype="as served", batch_size=1,
+                        endpoint={"api": "chat" if ep.chat else "completions", "logprobs": ep.logprobs,
+                                  "tokenizer": ep.tokenizer, "generation_only": generation_only})
+        protocol.pop("max_model_len", None)
     return protocol
 
 
@@ -153,6 +163,25 @@ def task_differences(a: EvalReport | dict, b: EvalReport | dict, task: str) -> l
                    for k in ("task_settings", "task_versions", "task_effective")}}
 
     return protocol_differences(view(pa), view(pb))
+
+
+# How the model was run rather than what was measured: the engine, its device and dtype, the model's own generation
+# defaults. A served endpoint's are its server's, as a quantized variant's are the variant's.
+ENGINE_SIDE = ("backend", "device", "dtype", "batch_size", "max_model_len", "endpoint", "model_fingerprint")
+
+
+def served_alike(a: EvalReport | dict, b: EvalReport | dict) -> bool:
+    """True when one of two reports is an endpoint's, every endpoint among them ran generation tasks only, and the
+    measurement is otherwise the same: the same prompts, decoding, stop sequences and scoring (tasks, their settings
+    and versions, few-shot seed, chat templates). The board then ranks them together. Log-likelihood tasks through an
+    API (echoed prompt log-probabilities, the context split by the endpoint's tokenizer) rank only with reports of
+    the very same protocol."""
+    pa, pb = _protocol(a), _protocol(b)
+    served = [p["endpoint"] for p in (pa, pb) if "endpoint" in p]
+    if not served or not all(e.get("generation_only") for e in served):
+        return False
+    return not protocol_differences({k: v for k, v in pa.items() if k not in ENGINE_SIDE},
+                                    {k: v for k, v in pb.items() if k not in ENGINE_SIDE})
 
 
 def protocols_match(a: EvalReport | dict, b: EvalReport | dict) -> bool:

@@ -17,6 +17,7 @@ import statistics
 from datetime import UTC, datetime
 from pathlib import Path
 
+from gauntlet.config.endpoint import EndpointEvalSpec
 from gauntlet.config.eval import EvalSpec
 from gauntlet.eval.engine import device_kind, engine_model_args, pkg_version
 from gauntlet.eval.protocol import engine_protocol, model_fingerprint, protocol_of
@@ -47,6 +48,10 @@ def build_report(spec: EvalSpec, model: ModelRef, variant: str, results: list[Ta
     if spec.backend == "vllm":
         versions["vllm"] = pkg_version("vllm")
     report_path = Path(out_dir) / "report.json"
+    served = isinstance(spec, EndpointEvalSpec)
+    usages = [r.usage for r in results if r.usage is not None]
+    fingerprint = ({"served": "the server's own generation defaults and chat template"} if served else
+                   model_fingerprint(model.path, spec.apply_chat_template, sampled=bool(spec.temperature)))
     report = EvalReport(
         model=model.name,
         model_sha=model.sha,
@@ -60,11 +65,11 @@ def build_report(spec: EvalSpec, model: ModelRef, variant: str, results: list[Ta
         perplexity=perplexity,
         protocol={**protocol_of(spec), "task_versions": {r.task: r.versions for r in results},
                   "task_effective": {r.task: r.effective for r in results},
-                  "model_fingerprint": model_fingerprint(model.path, spec.apply_chat_template,
-                                                         sampled=bool(spec.temperature))},
+                  "model_fingerprint": fingerprint},
         versions=versions,
         timestamp=datetime.now(UTC).isoformat(timespec="seconds"),
         report_path=str(report_path),
+        usage=sum(usages[1:], usages[0]) if served and len(usages) == len(results) and usages else None,
     )
     write_json(report_path, report.model_dump(mode="json"), ensure_ascii=False)
     log.info("report written to %s", report_path)
@@ -111,7 +116,12 @@ def report_markdown(report: EvalReport) -> str:
                      if p.tokens_per_s_large_batch is not None else "")
                   + (f"; TTFT p50 {p.ttft_p50_ms:.1f} ms, p95 {p.ttft_p95_ms:.1f} ms"
                      if p.ttft_p50_ms is not None else f"; TTFT {p.first_token_latency_ms:.1f} ms")
-                  + f"; peak memory {p.peak_memory_gb:.3f} GB; {p.size_on_disk_gb:.3f} GB on disk"]
+                  + ("" if p.peak_memory_gb is None else f"; peak memory {p.peak_memory_gb:.3f} GB")
+                  + ("" if p.size_on_disk_gb is None else f"; {p.size_on_disk_gb:.3f} GB on disk")
+                  + (f" ({p.note})" if p.note else "")]
+    if report.usage:
+        u = report.usage
+        lines += ["", f"tokens: {u.input_tokens} in, {u.output_tokens} out over {u.requests} requests ({u.how})"]
     return "\n".join(lines)
 
 

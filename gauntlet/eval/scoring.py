@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from gauntlet.config.eval import EvalSpec
+from gauntlet.eval.endpoint import usage_mark, usage_since
 from gauntlet.eval.engine import BOOTSTRAP_ITERS, Engine, offline
 from gauntlet.eval.records import (
     chance_of,
@@ -31,7 +32,7 @@ from gauntlet.eval.records import (
 from gauntlet.eval.suites import EvalTaskPlan, normalized_score, tasks_dir_of
 from gauntlet.eval.taskconfig import INDEX_LOCK, EvalError, task_manager_for
 from gauntlet.files import write_json, write_text
-from gauntlet.refs import TaskResult, TaskScore
+from gauntlet.refs import TaskResult, TaskScore, TokenUsage
 
 log = logging.getLogger(__name__)
 __all__ = ["EvalTimeout", "run_task"]
@@ -42,8 +43,8 @@ __all__ = ["EvalTimeout", "run_task"]
 # ---------------------------------------------------------------------------------------------
 
 # Where lm-eval's backends run the model: every batch of the hf backend (log-likelihood and generation) and
-# of vLLM goes through one of these.
-MODEL_CALLS = ("_model_call", "_model_generate")
+# of vLLM goes through one of these, and every request of the API backends one at a time (num_concurrent 1).
+MODEL_CALLS = ("_model_call", "_model_generate", "model_call")
 
 
 class EvalTimeout(EvalError):
@@ -114,6 +115,7 @@ class TaskRuns:
     results: list[dict] = field(default_factory=list)          # lm-eval's results, samples taken out
     engine_samples: list[dict] = field(default_factory=list)   # per repeat: lm-eval's task name -> sample rows
     seconds: float = 0.0
+    usage: TokenUsage | None = None                             # an endpoint's tokens (None: local weights)
 
     def add(self, results: dict) -> None:
         self.engine_samples.append(results.pop("samples", None) or {})
@@ -157,9 +159,11 @@ def run_repeats(spec: EvalSpec, plan: EvalTaskPlan, engine: Engine, eval_data_pa
         t0 = time.perf_counter()
         limit = spec.timeout_minutes
         stopped = f"score stage ({plan.name}): stopped after eval.timeout_minutes={limit:g}" if limit else ""
+        mark = usage_mark(lm)
         for seed in runs.seeds:
             with time_limit(lm, limit * 60 - (time.perf_counter() - t0) if limit else None, stopped):
                 runs.add(evaluate_once(spec, plan, lm, manager, runs.gen_kwargs, seed))
+        runs.usage = usage_since(lm, mark, spec)
     runs.seconds = time.perf_counter() - t0
     log.info("lm-eval: %s finished in %.1fs", plan.name, runs.seconds)
     return runs
@@ -281,5 +285,5 @@ def aggregate(runs: TaskRuns, results_path: Path, samples_path: Path) -> TaskRes
         n_samples={report_name(plan, t): int(n.get("effective", 0)) for t, n in (raw.get("n-samples") or {}).items()},
         seconds=runs.seconds, item_scores=items, effective=effective, repeat_values=repeat_values,
         repeat_seeds=runs.seeds if runs.repeated else [], changed_items=changed,
-        results_path=str(results_path), samples_path=str(samples_path),
+        results_path=str(results_path), samples_path=str(samples_path), usage=runs.usage,
     )

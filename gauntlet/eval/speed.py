@@ -117,7 +117,12 @@ def _vllm_generate(llm: Any) -> Callable[[list[str], int], tuple[int, float]]:
 
 
 def probe_speed(engine: Engine, probe: Any) -> PerfProbe:
-    """Measure the engine's model with the probe settings (``SpeedProbeSpec``)."""
+    """Measure the engine's model with the probe settings (``SpeedProbeSpec``); an endpoint's from streamed requests
+    (:func:`gauntlet.eval.endpoint_probe.probe_endpoint`)."""
+    if engine.served:
+        from gauntlet.eval.endpoint_probe import probe_endpoint
+
+        return probe_endpoint(engine.spec, probe)   # type: ignore[arg-type]  # served: an EndpointEvalSpec
     import torch
 
     lm = engine.lm
