@@ -14,6 +14,7 @@ from typing import Any
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel
 
+from gauntlet.config.endpoint import EndpointEvalSpec
 from gauntlet.config.leaderboard import LeaderboardCandidate, LeaderboardSpec
 from gauntlet.device import placement
 from gauntlet.leaderboard import submissions
@@ -23,6 +24,8 @@ from gauntlet.leaderboard.candidates import (
     JobRecord,
     PreparedCandidate,
     candidate_model,
+    endpoint_key,
+    endpoint_prepared,
     eval_file_dataset,
     failed_outcome,
     ok_outcome,
@@ -59,7 +62,7 @@ class NightJob(BaseModel):
 
 def queue_for(candidate: LeaderboardCandidate, spec: LeaderboardSpec) -> str:
     """The work queue of the GPU class the candidate's evaluation needs (its parameters from config.json)."""
-    params_b, _ = candidate_params(candidate)
+    params_b, _ = candidate_params(candidate) if candidate.endpoint is None else (0.0, "served: no weights here")
     return class_for_inference(params_b).name
 
 
@@ -117,7 +120,9 @@ def gpu_concurrency_limit(tag: str, slots: int, stage: StageRun) -> int:
 @stage("prepare_candidate", run_name="candidate-{name}", mlflow=False)
 def prepare_candidate(name: str, candidate: LeaderboardCandidate, stage: StageRun) -> PreparedCandidate:
     # The same resolve → fetch as every flow: a registry alias is looked up again each night, and an
-    # unpinned source (local folder, object store, hub main) is re-fetched and re-hashed.
+    # unpinned source (local folder, object store, hub main) is re-fetched and re-hashed. An endpoint is asked.
+    if candidate.endpoint is not None:
+        return endpoint_prepared(candidate, endpoint_key(candidate, read_secret), str(stage.flow.flow_run_id))
     resolved = resolve_model(spec=candidate_model(candidate), run=stage.flow)
     return PreparedCandidate(resolved=resolved, model=fetch_model(resolved=resolved, run=stage.flow))
 
@@ -127,13 +132,15 @@ def score_variant(name: str, candidate: LeaderboardCandidate, variant: str, prep
                   spec: LeaderboardSpec, data: DatasetRef | None, stage: StageRun) -> CandidateOutcome:
     # On a pool each worker owns one GPU and takes one job at a time (`gauntlet worker` starts it with --limit 1):
     # the tag limit would only throttle the whole pool, and its slot leases fail through a Prefect server restart.
-    gpu = [] if spec.concurrency.pool else [spec.concurrency.gpu_tag]
+    gpu = [] if spec.concurrency.pool or candidate.endpoint else [spec.concurrency.gpu_tag]
     started = time.monotonic()
     model = prepared.model
     if (how := quantization_of(variant)) is not None:
         model = quantize.with_options(tags=gpu)(variant=how, calibration=spec.calibration, model=model, data=data,
                                                 run=stage.flow)
-    report = evaluate.with_options(tags=gpu)(spec=spec.eval, model=model, data=data, variant=variant, run=stage.flow)
+    ev = spec.eval if candidate.endpoint is None else \
+        EndpointEvalSpec.of(spec.eval, candidate.endpoint, endpoint_key(candidate, read_secret))
+    report = evaluate.with_options(tags=gpu)(spec=ev, model=model, data=data, variant=variant, run=stage.flow)
     if spec.eval.safety is not None:   # every candidate judged with the one judge and rubric: comparable rates
         report = check_safety(spec=spec.eval.safety, judge=spec.eval.judge, candidate=model, report=report,
                               run=stage.flow)

@@ -21,7 +21,7 @@ from pydantic import BaseModel
 from gauntlet.config.eval import task_names
 from gauntlet.config.leaderboard import PERF_RANK_KEYS, LeaderboardSpec
 from gauntlet.eval.judge import JUDGE_TASK, WIN_RATE
-from gauntlet.eval.protocol import protocol_differences
+from gauntlet.eval.protocol import protocol_differences, served_alike
 from gauntlet.eval.safety import BENIGN_TASK, HARMFUL_RATE, HARMFUL_TASK, OVER_REFUSAL_RATE
 from gauntlet.eval.scores import find, read
 from gauntlet.hashing import sha256_json
@@ -124,6 +124,7 @@ class BoardRow(BaseModel):
     gpu: str | None = None
     wall_s: float | None = None
     gpu_s: float | None = None
+    cost_usd: float | None = None                # an endpoint's evaluation at its configured price
     task_seconds: dict[str, float] = {}          # task -> seconds per item on this row's device (the night plan)
 
     @property
@@ -321,7 +322,7 @@ def ranked_group(rows: list[BoardRow], reports: dict[str, EvalReport]) -> EvalRe
     best = max(counts.values())
     reference = max((reports[r.key] for r in scored if counts[r.protocol_id] == best), key=lambda rep: rep.timestamp)
     for r in scored:
-        if r.protocol_id != protocol_id(reference):
+        if r.protocol_id != protocol_id(reference) and not served_alike(reports[r.key], reference):
             r.status = "unranked"
             r.reason = "different protocol, not ranked with the others: " + protocol_difference(reports[r.key],
                                                                                                   reference)
@@ -339,7 +340,7 @@ def build_leaderboard(spec: LeaderboardSpec, outcomes: list[CandidateOutcome], h
     rows: list[BoardRow] = []
     reports: dict[str, EvalReport] = {}
     for o in outcomes:
-        row = BoardRow(candidate=o.candidate, variant=o.variant, source=o.source, note=o.note,
+        row = BoardRow(candidate=o.candidate, variant=o.variant, source=o.source, note=o.note, cost_usd=o.cost_usd,
                        objective=o.objective, model_sha=o.model_sha, status="failed" if o.status == "failed" else
                        "skipped" if o.status == "skipped" else "ranked", reason=o.reason)
         if o.report is not None:

@@ -3,25 +3,31 @@
 A candidate is resolved like every model source (registry aliases each night, unpinned sources
 re-hashed); one that cannot be resolved fails its own row only. A variant the night cannot produce (a
 calibrated one without calibration data) is a skipped row with its reason, never a made-up score. Each row
-names the candidate's training objective where it is known (:func:`objective_of`), never guessed.
+names the candidate's training objective where it is known (:func:`objective_of`), never guessed. An endpoint
+candidate is prepared by asking it (:func:`endpoint_prepared`), its one row (variant ``served``) priced from the
+tokens its evaluation sent and received.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
 from pydantic import ValidationError
 
+from gauntlet.config.endpoint import EndpointSpec
 from gauntlet.config.leaderboard import LEADERBOARD_VARIANTS, LeaderboardCandidate, LeaderboardSpec
 from gauntlet.config.model import ModelSpec
 from gauntlet.config.problems import problems_from
 from gauntlet.config.quantize import QuantizeVariant
+from gauntlet.hashing import sha256_json
 from gauntlet.models import ResolvedModel
 from gauntlet.names import OBJECTIVE_TAG  # lineage_of writes it; versions registered before it lack it
 from gauntlet.project import project_root
 from gauntlet.refs import DatasetRef, EvalReport, ModelRef, Ref
+from gauntlet.secrets import api_key
 
 
 class CandidateError(RuntimeError):
@@ -59,6 +65,7 @@ class CandidateOutcome(Ref):
     model_sha: str | None = None
     report: EvalReport | None = None
     job: JobRecord | None = None
+    cost_usd: float | None = None         # an endpoint's evaluation at its configured price (None: no price or usage)
 
 
 def objective_of(candidate: LeaderboardCandidate, resolved: ResolvedModel) -> tuple[str | None, str | None]:
@@ -72,26 +79,38 @@ def objective_of(candidate: LeaderboardCandidate, resolved: ResolvedModel) -> tu
     return tagged, f"{resolved.note}; {clash}" if resolved.note else clash
 
 
+SERVED = "served"   # an endpoint's one variant: as it serves
+
+
 def variants_of(candidate: LeaderboardCandidate, spec: LeaderboardSpec) -> list[str]:
+    if candidate.endpoint is not None:
+        return [SERVED]
     return list(candidate.variants if candidate.variants is not None else spec.variants)
 
 
 def ok_outcome(candidate: LeaderboardCandidate, variant: str, prepared: PreparedCandidate,
                report: EvalReport, job: JobRecord | None = None) -> CandidateOutcome:
     objective, note = objective_of(candidate, prepared.resolved)
-    return CandidateOutcome(candidate=candidate.display_name, variant=variant, source=candidate.source, status="ok",
-                            note=note, objective=objective, model_sha=report.model_sha, report=report, job=job)
+    cost, ep = None, candidate.endpoint
+    if ep is not None and ep.price_per_million is not None and report.usage is not None:
+        u, price = report.usage, ep.price_per_million
+        cost = (u.input_tokens * price.input + u.output_tokens * price.output) / 1e6
+        note = f"{note}; cost from {u.input_tokens} input + {u.output_tokens} output tokens, {u.how}"
+    # an endpoint evaluated again each night has no content hash: its rows never say "new weights"
+    sha = None if ep is not None and not ep.pinned else report.model_sha
+    return CandidateOutcome(candidate=candidate.display_name, variant=variant, source=candidate.origin, status="ok",
+                            note=note, objective=objective, model_sha=sha, report=report, job=job, cost_usd=cost)
 
 
 # A failed or skipped row shows the objective its config declares: its version's tag is read when it is scored.
 def failed_outcome(candidate: LeaderboardCandidate, variant: str, reason: str,
                    job: JobRecord | None = None) -> CandidateOutcome:
-    return CandidateOutcome(candidate=candidate.display_name, variant=variant, source=candidate.source,
+    return CandidateOutcome(candidate=candidate.display_name, variant=variant, source=candidate.origin,
                             status="failed", reason=reason, objective=candidate.objective, job=job)
 
 
 def skipped_outcome(candidate: LeaderboardCandidate, variant: str, reason: str) -> CandidateOutcome:
-    return CandidateOutcome(candidate=candidate.display_name, variant=variant, source=candidate.source,
+    return CandidateOutcome(candidate=candidate.display_name, variant=variant, source=candidate.origin,
                             status="skipped", reason=reason, objective=candidate.objective)
 
 
@@ -103,6 +122,34 @@ def candidate_model(candidate: LeaderboardCandidate) -> ModelSpec:
     except ValidationError as e:
         raise CandidateError(f"candidate {candidate.display_name}: "
                              + "; ".join(f"{p.path}: {p.message}" for p in problems_from(e, ModelSpec))) from None
+
+
+def endpoint_key(candidate: LeaderboardCandidate, read_secret: Callable[[str], str] | None) -> str | None:
+    """The endpoint's API key from its variable or Secret block (``read_secret``: the stage's reader);
+    CandidateError (its row fails) when it is not there."""
+    ep = candidate.endpoint
+    assert ep is not None
+    try:
+        return api_key(ep.api_key_env, ep.api_key_secret, f"candidate {candidate.display_name}: endpoint", read_secret)
+    except LookupError as e:
+        raise CandidateError(str(e)) from None
+
+
+def endpoint_prepared(candidate: LeaderboardCandidate, key: str | None, night: str) -> PreparedCandidate:
+    """An endpoint candidate, once it answers (EndpointError naming its status or error otherwise): a ModelRef whose
+    path is its base URL and whose sha names the endpoint, and tonight too unless it is ``pinned`` (what serves
+    behind a URL can change without its name changing: evaluated again each night)."""
+    from gauntlet.eval.endpoint import check_endpoint
+
+    ep: EndpointSpec | None = candidate.endpoint
+    assert ep is not None
+    found = check_endpoint(ep, key)
+    sha = sha256_json({"endpoint": ep.base_url, "model": ep.model, **({} if ep.pinned else {"night": night})})
+    model = ModelRef(name=candidate.display_name, path=ep.base_url, source=candidate.origin, sha=sha)
+    resolved = ResolvedModel(source=candidate.origin, model=ModelSpec.model_construct(source=candidate.origin),
+                             note=f"{found}; measured through its API (device and dtype are the server's)",
+                             stable=ep.pinned)
+    return PreparedCandidate(resolved=resolved, model=model)
 
 
 def preload_model_libraries() -> None:
@@ -136,7 +183,7 @@ def eval_file_dataset(path: Path) -> DatasetRef:
 
 
 def quantization_of(variant: str) -> QuantizeVariant | None:
-    return LEADERBOARD_VARIANTS[variant]
+    return None if variant == SERVED else LEADERBOARD_VARIANTS[variant]
 
 
 def variant_skip_reason(variant: str, data: DatasetRef | None) -> str | None:

@@ -140,12 +140,13 @@ def _sparkline(r: BoardRow, width: int = 90, height: int = 22) -> str:
 
 def ranking_table(board: Leaderboard) -> str:
     suites = list(board.suites)
+    costs = any(r.cost_usd is not None for r in board.rows)   # endpoints with a price
     heads = ([("Rank", "num"), ("Model", "text"), ("Objective", "text"), ("Variant", "text"), ("Average", "num")]
              + [(f"Suite {s}", "num") for s in suites]
              + [(f"{t} ({board.task_metrics[t]})", "num") for t in board.tasks]
              + [(MEASURES[m][0], "num") for m in board.measures]
              + [("Δ vs previous", "num"), ("Trend (nights)", "num"), ("tokens/s", "num"), ("TTFT ms", "num"),
-                ("Peak memory GB", "num"), ("Size on disk GB", "num")])
+                ("Peak memory GB", "num"), ("Size on disk GB", "num")] + ([("Cost $", "num")] if costs else []))
     thead = "".join(f'<th data-type="{kind}" class="{kind}">{escape(h)}</th>' for h, kind in heads)
     body = []
     for r in board.ranked():
@@ -159,7 +160,7 @@ def ranking_table(board: Leaderboard) -> str:
                  + [_cell_ci(r.normalized.get(t), r.intervals.get(t)) for t in board.tasks]
                  + [_measure_cell(r.measures.get(m), MEASURES[m][1]) for m in board.measures]
                  + [_delta_cell(r), _sparkline(r), _cell(r.tokens_per_s), _cell(r.first_token_latency_ms),
-                    _cell(r.peak_memory_gb, 3), _cell(r.size_on_disk_gb, 4)])
+                    _cell(r.peak_memory_gb, 3), _cell(r.size_on_disk_gb, 4)] + ([_cell(r.cost_usd, 4)] if costs else []))
         body.append(f'<tr data-key="{escape(r.key)}">' + "".join(cells) + "</tr>")
     return (f'<table id="board" class="sortable"><thead><tr>{thead}</tr></thead>'
             f'<tbody>{"".join(body)}</tbody></table>')

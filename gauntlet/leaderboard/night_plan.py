@@ -218,6 +218,8 @@ def night_jobs(spec, measured: dict[tuple[str, str, str], float] | None = None) 
     plans = plan_tasks(spec.eval)
     jobs = []
     for candidate in spec.candidates:
+        if candidate.endpoint is not None:   # served elsewhere: no GPU time here
+            continue
         params, note = candidate_params(candidate)
         for variant in variants_of(candidate, spec):
             how = LEADERBOARD_VARIANTS[variant]

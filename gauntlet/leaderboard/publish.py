@@ -39,8 +39,10 @@ RANK_NOTE = ("Scores in brackets: 95% intervals (paired bootstrap over the items
 
 def render_markdown(board: Leaderboard) -> str:
     suites = list(board.suites)
+    costs = any(r.cost_usd is not None for r in board.rows)   # endpoints with a price
     head = (["rank", "model", "objective", "variant", "average"] + [f"suite {s}" for s in suites] + board.tasks
-            + [MEASURES[m][0] for m in board.measures] + ["Δ avg", "tokens/s", "TTFT ms", "peak GB", "size GB"])
+            + [MEASURES[m][0] for m in board.measures] + ["Δ avg", "tokens/s", "TTFT ms", "peak GB", "size GB"]
+            + (["cost $"] if costs else []))
     lines = [f"# {board.title}", "",
              f"- night: {short_night(board.night)} UTC"
              + (f" (previous: {short_night(board.previous_night)})" if board.previous_night else ""),
@@ -60,7 +62,7 @@ def render_markdown(board: Leaderboard) -> str:
                     for t in board.tasks]
                  + [r.measures[m].text(MEASURES[m][1]) if m in r.measures else "—" for m in board.measures]
                  + [delta, _fmt(r.tokens_per_s), _fmt(r.first_token_latency_ms), _fmt(r.peak_memory_gb, 3),
-                    _fmt(r.size_on_disk_gb, 4)])
+                    _fmt(r.size_on_disk_gb, 4)] + ([_fmt(r.cost_usd, 4)] if costs else []))
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     lines += ["", RANK_NOTE]
     unscored = [r for r in board.ranked() if r.rank is None]
@@ -117,6 +119,7 @@ def table_rows(board: Leaderboard) -> list[dict[str, Any]]:
         row.update({m: None if m not in r.measures else round(r.measures[m].value, 4) for m in board.measures})
         row.update({"delta": None if r.delta_average is None else round(r.delta_average, 2),
                     "tokens_per_s": r.tokens_per_s, "peak_memory_gb": r.peak_memory_gb,
-                    "size_on_disk_gb": r.size_on_disk_gb, "reason": r.reason or r.delta_note or ""})
+                    "size_on_disk_gb": r.size_on_disk_gb, "cost_usd": r.cost_usd,
+                    "reason": r.reason or r.delta_note or ""})
         out.append(row)
     return out
