@@ -60,6 +60,8 @@ class DeploySpec(Strict):
     router_port: int = Field(8780, ge=1, le=65535, description="nginx: where clients send requests")
     stable_port: int = Field(8781, ge=1, le=65535)
     canary_port: int = Field(8782, ge=1, le=65535)
+    metrics_port: int = Field(8783, ge=1, le=65535, description="the metrics exporter Prometheus scrapes "
+                                                                "(the next free port if taken)")
     steps: list[CanaryStep] = Field(
         default_factory=lambda: [CanaryStep(weight=10, watch_s=60), CanaryStep(weight=50, watch_s=60),
                                  CanaryStep(weight=100, watch_s=60)],

@@ -214,7 +214,23 @@ def start_release(spec: DeploySpec, model: str, version: str, model_dir: Path, l
 
     deploy_root().mkdir(parents=True, exist_ok=True)
     with FileLock(str(deploy_root() / ".ports.lock")):
-        return _start_release(spec, model, version, model_dir, log)
+        state = _start_release(spec, model, version, model_dir, log)
+        start_exporter(state, spec, log)
+        return state
+
+
+def start_exporter(state: DeployState, spec: DeploySpec, log=print) -> None:
+    """The deployment's metrics exporter (:mod:`gauntlet.deploy.metrics`) unless it runs, on ``deploy.metrics_port``
+    or the next free port, and its scrape config, ``prometheus.yml`` in the deployment's folder."""
+    from gauntlet.deploy.metrics import ensure_exporter, running_exporter, write_scrape_config
+
+    folder = folder_of(state.model)
+    if (info := running_exporter(folder)) is None:
+        port = free_port(state.host, [spec.metrics_port],
+                         ports_held_elsewhere(state.model) | {state.router_port} | server_ports(state))
+        info = ensure_exporter(state.model, folder, state.host, port)
+    path = write_scrape_config(folder, state.model, state.node, info["host"], info["port"])
+    log(f"metrics for Prometheus on http://{info['host']}:{info['port']}/metrics (scrape config: {path})")
 
 
 def _start_release(spec: DeploySpec, model: str, version: str, model_dir: Path, log) -> DeployState:
@@ -277,6 +293,9 @@ def stop_all(model: str) -> DeployState | None:
     if state.node != this_node():   # its pids are another host's
         raise ServerError(f"{model} is served on host {state.node}: run `gauntlet deploy stop {model}` there")
     router_of(state).stop()
+    from gauntlet.deploy.metrics import stop_exporter
+
+    stop_exporter(folder_of(model))
     for slot in ("canary", "stable"):
         server = getattr(state, slot)
         if server is not None:
