@@ -138,7 +138,8 @@ def _sparkline(r: BoardRow, width: int = 90, height: int = 22) -> str:
             f'<circle cx="{last_x:.1f}" cy="{last_y:.1f}" r="2.5" fill="#1f77b4"/></svg></td>')
 
 
-def ranking_table(board: Leaderboard) -> str:
+def ranking_table(board: Leaderboard, links: dict[str, tuple[str, str]] | None = None) -> str:
+    """``links``: row key -> (its per-item page, the row it compares with), a last column when given."""
     suites = list(board.suites)
     costs = any(r.cost_usd is not None for r in board.rows)   # endpoints with a price
     heads = ([("Rank", "num"), ("Model", "text"), ("Objective", "text"), ("Variant", "text"), ("Average", "num")]
@@ -146,7 +147,8 @@ def ranking_table(board: Leaderboard) -> str:
              + [(f"{t} ({board.task_metrics[t]})", "num") for t in board.tasks]
              + [(MEASURES[m][0], "num") for m in board.measures]
              + [("Δ vs previous", "num"), ("Trend (nights)", "num"), ("tokens/s", "num"), ("TTFT ms", "num"),
-                ("Peak memory GB", "num"), ("Size on disk GB", "num")] + ([("Cost $", "num")] if costs else []))
+                ("Peak memory GB", "num"), ("Size on disk GB", "num")] + ([("Cost $", "num")] if costs else [])
+             + ([("Items", "text")] if links else []))
     thead = "".join(f'<th data-type="{kind}" class="{kind}">{escape(h)}</th>' for h, kind in heads)
     body = []
     for r in board.ranked():
@@ -161,6 +163,10 @@ def ranking_table(board: Leaderboard) -> str:
                  + [_measure_cell(r.measures.get(m), MEASURES[m][1]) for m in board.measures]
                  + [_delta_cell(r), _sparkline(r), _cell(r.tokens_per_s), _cell(r.first_token_latency_ms),
                     _cell(r.peak_memory_gb, 3), _cell(r.size_on_disk_gb, 4)] + ([_cell(r.cost_usd, 4)] if costs else []))
+        if links:
+            href, other = links.get(r.key, ("", ""))
+            cells.append(f'<td class="text" data-v="{escape(other)}"><a class="compare" href="{escape(href)}">'
+                         f"vs {escape(other)}</a></td>" if href else '<td class="text missing" data-v="">—</td>')
         body.append(f'<tr data-key="{escape(r.key)}">' + "".join(cells) + "</tr>")
     return (f'<table id="board" class="sortable"><thead><tr>{thead}</tr></thead>'
             f'<tbody>{"".join(body)}</tbody></table>')
@@ -290,7 +296,7 @@ def others_table(board: Leaderboard) -> str:
             f'<th class="text" data-type="text">Reason</th></tr></thead><tbody>{body}</tbody></table>')
 
 
-def render_html(board: Leaderboard) -> str:
+def render_html(board: Leaderboard, links: dict[str, tuple[str, str]] | None = None) -> str:
     direction = "higher" if board.higher_is_better else "lower"
     meta = (f"Night {escape(short_night(board.night))} UTC"
             + (f" · compared with {escape(short_night(board.previous_night))}" if board.previous_night
@@ -311,7 +317,7 @@ def render_html(board: Leaderboard) -> str:
 <h2>Ranking</h2>
 <p class="note">Scores are normalised per task: the random baseline is 0 and a perfect score 100 (below chance
 counts as 0); the average is over all tasks. Click a column header to sort; missing values sort last.</p>
-{ranking_table(board)}
+{ranking_table(board, links)}
 {ties}
 <h2>Accuracy against throughput</h2>
 {scatter_svg(board)}

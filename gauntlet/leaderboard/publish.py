@@ -1,17 +1,23 @@
-"""Publication: ``leaderboard.json`` (the data), ``leaderboard.md`` and the self-contained ``leaderboard.html``,
-and the flat rows of the Prefect table artifact.
+"""Publication: ``leaderboard.json`` (the data), ``leaderboard.md`` and the self-contained ``leaderboard.html``
+with a per-item page per pair of neighbouring ranked rows (``compare/``, leaderboard/compare_page.py), and the flat
+rows of the Prefect table artifact.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from gauntlet.config.leaderboard import LeaderboardSpec
+from gauntlet.eval.report import load_report
 from gauntlet.files import write_json, write_text
+from gauntlet.leaderboard.arena import Battle
 from gauntlet.leaderboard.board import MEASURES, Leaderboard, short_night
+from gauntlet.leaderboard.compare_page import COMPARE_DIR, compare_links, compare_pairs, render_compare_page
 from gauntlet.leaderboard.html import render_html
 from gauntlet.project import in_project
+from gauntlet.refs import EvalReport
 from gauntlet.state import gauntlet_home
 
 
@@ -94,8 +100,10 @@ def where_jobs_ran(board: Leaderboard) -> list[str]:
     return lines
 
 
-def write_board(board: Leaderboard, out_dir: Path) -> dict[str, str]:
-    """Write leaderboard.json, leaderboard.md and the self-contained leaderboard.html; returns their paths."""
+def write_board(board: Leaderboard, out_dir: Path, reports: Mapping[str, EvalReport] | None = None,
+                battles: Sequence[Battle] | None = None) -> dict[str, str]:
+    """Write leaderboard.json, leaderboard.md and the self-contained leaderboard.html (each ranked row linked to its
+    per-item page, written into ``compare/``: :func:`write_compare_pages`); returns the three files' paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {"json": out_dir / "leaderboard.json", "md": out_dir / "leaderboard.md",
              "html": out_dir / "leaderboard.html"}
@@ -103,9 +111,32 @@ def write_board(board: Leaderboard, out_dir: Path) -> dict[str, str]:
     # each written whole (a temporary file renamed over the old one): a reader or a killed run never
     # leaves a half-written board where the last good one was
     write_text(files["md"], render_markdown(board))
-    write_text(files["html"], render_html(board))
+    write_compare_pages(board, out_dir, reports, battles)
+    write_text(files["html"], render_html(board, compare_links(board)))
     write_json(files["json"], board.model_dump(mode="json"))
     return board.files
+
+
+def write_compare_pages(board: Leaderboard, out_dir: Path, reports: Mapping[str, EvalReport] | None = None,
+                        battles: Sequence[Battle] | None = None) -> list[Path]:
+    """One page per ranked row and the row ranked just above it (the top row's: with the second), so N - 1 pages
+    for N rows; reports by row key, else read from each row's report_path (a page says which it could not read);
+    pages of rows no longer ranked are removed. Returns the pages written."""
+    known = dict(reports or {})
+    for r in board.ranked():
+        if r.key not in known and r.report_path and Path(r.report_path).is_file():
+            try:
+                known[r.key] = load_report(r.report_path)
+            except (OSError, ValueError):
+                continue   # the page says the report is not readable here
+    written = []
+    for a, b, rel in compare_pairs(board):
+        html = render_compare_page(a, b, known, battles, metrics=board.task_metrics)
+        written.append(write_text(out_dir / rel, html))
+    for stale in (out_dir / COMPARE_DIR).glob("*.html"):
+        if stale not in written:
+            stale.unlink(missing_ok=True)
+    return written
 
 
 def table_rows(board: Leaderboard) -> list[dict[str, Any]]:
