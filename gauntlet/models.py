@@ -74,6 +74,8 @@ def registry_version(uri: str, tracking_uri: str) -> tuple[Any, Any]:
     ModelFetchError naming the registry and the fix when there is no such version."""
     from mlflow.exceptions import MlflowException
 
+    from gauntlet.registry.access import denied, is_denied
+
     match = REGISTRY_URI.match(uri)
     if not match:
         raise ModelFetchError(f"{uri}: not a registry URI; use models:/NAME@alias or models:/NAME/VERSION")
@@ -82,6 +84,8 @@ def registry_version(uri: str, tracking_uri: str) -> tuple[Any, Any]:
     try:
         return c, c.get_model_version_by_alias(name, alias) if alias else c.get_model_version(name, number)
     except MlflowException as e:
+        if is_denied(e):
+            raise ModelFetchError(denied(uri, name, redact_uri(tracking_uri))) from None
         what = f"alias @{alias}" if alias else f"version {number}"
         raise ModelFetchError(
             f"{uri}: registered model {name!r} has no {what} in the MLflow registry at {redact_uri(tracking_uri)} "
