@@ -4,11 +4,12 @@
 subtask): the prompt, both responses, both filtered answers (a multiple-choice item's: the choice of highest
 log-likelihood, what ``acc`` scores), the target and both item scores (the reports' ``item_scores``, which the
 board's paired bootstrap compares); items where the two differ (in score or answer) first, then by doc id. Only
-reports that measured the task the same way (:func:`gauntlet.eval.protocol.task_differences`) are compared item by
-item; otherwise the page says how they differ. :func:`render_compare_page`: both rows' scores with 95% intervals
-and the paired difference per task, a table of items per task, and the arena battles between the two (arena.py's
-``Battle``; none yet, the arena is not on the board). Model and data text is escaped; the style is the board's
-(html.py). ``publish.write_board`` writes one page per pair of neighbouring ranked rows. No Prefect, no MLflow.
+reports that measured the task the same way (:func:`gauntlet.eval.protocol.task_differences`; or an endpoint's the
+board ranks beside weights, ``served_alike``) are compared item by item; otherwise the page says how they differ.
+:func:`render_compare_page`: both rows' scores with 95% intervals and the paired difference per task, a table of
+items per task, the arena battles between the two (arena.py's ``Battle``; none yet, the arena is not on the board).
+Model and data text is escaped; the style is the board's (html.py). ``publish.write_board`` writes one page per pair
+of neighbouring ranked rows. No Prefect, no MLflow.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from gauntlet.eval.protocol import task_differences
+from gauntlet.eval.protocol import served_alike, task_differences
 from gauntlet.eval.records import answer_of
 from gauntlet.eval.scores import evaluated_tasks
 from gauntlet.eval.stats import paired_difference
@@ -156,7 +157,7 @@ def not_compared(a: EvalReport, b: EvalReport, task: str) -> list[str]:
     missing = [f"{r.model} ({r.variant}) has no result for {task}" for r in (a, b) if r.result(task) is None]
     if missing:
         return missing
-    diffs = task_differences(a, b, task)
+    diffs = [] if served_alike(a, b) else task_differences(a, b, task)   # an endpoint the board ranks beside weights
     return [f"measured differently: {d}" for d in diffs[:4]] + ([f"(+{len(diffs) - 4} more)"] if len(diffs) > 4
                                                                   else [])
 

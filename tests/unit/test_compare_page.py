@@ -86,6 +86,10 @@ def test_reports_measured_differently_are_not_compared_and_the_page_says_why(tmp
     assert 'class="item' not in html
     missing = render_compare_page(row("a", 1), row("b", 2), {"a|bf16": a})
     assert "the report of b / bf16 is not readable here" in missing
+    # an endpoint's generation-only report, ranked beside weights by the board (served_alike), is compared
+    served = report(tmp_path, "b", ANSWERS_B, {**PROTOCOL, "backend": "local-completions",
+                                               "endpoint": {"generation_only": True}})
+    assert len(item_rows(a, served, "gen")) == 5
 
 
 def test_model_output_is_escaped_everywhere_it_is_shown(tmp_path: Path) -> None:
