@@ -202,6 +202,9 @@ def publish(spec: LeaderboardSpec, board: Leaderboard, stage: StageRun) -> Leade
     c, rid = stage.client, stage.flow.parent_run_id
     for path in files.values():
         c.log_artifact(rid, path)
+    pages = publish_dir(spec) / "compare"   # the per-item pages, beside the board in the run
+    if pages.is_dir() and any(pages.iterdir()):
+        c.log_artifacts(rid, str(pages), "compare")
     for r in board.rows:
         if r.average is not None:
             c.log_metric(rid, mlflow_name("average", r.candidate, r.variant), r.average)
