@@ -7,10 +7,8 @@ because both read their settings on import.
 
 from __future__ import annotations
 
-import http.server
 import os
 import tempfile
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,7 +20,7 @@ os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.pop("PREFECT_API_URL", None)
 
 from gauntlet.state import configure_environment  # noqa: E402
-from tests.helpers import make_demo_dvc_repo  # noqa: E402
+from tests.helpers import make_demo_dvc_repo, recording_webhook  # noqa: E402
 
 configure_environment()
 
@@ -38,22 +36,9 @@ def prefect_api():
 
 @pytest.fixture
 def webhook():
-    """A local webhook that records every request's path and body."""
-    received: list[tuple[str, bytes]] = []
-
-    class Hook(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):
-            received.append((self.path, self.rfile.read(int(self.headers["Content-Length"]))))
-            self.send_response(200)
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hook)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield server.server_address[1], received
-    server.shutdown()
+    """A local webhook that records every request's path and body: (port, received)."""
+    with recording_webhook() as hook:
+        yield hook
 
 
 @pytest.fixture(scope="session")

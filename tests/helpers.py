@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import shutil
 import subprocess
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
@@ -108,3 +112,25 @@ def write_train_files(folder: Path, splits: dict[str, list[dict]], mutate=None) 
     return DatasetRef(repo=str(folder), train_path=str(folder / "train.jsonl"),
                       validation_path=str(folder / "validation.jsonl"), md5=f"test-{folder.name}", file_md5={},
                       rows={k: len(v) for k, v in splits.items()})
+
+
+@contextlib.contextmanager
+def recording_webhook() -> Iterator[tuple[int, list[tuple[str, bytes]]]]:
+    """A local webhook on a free loopback port recording every POST's path and body: (port, received)."""
+    received: list[tuple[str, bytes]] = []
+
+    class Hook(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            received.append((self.path, self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server.server_address[1], received
+    finally:
+        server.shutdown()

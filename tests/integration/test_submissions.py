@@ -9,17 +9,16 @@ changes after he submitted it, so the night fails it and tells him through the b
 
 from __future__ import annotations
 
-import http.server
 import json
 import os
 import shutil
-import threading
 from datetime import timedelta
 
 import pytest
 import yaml
 
 from gauntlet.demo import data as demo_data
+from tests.helpers import recording_webhook
 
 BOARD = "test-submissions"
 HUB = "hf://some-org/some-model@0123abc4567def0123abc4567def0123abc4567"
@@ -28,23 +27,10 @@ HOOK_ENV = "GAUNTLET_TEST_SUBMISSIONS_HOOK"
 
 @pytest.fixture(scope="module")
 def hook():
-    """A webhook for the whole module, recording each request's body."""
-    received: list[dict] = []
-
-    class Hook(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):
-            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-            self.send_response(200)
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hook)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    os.environ[HOOK_ENV] = f"http://127.0.0.1:{server.server_address[1]}/hook"
-    yield received
-    server.shutdown()
+    """A webhook for the whole module, recording each request's (path, body)."""
+    with recording_webhook() as (port, received):
+        os.environ[HOOK_ENV] = f"http://127.0.0.1:{port}/hook"
+        yield received
     os.environ.pop(HOOK_ENV, None)
 
 
@@ -167,7 +153,7 @@ def test_a_submission_that_fails_is_told_to_its_submitter(world, night) -> None:
     assert bob.state == "failed" and "changed since it was submitted" in bob.reason and "submit it again" in bob.reason
     assert board.row("bob-model", "bf16") is None   # failed before it was evaluated
     assert bob.notified == "failed"
-    (message,) = world["hook"]
+    (message,) = [json.loads(body) for _, body in world["hook"]]
     text = json.dumps(message)
     assert "bob-model" in message["text"] and "by bob failed on board test-submissions" in text
     assert "changed since it was submitted" in text
