@@ -45,6 +45,30 @@ class ProbeSpec(Strict):
     max_tokens: int = Field(16, ge=1)
 
 
+ALERTS = ("error_rate", "p95_latency")   # the rules gauntlet deploy renders (gauntlet/deploy/alarms.py)
+
+
+class AlertSpec(Strict):
+    """The Prometheus alert rules on the stable version (``alerts.yml`` beside ``prometheus.yml``); a firing
+    rule rolls @champion back through Alertmanager and the alarm receiver, unless it is warn-only."""
+
+    error_rate: float = Field(0.05, gt=0, le=1, description="stable's failed / all attempts over window_s")
+    p95_factor: float = Field(2.0, gt=0, description="stable's p95 over window_s against its baseline (the p95 its "
+                                                     "canary steps measured; else thresholds.max_p95_latency_s)")
+    window_s: int = Field(60, ge=2, description="the rate() window, seconds (at least two scrapes)")
+    for_s: int = Field(10, ge=0, description="how long a rule must hold before it fires, seconds")
+    warn_only: list[str] = Field([], description=f"rules that only notify; of {', '.join(ALERTS)}")
+    receiver_url: str = Field("http://127.0.0.1:8799", description="the alarm receiver Alertmanager posts to "
+                                                                   "(python -m gauntlet.deploy.alarms)")
+
+    @field_validator("warn_only")
+    @classmethod
+    def _known(cls, names: list[str]) -> list[str]:
+        if unknown := [n for n in names if n not in ALERTS]:
+            raise ValueError(f"unknown alert {unknown}; the alerts are {list(ALERTS)}, e.g. warn_only: [p95_latency]")
+        return names
+
+
 class KServeSpec(Strict):
     namespace: str = "default"
     storage_uri: str = Field("s3://models/{name}/{version}",
@@ -71,6 +95,7 @@ class DeploySpec(Strict):
     drift_reference: str | None = Field(None, description="JSONL of training prompts; default: data.train")
     start_timeout_s: float = Field(300.0, gt=0, description="how long a server may take to answer /health")
     kserve: KServeSpec = KServeSpec()
+    alerts: AlertSpec = AlertSpec()
 
     @field_validator("steps")
     @classmethod

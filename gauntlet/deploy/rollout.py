@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import BaseModel, Field
 
 from gauntlet.audit import record
-from gauntlet.config.deploy import DeploySpec
+from gauntlet.config.deploy import AlertSpec, DeploySpec
 from gauntlet.deploy.router import Router, Weights
 from gauntlet.deploy.servers import Server, ServerError, now, pid_alive, start_server, stop_pid
 from gauntlet.files import write_text
@@ -60,6 +60,9 @@ class DeployState(BaseModel):
     weights: Weights = Weights()
     updated: str = ""
     events: list[dict] = []
+    alerts: AlertSpec = AlertSpec()          # the deploy's alert settings, for the rules rewritten at promotion
+    max_p95_s: float = 10.0                  # thresholds.max_p95_latency_s: the p95 rule without a baseline
+    baseline_p95_s: dict[str, float] = {}    # version → the p95 its last canary step measured
 
     def event(self, what: str, **details) -> None:
         self.events.append({"at": now(), "event": what, **details})
@@ -230,7 +233,19 @@ def start_exporter(state: DeployState, spec: DeploySpec, log=print) -> None:
                          ports_held_elsewhere(state.model) | {state.router_port} | server_ports(state))
         info = ensure_exporter(state.model, folder, state.host, port)
     path = write_scrape_config(folder, state.model, state.node, info["host"], info["port"])
+    state.alerts, state.max_p95_s = spec.alerts, spec.thresholds.max_p95_latency_s
+    save_state(state)
+    write_alert_files(state)
     log(f"metrics for Prometheus on http://{info['host']}:{info['port']}/metrics (scrape config: {path})")
+
+
+def write_alert_files(state: DeployState) -> None:
+    """``alerts.yml`` for the version stable serves (:mod:`gauntlet.deploy.alarms`) and ``alertmanager.yml``."""
+    from gauntlet.deploy.alarms import write_alertmanager_config, write_rules
+    if state.stable is not None:
+        write_rules(folder_of(state.model), state.model, state.stable.version, state.alerts,
+                    state.baseline_p95_s.get(state.stable.version), state.max_p95_s)
+        write_alertmanager_config(folder_of(state.model), state.alerts)
 
 
 def _start_release(spec: DeploySpec, model: str, version: str, model_dir: Path, log) -> DeployState:
@@ -284,6 +299,7 @@ def promote_canary(state: DeployState) -> None:
     record_change(state, "deploy-promote", "promoted", version=state.stable.version,
                   replaced=old.version if old else None)
     save_state(state)
+    write_alert_files(state)
 
 
 def stop_all(model: str) -> DeployState | None:
@@ -378,4 +394,7 @@ def run_step(state: DeployState, spec: DeploySpec, index: int, probe_rows: list[
                         canary_share=round(share, 2), stable=stats["stable"], canary=stats["canary"],
                         drift=drift(reference, served) if reference and served else None)
     (folder_of(state.model) / "metrics.prom").write_text(prometheus_text(state.model, report))
+    if p95 := report.canary.p95_s:   # the last step's, before a promotion: the alert rules' baseline
+        state.baseline_p95_s = dict([*state.baseline_p95_s.items()][-4:] + [(state.canary.version, p95)])
+        save_state(state)
     return report
