@@ -5,6 +5,7 @@ the 7B/70B models are their config.json files only (tests/fixtures/model-configs
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ from gauntlet.cli import main as cli
 from gauntlet.config.train import TrainSpec
 from gauntlet.plan.memory import GIB, estimate, profile_named
 from gauntlet.plan.shape import ModelShape, check_model_fit, lora_modules, model_shape
-from tests.helpers import REPO
+from tests.helpers import REPO, project_workdir
 
 FIXTURES = REPO / "tests" / "fixtures" / "model-configs"
 PROFILES = ["single_gpu", "multi_gpu", "deepspeed_zero2", "fsdp", "deepspeed_zero3_offload"]
@@ -210,18 +211,37 @@ def test_kto_keeps_one_sequence_per_row_and_runs_its_kl_batch_without_gradients(
 
 def test_plan_says_the_objective_its_sequences_and_its_reference(capsys) -> None:
     config = str(REPO / "configs" / "llama-7b-qlora.yaml")
+    # rows that fit each objective: validation reads a data file's rows when the file is here (the demo's, once
+    # `dvc repro` made them in this checkout, are SFT rows)
+    work = project_workdir("plan-objectives")
+    rows = {"sft": {"instruction": "q", "input": "", "output": "a"}, "dpo": {"prompt": "q", "chosen": "a",
+            "rejected": "b"}, "kto": {"prompt": "q", "completion": "a", "label": True}}
+    for objective, row in rows.items():
+        (work / f"{objective}.jsonl").write_text(json.dumps(row) + "\n")
+
+    def data_for(objective: str) -> list[str]:
+        rel = (work / f"{objective}.jsonl").relative_to(REPO)
+        return ["--set", f"data.train={rel}", "--set", f"data.validation={rel}", "--set", f"train.objective={objective}"]
+
     args = ["plan", config, "--set", f"model.source={FIXTURES / 'llama-2-7b'}", "--set", "train.packing=false",
             "--gpus", "8", "--gpu-memory", "80"]
-    assert cli([*args, "--set", "train.objective=dpo"]) == 0
+    try:
+        check_the_objective_lines(args, data_for, capsys)
+    finally:
+        shutil.rmtree(work)
+
+
+def check_the_objective_lines(args: list[str], data_for, capsys) -> None:
+    assert cli([*args, *data_for("dpo")]) == 0
     text = capsys.readouterr().out
     assert ("objective dpo: 2 sequences per pair (chosen+rejected in one pass), reference = base with the adapter "
             "disabled (no_grad pass, no second copy)") in text
-    assert cli([*args, "--set", "train.objective=dpo", "--json"]) == 0
+    assert cli([*args, *data_for("dpo"), "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert plan["objective"] == "dpo" and plan["passes"]["sequences_per_row"] == 2
     assert plan["passes"]["reference"] == "adapter" and "reference model" not in plan["configured"]["terms_gib"]
 
-    assert cli([*args, "--set", "train.objective=dpo", "--set", "train.method=lora", "--set",
+    assert cli([*args, *data_for("dpo"), "--set", "train.method=lora", "--set",
                 "train.preference.reference=models:/sft-bot@champion"]) in (0, 1)
     text = capsys.readouterr().out
     assert "reference = models:/sft-bot@champion, a second model (its weights counted" in text
@@ -231,10 +251,10 @@ def test_plan_says_the_objective_its_sequences_and_its_reference(capsys) -> None
         row = next(line for line in text.splitlines() if line.startswith(profile + " "))
         assert len(row.split()) == 1 + 1 + len(TERMS) + 1 + 1, row
 
-    assert cli([*args, "--set", "train.objective=kto"]) == 0
+    assert cli([*args, *data_for("kto")]) == 0
     assert ("objective kto: 1 sequence per row, plus a mismatched KL batch (no_grad, through the policy and the "
             "reference)") in capsys.readouterr().out
-    assert cli(args) == 0
+    assert cli([*args, *data_for("sft")]) == 0
     assert "objective sft: 1 sequence per row, no reference" in capsys.readouterr().out
 
 
