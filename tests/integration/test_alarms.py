@@ -24,7 +24,7 @@ import yaml
 
 from gauntlet.deploy.router import nginx_binary
 from tests.integration.test_deploy import PROMPTS, mlflow_client, models, register, run_flow, spec  # noqa: F401
-from tests.integration.test_monitoring import _answers, free_port, wait_for
+from tests.integration.test_monitoring import _answers, free_port, start_prometheus, wait_for
 
 PROMETHEUS, ALERTMANAGER = shutil.which("prometheus"), shutil.which("prometheus-alertmanager")
 pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"),
@@ -57,21 +57,11 @@ def start_alertmanager(folder: Path, tmp_path: Path, started: list) -> int:
     return port
 
 
-def start_prometheus(folder: Path, tmp_path: Path, alertmanager_port: int, started: list) -> int:
-    configs = yaml.safe_load((folder / "prometheus.yml").read_text())["scrape_configs"]
-    for c in configs:
-        c["scrape_interval"] = "1s"
-    config = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"}, "scrape_configs": configs,
-              "rule_files": [str(folder / "alerts.yml")],
-              "alerting": {"alertmanagers": [{"static_configs": [{"targets": [f"127.0.0.1:{alertmanager_port}"]}]}]}}
-    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
-    port = free_port()
-    with open(tmp_path / "prometheus.log", "wb") as log:
-        started.append(subprocess.Popen([PROMETHEUS, f"--config.file={tmp_path / 'prometheus.yml'}",
-                                         f"--storage.tsdb.path={tmp_path}/tsdb",
-                                         f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=log))
-    wait_for("its own API", lambda: _answers(port), 60)
-    return port
+def start_prometheus_alerting(folder: Path, tmp_path: Path, alertmanager_port: int, started: list) -> int:
+    """Prometheus on the deploy's scrape fragment and the alert rules it wrote, sending to ``alertmanager_port``."""
+    return start_prometheus(folder / "prometheus.yml", tmp_path, started, rule_files=[str(folder / "alerts.yml")],
+                            alerting={"alertmanagers": [{"static_configs": [
+                                {"targets": [f"127.0.0.1:{alertmanager_port}"]}]}]})
 
 
 def keep_asking(router_port: int, name: str, until) -> threading.Event:
@@ -113,7 +103,7 @@ def test_a_failing_stable_is_rolled_back_by_its_alarm_and_a_warn_only_rule_only_
         v2 = register(c, name, models["b"])                  # @champion v2, v1 before it in the history
         assert "serves" in run_flow(name, s, tmp_path)       # v2 serves as stable
         folder, state = folder_of(name), load_state(name)
-        start_prometheus(folder, tmp_path, start_alertmanager(folder, tmp_path, processes), processes)
+        start_prometheus_alerting(folder, tmp_path, start_alertmanager(folder, tmp_path, processes), processes)
 
         def told(alert: str) -> list[dict]:
             return [json.loads(body) for path, body in list(received) if alert in body.decode()]

@@ -57,26 +57,27 @@ def wait_for(what: str, check, timeout_s: float = 60.0):
         time.sleep(0.5)
 
 
+def start_prometheus(fragment: Path, tmp_path: Path, procs: list, **more) -> int:
+    """Debian's Prometheus on a free loopback port, scraping what the scrape fragment ``gauntlet deploy`` wrote
+    every second (``more``: further top-level settings, e.g. rule_files and alerting); returns its port."""
+    configs = yaml.safe_load(fragment.read_text())["scrape_configs"]
+    for c in configs:
+        c["scrape_interval"] = "1s"
+    config = tmp_path / "prometheus.yml"
+    config.write_text(yaml.safe_dump({"global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+                                      "scrape_configs": configs, **more}))
+    port = free_port()
+    with open(tmp_path / "prometheus.log", "wb") as log:
+        procs.append(subprocess.Popen([PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={tmp_path}/tsdb",
+                                       f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=log))
+    wait_for("its own API", lambda: _answers(port), 60)
+    return port
+
+
 @pytest.fixture()
 def prometheus(tmp_path):
-    """Start Prometheus (1 s scrapes) on the scrape configs of a deployment's ``prometheus.yml`` fragment."""
-    procs = []
-
-    def start(fragment: Path) -> int:
-        configs = yaml.safe_load(fragment.read_text())["scrape_configs"]
-        for c in configs:
-            c["scrape_interval"] = "1s"
-        config = tmp_path / "prometheus.yml"
-        config.write_text(yaml.safe_dump({"global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-                                          "scrape_configs": configs}))
-        port = free_port()
-        with open(tmp_path / "prometheus.log", "wb") as log:
-            procs.append(subprocess.Popen([PROMETHEUS, f"--config.file={config}",
-                                           f"--storage.tsdb.path={tmp_path}/tsdb",
-                                           f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=log))
-        wait_for("its own API", lambda: _answers(port), 60)
-        return port
-    yield start
+    procs: list[subprocess.Popen] = []
+    yield lambda fragment: start_prometheus(fragment, tmp_path, procs)
     for p in procs:
         p.terminate()
         p.wait(30)
