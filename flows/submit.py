@@ -13,6 +13,7 @@ from prefect import flow
 
 from gauntlet.config.load import load_leaderboard_spec
 from gauntlet.leaderboard import submissions
+from gauntlet.leaderboard.submission_checks import refusal_text
 from gauntlet.project import project_root
 
 
@@ -35,7 +36,7 @@ def submit(source: str, config: str = "configs/leaderboard.yaml", name: str | No
     spec = load_leaderboard_spec(path)
     sub = submissions.submit(spec, source, name=name, by=submitter, config=str(path))
     if sub.state == "refused":
-        raise SubmissionRefused(f"{sub.name} refused for board {spec.name}: " + submissions.refusal_text(sub.problems))
+        raise SubmissionRefused(f"{sub.name} refused for board {spec.name}: " + refusal_text(sub.problems))
     print(f"queued: {sub.name} for board {spec.name} ({sub.source}), GPU class {sub.gpu_class}; submitted by "
           f"{sub.submitter}, promised by {sub.deadline:%Y-%m-%d %H:%M} UTC")
     return sub

@@ -102,7 +102,7 @@ def test_a_user_without_read_cannot_submit_it_to_a_board(auth_server, tmp_path) 
 
 def submission_refusals(tracking_uri: str, folder: Path) -> list[str]:
     """What the board's submission check of whether it loads says about models:/secret-bot/1 for this user."""
-    from gauntlet.leaderboard.submissions import load_problem
+    from gauntlet.leaderboard.submission_checks import load_problem
 
     _, problem = load_problem(f"models:/{MODEL}/1", tracking_uri)
     return [] if problem is None else [problem.message]

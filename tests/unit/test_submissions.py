@@ -14,21 +14,16 @@ import yaml
 from gauntlet.config.leaderboard import LeaderboardSpec
 from gauntlet.config.problems import SpecError
 from gauntlet.leaderboard.board import BoardRow, Leaderboard
-from gauntlet.leaderboard.submissions import (
-    PROMISE,
-    Submission,
-    board_config,
+from gauntlet.leaderboard.submission_checks import (
     check,
     default_name,
     form_problem,
     gpu_problem,
     load_problem,
     name_problem,
-    notices,
     pin_of,
-    promise,
-    verdict,
 )
+from gauntlet.leaderboard.submissions import PROMISE, Submission, board_config, notices, promise, verdict
 from gauntlet.notify import render
 from tests.helpers import REPO
 
